@@ -1,0 +1,383 @@
+"""Checkpoint I/O: read a Hugging Face folder tensor by tensor, write a compressed one layer by layer.
+
+Nothing here loads a whole model: the architecture is built on the ``meta`` device and each
+decoder layer is materialised from only its own tensors. Every file is written under a temporary
+name and renamed, and the index and ``config.json`` come last, so a crash never leaves a folder
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from distill_lr import hf_modeling
+from distill_lr.errors import UserInputError
+
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "distill_lr_manifest.json"
+OTHER_FILE = "model-other.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def layer_file(index: int) -> str:
+    return f"model-layer-{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check the file holds every byte the header promises."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                raise ValueError
+            header = json.loads(fh.read(length))
+    except (ValueError, struct.error, UnicodeDecodeError):
+        raise UserInputError(f"{path} is not a readable safetensors file: re-download or re-copy it") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + length + end > size:
+        raise UserInputError(
+            f"shard {path} is truncated ({size:,} bytes, its header needs {8 + length + end:,}): re-download or re-copy it"
+        )
+    return header
+
+
+class CheckpointReader:
+    """An input checkpoint folder: its config and a map from tensor name to shard, read lazily."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise UserInputError(f"model folder {self.folder} does not exist: give a folder with config.json and *.safetensors")
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise UserInputError(f"{self.folder} has no config.json: give a Hugging Face checkpoint folder")
+        try:
+            json.loads(config_path.read_text())
+            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder)
+        except (ValueError, OSError, KeyError) as err:
+            raise UserInputError(f"{config_path} cannot be read as a transformers config ({_first_line(err)}): fix or replace it") from None
+        if self.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(self.config, "is_encoder_decoder", False):
+            raise UserInputError(
+                f"{config_path} describes a '{self.config.model_type}' model, not a decoder-only causal LM: give a causal LM checkpoint"
+            )
+        self.tensors = self._index()
+
+    def _index(self) -> dict[str, TensorInfo]:
+        index_path = self.folder / INDEX_NAME
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise UserInputError(f"{self.folder} holds no *.safetensors weights: convert the checkpoint to safetensors first")
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise UserInputError(f"shard {name} listed in {INDEX_NAME} is missing from {self.folder}: copy it there")
+            for key, info in _read_header(path).items():
+                tensors[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]))
+        return tensors
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's floating-point storage dtype (the most common one among its tensors)."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            if info.dtype in ("F32", "F16", "BF16"):
+                counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        return _ST_DTYPES[max(counts, key=counts.__getitem__)] if counts else torch.float32
+
+    def fingerprint(self) -> str:
+        """A hash of the config and of every tensor's name, dtype, shape and file size."""
+        digest = hashlib.sha256((self.folder / "config.json").read_bytes())
+        for key in sorted(self.tensors):
+            info = self.tensors[key]
+            digest.update(f"{key}|{info.dtype}|{info.shape}|{info.file.stat().st_size}".encode())
+        return digest.hexdigest()
+
+    def read(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Read the named tensors, opening each shard once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, keys in by_file.items():
+            with safe_open(path, framework="pt", device=str(device)) as fh:
+                for key in keys:
+                    out[key] = fh.get_tensor(key)
+        return out
+
+    def load_into(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Materialise ``module`` (on meta) from the tensors named ``prefix + key``, checking shapes first."""
+        expected = module.state_dict()
+        missing = [prefix + k for k in expected if prefix + k not in self.tensors]
+        if missing:
+            raise UserInputError(
+                f"checkpoint {self.folder} has no tensor '{missing[0]}' ({len(missing)} missing): "
+                "the shards are incomplete or belong to another architecture"
+            )
+        for key, meta in expected.items():
+            if tuple(meta.shape) != self.tensors[prefix + key].shape:
+                raise UserInputError(
+                    f"tensor '{prefix + key}' has shape {list(self.tensors[prefix + key].shape)} but config.json implies "
+                    f"{list(meta.shape)}: the weights do not match the config"
+                )
+        loaded = self.read([prefix + k for k in expected], device)
+        state = {k: _cast(loaded[prefix + k], dtype) for k in expected}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
+    """The architecture with parameters on ``meta`` and real buffers (rotary frequencies)."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer stack and its name prefix (``model.layers.``)."""
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers"):
+            return f"{name}.", module
+    raise UserInputError(f"cannot find the {count} decoder layers of {type(model).__name__}: this architecture is not supported")
+
+
+def non_layer_state(model: nn.Module, layer_prefix: str) -> list[str]:
+    """State-dict keys outside the decoder layers (embeddings, final norm, head)."""
+    return [k for k in model.state_dict() if not k.startswith(layer_prefix)]
+
+
+def load_non_layer_(model: PreTrainedModel, reader: CheckpointReader, layer_prefix: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Materialise embeddings, final norm and head; a tied head shares the embedding."""
+    keys = [k for k in non_layer_state(model, layer_prefix) if k in reader.tensors]
+    state = {k: _cast(v, dtype) for k, v in reader.read(keys, device).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(layer_prefix)]
+    if still_meta:
+        raise UserInputError(f"checkpoint {reader.folder} has no tensor '{still_meta[0]}': the shards are incomplete")
+    model.requires_grad_(False)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temporary name, flush it to disk, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
+    _fsync_rename(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    _fsync_rename(tmp, path)
+
+
+def _fsync_rename(tmp: Path, path: Path) -> None:
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunManifest:
+    """Resume state kept beside the weights: which layers are written, for which config and input."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any], input_fingerprint: str, overwrite: bool) -> None:
+        self.folder = folder
+        self.path = folder / MANIFEST_NAME
+        self.data: dict[str, Any] = {"settings": settings, "input": input_fingerprint, "layers": {}, "complete": False}
+        if self.path.is_file():
+            old = json.loads(self.path.read_text())
+            changed = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
+            if overwrite:
+                self._clear()
+            elif old["input"] != input_fingerprint:
+                raise UserInputError(
+                    f"output folder {folder} holds a run on another input model: use a new output folder or overwrite=true"
+                )
+            elif changed:
+                raise UserInputError(
+                    f"output folder {folder} holds a run with another config (changed: {', '.join(changed[:5])}): "
+                    "use a new output folder, the same config, or overwrite=true"
+                )
+            else:
+                self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
+        elif folder.exists() and any(folder.iterdir()):
+            if not overwrite:
+                raise UserInputError(f"output folder {folder} is not empty and holds no distill_lr run: use a new folder or overwrite=true")
+            self._clear()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def _clear(self) -> None:
+        shutil.rmtree(self.folder)
+
+    def _intact(self, entry: dict[str, Any]) -> bool:
+        path = self.folder / entry["file"]
+        return path.is_file() and path.stat().st_size == entry["bytes"]
+
+    def done(self, index: int) -> dict[str, Any] | None:
+        return self.data["layers"].get(str(index))
+
+    def mark_done(self, index: int, file: str, report: dict[str, Any]) -> None:
+        path = self.folder / file
+        self.data["layers"][str(index)] = {"file": file, "bytes": path.stat().st_size, "sha256": file_sha256(path), "report": report}
+        self.data["complete"] = False
+        self.save()
+
+    def mark_complete(self) -> None:
+        self.data["complete"] = True
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.data, self.path)
+
+
+def copy_side_files(src: Path, dst: Path, modeling: bool = True) -> None:
+    """Tokenizer and generation files travel with the weights; the loading code goes beside them."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    if not modeling:
+        return
+    here = Path(hf_modeling.__file__).parent
+    shutil.copyfile(here / "hf_modeling.py", dst / "modeling_distill_lr.py")
+    shutil.copyfile(here / "lowrank.py", dst / "lowrank.py")
+
+
+def write_index(folder: Path, files: Iterable[str]) -> None:
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name in files:
+        with safe_open(folder / name, framework="pt") as fh:
+            for key in fh.keys():
+                weight_map[key] = name
+        total += (folder / name).stat().st_size
+    write_json_atomic({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, folder / INDEX_NAME)
+
+
+def write_compressed_config(
+    config: PretrainedConfig, folder: Path, ranks: dict[str, int], save_dtype: torch.dtype, info: dict[str, Any]
+) -> None:
+    """``config.json`` of the compressed model: the original plus the ranks and the remote-code entry point."""
+    data = config.to_dict()
+    data.pop("auto_map", None)
+    data["dtype"] = str(save_dtype).removeprefix("torch.")
+    data["auto_map"] = {"AutoModelForCausalLM": "modeling_distill_lr.DistillLRForCausalLM"}
+    data[hf_modeling.CONFIG_KEY] = {"base_architecture": _architecture(config), "ranks": ranks, **info}
+    write_json_atomic(data, folder / "config.json")
+
+
+def _architecture(config: PretrainedConfig) -> str:
+    if config.architectures:
+        return config.architectures[0]
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+
+
+def _compressed_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if hf_modeling.CONFIG_KEY not in data:
+        raise UserInputError(
+            f"{folder} is not a finished distill_lr checkpoint (no '{hf_modeling.CONFIG_KEY}' in config.json): finish or resume the run first"
+        )
+    return data
+
+
+def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A transformers model with the low-rank modules in place (the same code as ``trust_remote_code``)."""
+    folder = Path(folder).expanduser()
+    _compressed_config(folder)
+    config = AutoConfig.from_pretrained(folder)
+    model_class = hf_modeling.low_rank_class(hf_modeling.base_architecture(config))
+    model = model_class.from_pretrained(folder, config=config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def export_dense(src: Path, dst: Path) -> None:
+    """Multiply the factors out, file by file, into a checkpoint of the original architecture."""
+    data = _compressed_config(src)
+    ranks = data.pop(hf_modeling.CONFIG_KEY)["ranks"]
+    data.pop("auto_map", None)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
+    for name in files:
+        tensors = load_file(src / name)
+        for module in [m for m in ranks if f"{m}.A.weight" in tensors]:
+            a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
+            tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
+            if f"{module}.B.bias" in tensors:
+                tensors[f"{module}.bias"] = tensors.pop(f"{module}.B.bias")
+        save_tensors_atomic(tensors, dst / name)
+    write_index(dst, files)
+    copy_side_files(src, dst, modeling=False)
+    write_json_atomic(data, dst / "config.json")

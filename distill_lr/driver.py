@@ -1,0 +1,298 @@
+"""The bottom-up driver: compress a checkpoint one decoder layer at a time.
+
+For layer i: load its dense weights -> teacher outputs Y = layer(X_t) -> build the low-rank
+student (SVD / PCA / whitened SVD) -> train it (``method: distill``) -> write it -> X_t <- Y,
+X_s <- student(X_s). Only one layer's weights are ever materialised. ``compress(cfg)`` is the
+entry point; ``python scripts/compress.py`` calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from distill_lr import checkpoint as ckpt
+from distill_lr.builtin import resolve_model_dir
+from distill_lr.config import CompressConfig
+from distill_lr.data import build_token_sets, load_documents
+from distill_lr.errors import UserInputError
+from distill_lr.hf_modeling import apply_low_rank_
+from distill_lr.init import InputStats
+from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, run_layer
+from distill_lr.lowrank import LowRankLinear, replace_linears_
+from distill_lr.ranks import RankPlan, plan_ranks
+from distill_lr.train import distill_layer
+
+log = logging.getLogger("distill_lr")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"device '{name}' asked for but no CUDA GPU is visible: use device=cpu or device=auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, fallback: torch.dtype) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    return fallback
+
+
+@dataclass
+class Streams:
+    """The activation caches that move up the stack: calibration and evaluation, teacher and student."""
+
+    x_teacher: torch.Tensor
+    x_student: torch.Tensor
+    eval_teacher: torch.Tensor | None
+    eval_student: torch.Tensor | None
+    kwargs: list[LayerKwargs] = field(default_factory=list)
+
+
+def linear_shapes(layers: nn.ModuleList, prefix: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear of every decoder layer, read on the meta device."""
+    return {
+        f"{prefix}{i}.{name}": (m.out_features, m.in_features)
+        for i, layer in enumerate(layers)
+        for name, m in layer.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def collect_stats(layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int) -> dict[str, InputStats]:
+    """Input moments of the named linears over the calibration inputs (for ``pca`` and ``whiten``)."""
+    modules = dict(layer.named_modules())
+    stats = {n: InputStats.empty(modules[n].in_features, inputs.device) for n in names}
+    hooks = [modules[n].register_forward_hook(lambda _m, args, _o, n=n: stats[n].update(args[0])) for n in names]
+    try:
+        run_layer(layer, inputs, kwargs, batch_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def factorize_layer_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, InputStats]) -> None:
+    """Swap the layer's chosen linears for low-rank factor pairs initialised by ``init``."""
+
+    def factory(name: str, linear: nn.Linear) -> LowRankLinear:
+        return LowRankLinear.from_linear(linear, ranks[name], init=init, stats=stats.get(name))
+
+    replace_linears_(layer, factory, predicate=lambda name, _: name in ranks)
+
+
+def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+
+
+def load_state_(layer: nn.Module, state: dict[str, torch.Tensor], prefix: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Install saved tensors, so a fresh and a resumed run propagate exactly the same student."""
+    local = {k[len(prefix) :]: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    layer.load_state_dict(local, strict=True, assign=True)
+    layer.requires_grad_(False)
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float((pred.float() - target.float()).norm() / target.float().norm().clamp_min(1e-12))
+
+
+def _timed(times: dict[str, float], key: str, start: float) -> float:
+    now = time.perf_counter()
+    times[key] = round(now - start, 3)
+    return now
+
+
+def compress_layer(
+    index: int,
+    layer: nn.Module,
+    prefix: str,
+    ranks: dict[str, int],
+    s: Streams,
+    cfg: CompressConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    save_dtype: torch.dtype,
+    out: Path,
+    manifest: ckpt.RunManifest,
+) -> dict[str, Any]:
+    """Dense layer in, compressed layer written; advances every stream by one layer."""
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    kwargs = s.kwargs[index]
+    done = manifest.done(index)
+    y = run_layer(layer, s.x_teacher, kwargs, cfg.batch_size)
+    eval_y = run_layer(layer, s.eval_teacher, kwargs, cfg.batch_size) if s.eval_teacher is not None else None
+    t = _timed(times, "teacher", t)
+    if done is not None:
+        apply_low_rank_(layer, ranks)
+        state = load_file(out / done["file"])
+        report = dict(done["report"], resumed=True)
+    else:
+        needs_stats = cfg.factor_init in ("pca", "whiten") and ranks
+        stats = collect_stats(layer, list(ranks), s.x_student, kwargs, cfg.batch_size) if needs_stats else {}
+        factorize_layer_(layer, ranks, cfg.factor_init, stats)
+        del stats
+        t = _timed(times, "init", t)
+        report = {"layer": index, "linears": len(ranks)}
+        if cfg.method == "distill" and ranks:
+            result = distill_layer(layer, s.x_teacher, s.x_student, y, kwargs, cfg.train, seed=cfg.seed * 100_003 + index)
+            report["train"] = result.summary()
+            t = _timed(times, "train", t)
+        state = layer_state(layer, prefix, save_dtype)
+        ckpt.save_tensors_atomic(state, out / ckpt.layer_file(index))
+        t = _timed(times, "save", t)
+    load_state_(layer, state, prefix, device, dtype)
+    if "err_teacher_input" not in report:
+        report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher, kwargs, cfg.batch_size), y)
+    in_place = s.x_student is not s.x_teacher
+    s.x_student = run_layer(layer, s.x_student, kwargs, cfg.batch_size, out=s.x_student if in_place else None)
+    report.setdefault("err_student_input", relative_error(s.x_student, y))
+    if eval_y is not None:
+        s.eval_student = run_layer(
+            layer, s.eval_student, kwargs, cfg.batch_size, out=s.eval_student if s.eval_student is not s.eval_teacher else None
+        )
+        s.eval_teacher = eval_y
+    s.x_teacher = y
+    _timed(times, "student", t)
+    if done is None:
+        report["seconds"] = times
+        manifest.mark_done(index, ckpt.layer_file(index), report)
+    return report
+
+
+def compress(cfg: CompressConfig) -> dict[str, Any]:
+    """Run a whole compression; returns the report that is also written to ``<output>/report.json``."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model_dir = resolve_model_dir(cfg.model)
+    reader = ckpt.CheckpointReader(model_dir)
+    out = Path(cfg.output).expanduser()
+    if out.resolve() == model_dir.resolve():
+        raise UserInputError(f"output folder {out} is the input folder: choose another output folder")
+    dtype = resolve_dtype(cfg.dtype, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    save_dtype = resolve_dtype(cfg.save_dtype, device, reader.dtype)
+    torch.manual_seed(cfg.seed)
+
+    model = ckpt.build_skeleton(reader.config)
+    prefix, layers = ckpt.decoder_layers(model)
+    plan = plan_ranks(linear_shapes(layers, prefix), cfg.ranks, name_prefix=prefix[: -len("layers.")])
+    log.info("%s", describe_plan(plan))
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else model_dir)
+    documents = load_documents(cfg.data.source, cfg.data.text_column, cfg.data.split, cfg.data.subset)
+    tokens = build_token_sets(
+        documents,
+        tokenizer,
+        num_sequences=cfg.data.num_sequences,
+        seq_len=cfg.data.seq_len,
+        eval_sequences=cfg.data.eval_sequences if cfg.evaluate else 0,
+        eval_fraction=cfg.data.eval_fraction,
+        seed=cfg.seed,
+        text_column=cfg.data.text_column,
+        max_positions=getattr(reader.config, "max_position_embeddings", None),
+    )
+    manifest = ckpt.RunManifest(out, cfg.result_fingerprint(), reader.fingerprint(), cfg.overwrite)
+
+    ckpt.load_non_layer_(model, reader, prefix, device, dtype)
+    other = ckpt.non_layer_state(model, prefix)
+    ckpt.save_tensors_atomic(
+        {k: v.to(save_dtype) for k, v in reader.read([k for k in other if k in reader.tensors]).items()}, out / ckpt.OTHER_FILE
+    )
+    calib, evaluation = tokens.calibration.to(device), tokens.evaluation.to(device)
+    x = embed(model, layers, calib, cfg.batch_size).to(dtype)
+    e = embed(model, layers, evaluation, cfg.batch_size).to(dtype) if len(evaluation) else None
+    s = Streams(x, x, e, e, capture_inputs(model, layers, calib[:1])[1])
+
+    reports = []
+    bar = tqdm(range(len(layers)), desc="layers", unit="layer")
+    for i in bar:
+        t0 = time.perf_counter()
+        layer = layers[i]
+        name = f"{prefix}{i}."
+        reader.load_into(layer, name, device, dtype)
+        report = compress_layer(i, layer, name, plan.for_layer(name), s, cfg, device, dtype, save_dtype, out, manifest)
+        layer.to("meta")
+        reports.append(report)
+        log.info("%s (%.1fs)", layer_line(report, len(layers)), time.perf_counter() - t0)
+
+    files = [ckpt.OTHER_FILE] + [ckpt.layer_file(i) for i in range(len(layers))]
+    ckpt.write_index(out, files)
+    ckpt.copy_side_files(model_dir, out)
+    ckpt.write_compressed_config(reader.config, out, plan.ranks, save_dtype, {"method": cfg.method, "init": cfg.factor_init})
+    manifest.mark_complete()
+
+    result: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "input": str(model_dir),
+        "output": str(out),
+        "params": param_summary(plan, reader),
+        "layers": reports,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if s.eval_teacher is not None:
+        dense = head_nll(model, layers, s.eval_teacher, evaluation)
+        student = head_nll(model, layers, s.eval_student, evaluation)
+        result["perplexity"] = {
+            "dense": _ppl(dense),
+            "compressed": _ppl(student),
+            "eval_tokens": dense[1],
+            "eval_sequences": len(evaluation),
+            "seq_len": cfg.data.seq_len,
+        }
+    if cfg.export_dense:
+        dense_dir = out.with_name(out.name + "-dense")
+        ckpt.export_dense(out, dense_dir)
+        result["dense_export"] = str(dense_dir)
+    ckpt.write_json_atomic(result, out / "report.json")
+    return result
+
+
+def _ppl(nll: tuple[float, int]) -> float:
+    return float(torch.exp(torch.tensor(nll[0] / nll[1])))
+
+
+def param_summary(plan: RankPlan, reader: ckpt.CheckpointReader) -> dict[str, Any]:
+    total = sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values())
+    removed = plan.dense_params - plan.kept_params
+    return {
+        "counted": "weights of the decoder layers' linear projections (no embeddings, norms, head or biases)",
+        "decoder_linear_before": plan.dense_params,
+        "decoder_linear_after": plan.kept_params,
+        "removed_fraction": round(plan.removed_fraction, 4),
+        "model_before": total,
+        "model_after": total - removed,
+        "compressed_linears": len(plan.ranks),
+    }
+
+
+def describe_plan(plan: RankPlan) -> str:
+    return (
+        f"rank plan: {len(plan.ranks)} of {len(plan.shapes)} decoder linears low-rank; decoder-linear weights "
+        f"{plan.dense_params:,} -> {plan.kept_params:,} ({plan.removed_fraction:.1%} removed; embeddings, norms and head not counted)"
+    )
+
+
+def layer_line(report: dict[str, Any], n_layers: int) -> str:
+    parts = [f"layer {report['layer'] + 1}/{n_layers}", f"{report['linears']} low-rank"]
+    if "train" in report:
+        tr = report["train"]
+        parts.append(
+            f"loss {tr['init_loss']:.4f} -> {tr['final_loss']:.4f} (held-out {tr['best_holdout']:.4f}, cos {tr['holdout_cos']:.4f})"
+        )
+    parts.append(f"rel.err teacher-in {report['err_teacher_input']:.4f} student-in {report['err_student_input']:.4f}")
+    if "seconds" in report:
+        parts.append(" ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()))
+    if report.get("resumed"):
+        parts.append("(resumed)")
+    return " | ".join(parts)

@@ -1,0 +1,191 @@
+"""Training-free factorisations ``W ≈ B @ A`` of a weight ``W (out, in)``: A is (rank, in), B (out, rank).
+
+* ``svd``: truncated SVD of W, the best rank-r approximation of the weight itself.
+* ``pca``: projects the layer's outputs on their top-r principal directions (Chen et al. 2021 DRONE;
+  Yu & Wu 2023 "Compressing Transformers: Features Are Low-Rank, but Weights Are Not!").
+* ``whiten``: SVD of W after whitening its inputs (Wang et al. 2024, SVD-LLM), the best rank-r
+  approximation of the outputs ``W x`` over the calibration inputs.
+
+The activation-aware inits need ``InputStats`` of the layer's inputs. The maths that involves those
+statistics runs in float64 (they are often badly conditioned); every factor is returned in float32 on
+W's device and callers cast it to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill_lr.errors import UserInputError
+from distill_lr.lowrank import validate_rank
+
+INITS = ("svd", "pca", "whiten")
+_DAMPING_TRIES = 8  # damping grows x10 per try: up to 1e7 times the requested one
+
+
+@dataclass
+class InputStats:
+    """Running first and second moments of a linear's inputs (what pca/whiten need).
+
+    Each batch's ``x.T @ x`` is a float32 matmul (fast on any accelerator) that is added to float64
+    running sums, so rounding does not build up over millions of calibration tokens.
+    """
+
+    sum_xxT: Tensor  # (in, in) float64
+    sum_x: Tensor  # (in,) float64
+    count: int  # tokens seen
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device | str | None = None) -> InputStats:
+        return cls(
+            sum_xxT=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
+            sum_x=torch.zeros(in_features, dtype=torch.float64, device=device),
+            count=0,
+        )
+
+    def update(self, x: Tensor) -> None:
+        """Add a batch of inputs ``x (..., in)``; every leading dimension counts as tokens."""
+        in_features = self.sum_x.shape[0]
+        if x.shape[-1] != in_features:
+            raise ValueError(f"inputs have {x.shape[-1]} features, these statistics expect {in_features}")
+        tokens = x.detach().reshape(-1, in_features).to(device=self.sum_x.device, dtype=torch.float32)
+        self.sum_xxT += (tokens.T @ tokens).double()
+        self.sum_x += tokens.sum(dim=0).double()
+        self.count += tokens.shape[0]
+
+    def mean(self) -> Tensor:
+        """E[x], float64."""
+        return self._per_token(self.sum_x)
+
+    def second_moment(self) -> Tensor:
+        """E[x xᵀ], float64."""
+        return self._per_token(self.sum_xxT)
+
+    def covariance(self) -> Tensor:
+        """E[x xᵀ] − E[x] E[x]ᵀ, float64."""
+        mean = self.mean()
+        return self.second_moment() - torch.outer(mean, mean)
+
+    def _per_token(self, total: Tensor) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no inputs were recorded: call InputStats.update before using the statistics")
+        if not torch.isfinite(total).all():
+            raise UserInputError(
+                "the calibration activations contain inf or NaN (the model overflows in its dtype): "
+                "run with dtype=float32 or dtype=bfloat16"
+            )
+        return total / self.count
+
+
+def break_even_rank(out_features: int, in_features: int) -> float:
+    """Rank at which the factor pair holds as many parameters as the dense matrix: m·n/(m+n)."""
+    return out_features * in_features / (out_features + in_features)
+
+
+def _balanced(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Truncate ``U diag(S) Vh`` to ``rank`` and give each factor sqrt(S): equal scales train better."""
+    root = S[:rank].sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root
+
+
+def _damped_cholesky(M: Tensor, damping: float) -> Tensor:
+    """Lower Cholesky factor of ``M + λI``, λ = damping · mean(diag M), grown x10 until M + λI is PD.
+
+    Moments of real activations are often singular (dead channels, fewer tokens than features).
+    """
+    if damping <= 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    scale = M.diagonal().mean().item()
+    lam = damping * (scale if scale > 0 else 1.0)  # all-zero inputs: any positive λ whitens nothing
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    for attempt in range(_DAMPING_TRIES):
+        L, info = torch.linalg.cholesky_ex(M + lam * eye)
+        if info.item() == 0:
+            if attempt:
+                warnings.warn(
+                    f"whiten: the input second moment is not positive definite; damping raised from "
+                    f"{damping:g} to {damping * 10**attempt:g} of its mean diagonal (λ = {lam:.3g})",
+                    stacklevel=3,
+                )
+            return L
+        lam *= 10
+    raise UserInputError(
+        f"whiten: the input second moment stays singular even with damping {damping * 10 ** (_DAMPING_TRIES - 1):g}; "
+        "use more calibration tokens or init=svd"
+    )
+
+
+def svd_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Truncated SVD: the Frobenius-optimal rank-r approximation of W (Eckart–Young). Returns (A, B)."""
+    validate_rank(rank, *W.shape)
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    return _balanced(U, S, Vh, rank)
+
+
+def pca_factors(W: Tensor, rank: int, stats: InputStats, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Project the outputs ``y = W x`` on their top-r principal directions U_r: B = U_r, A = U_rᵀ W.
+
+    This minimises E‖y − ŷ‖² over the calibration inputs. A layer with a bias can reproduce the output
+    mean exactly by folding ``(I − U_r U_rᵀ) W E[x]`` into its bias, so U_r spends its rank on the
+    centered covariance only. A layer without a bias gets no new parameters; there the mean must go
+    through U_r as well, so the uncentered second moment E[y yᵀ] is the optimal one. Returns
+    (A, B, bias): the folded bias, or None when the layer had none.
+
+    U_r comes from ``eigh(W M Wᵀ)`` (out × out) when out <= in, otherwise from the SVD of ``W L``
+    (out × in) with ``M = L Lᵀ``, which has the same left singular vectors without forming the larger
+    matrix. L is the eigen-decomposition square root rather than a Cholesky factor: moments of real
+    activations are often singular, and this root is exact for them without any damping.
+    """
+    validate_rank(rank, *W.shape)
+    W64 = W.detach().double()
+    moment = (stats.covariance() if bias is not None else stats.second_moment()).to(W64.device)
+    out_features, in_features = W.shape
+    if out_features <= in_features:
+        _, vectors = torch.linalg.eigh(W64 @ moment @ W64.T)
+        U = vectors[:, -rank:].flip(-1)  # eigh sorts ascending
+    else:
+        eigenvalues, Q = torch.linalg.eigh(moment)
+        L = Q * eigenvalues.clamp(min=0).sqrt()  # rounding can leave tiny negative eigenvalues
+        U = torch.linalg.svd(W64 @ L, full_matrices=False).U[:, :rank]
+    A = U.T @ W64
+    if bias is None:
+        return A.float(), U.float(), None
+    mean_out = W64 @ stats.mean().to(W64.device)
+    folded = bias.detach().double() + mean_out - U @ (U.T @ mean_out)
+    return A.float(), U.float(), folded.float()
+
+
+def whiten_factors(W: Tensor, rank: int, stats: InputStats, damping: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """SVD-LLM: truncate the SVD of ``W S`` where ``S Sᵀ = E[x xᵀ] + λI``, then undo the whitening.
+
+    ``E‖(W − B A) x‖² = ‖(W − B A) S‖_F²`` over the calibration inputs, so truncating the SVD of W S
+    gives the output-optimal rank-r pair. The uncentered moment is used because the layers
+    are compressed without adding a bias. Returns (A, B) with A = sqrt(Σ_r) V_rᵀ S⁻¹, B = U_r sqrt(Σ_r).
+    """
+    validate_rank(rank, *W.shape)
+    W64 = W.detach().double()
+    S = _damped_cholesky(stats.second_moment().to(W64.device), damping)
+    U, sigma, Vh = torch.linalg.svd(W64 @ S, full_matrices=False)
+    A_white, B = _balanced(U, sigma, Vh, rank)
+    A = torch.linalg.solve_triangular(S, A_white, upper=False, left=False)  # A_white @ S⁻¹
+    return A.float(), B.float()
+
+
+def factorize(
+    W: Tensor, rank: int, init: str, stats: InputStats | None = None, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Factor W with the named init. Returns (A, B, bias), bias in float32 and possibly updated (pca)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: use one of {INITS}")
+    if init == "svd":
+        A, B = svd_factors(W, rank)
+    elif stats is None:
+        raise ValueError(f"init {init!r} needs the input statistics (stats=InputStats) of the layer")
+    elif init == "pca":
+        return pca_factors(W, rank, stats, bias)
+    else:
+        A, B = whiten_factors(W, rank, stats)
+    return A, B, None if bias is None else bias.detach().float()

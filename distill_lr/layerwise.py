@@ -1,0 +1,128 @@
+"""Partial forward passes: one decoder layer at a time, with the arguments the model itself builds.
+
+Masks (causal, sliding-window, per layer type), rotary embeddings and position ids are never
+re-implemented here: the model's own ``forward`` runs with its decoder layers swapped for stand-ins
+that record what each layer receives, so every decoder-only architecture of transformers works as
+long as its layers are called ``layer(hidden_states, **kwargs)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+LayerKwargs = dict[str, Any]
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in to end a forward pass early."""
+
+
+class _StandIn(nn.Module):
+    """Takes a decoder layer's place; reads attributes through to it (``attention_type``...)."""
+
+    def __init__(self, original: nn.Module, action: Callable[[torch.Tensor, LayerKwargs], torch.Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+        object.__setattr__(self, "_action", action)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return object.__getattribute__(self, "_action")(hidden_states, kwargs)
+
+
+@contextmanager
+def _stand_ins(layers: nn.ModuleList, actions: list[Callable[[torch.Tensor, LayerKwargs], torch.Tensor]]) -> Iterator[None]:
+    originals = list(layers)
+    for i, action in enumerate(actions):
+        layers[i] = _StandIn(originals[i], action)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerKwargs]]:
+    """Run the model's own forward up to the decoder layers: layer 0's hidden states and every layer's kwargs."""
+    seen: list[LayerKwargs] = []
+    first: list[torch.Tensor] = []
+
+    def record(hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+        if not first:
+            first.append(hidden)
+        seen.append(kwargs)
+        if len(seen) == len(layers):
+            raise _Stop
+        return hidden
+
+    with _stand_ins(layers, [record] * len(layers)), torch.no_grad():
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+    return first[0], seen
+
+
+def embed(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Layer-0 inputs for a batch of sequences (embedding scale and all, as the model computes it)."""
+    out = []
+
+    def stop(hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+        out.append(hidden)
+        raise _Stop
+
+    with _stand_ins(layers, [stop]), torch.no_grad():
+        for start in range(0, len(input_ids), batch_size):
+            try:
+                model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    return torch.cat(out)
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+    """One decoder layer on a batch; layers that return tuples give their hidden states."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layer(
+    layer: nn.Module, inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The layer's outputs for every cached sequence, batch by batch (``out`` may alias ``inputs``)."""
+    result = torch.empty_like(inputs) if out is None else out
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        result[start : start + batch_size] = call_layer(layer, batch, kwargs).to(result.dtype)
+    return result
+
+
+@torch.no_grad()
+def head_nll(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token loss and token count from the last layer's outputs, via the model's own head.
+
+    The decoder layers are stand-ins that hand over the cached final hidden states, so the final
+    norm, the head, any logit soft-capping and the loss are exactly the model's.
+    """
+    total, count = 0.0, 0
+    for i in range(len(input_ids)):
+        hidden = final_hidden[i : i + 1]
+        actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
+        with _stand_ins(layers, actions):
+            ids = input_ids[i : i + 1]
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        tokens = ids.shape[1] - 1
+        total += float(loss) * tokens
+        count += tokens
+    return total, count

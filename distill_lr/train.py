@@ -1,0 +1,193 @@
+"""Feature distillation of one decoder layer: train its low-rank factors to reproduce the dense outputs.
+
+The unit trained is the whole decoder layer (attention with softmax and rotary embeddings, MLP
+with its activation, norms); only the factors of its ``LowRankLinear`` modules move. The target is
+always Y = dense_layer(X_t); the student sees the teacher's input X_t, the compressed stack's
+input X_s, or both (Lillama, Sy et al. 2025).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill_lr.config import TrainConfig
+from distill_lr.layerwise import LayerKwargs, call_layer
+from distill_lr.lowrank import LowRankLinear
+
+MIN_LOSS = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1): the loss of a perfect student
+
+
+def distill_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens of ``(1/D)·‖y − ŷ‖₁ − log σ(cos(y, ŷ))``; ``mask`` (1 = real token) drops padding.
+
+    The L1 term alone was unstable in the Lillama experiments; the cosine term keeps the direction.
+    """
+    target, pred = target.float(), pred.float()
+    per_token = (target - pred).abs().mean(-1) - F.logsigmoid(F.cosine_similarity(target, pred, dim=-1, eps=1e-8))
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def mean_cosine(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(target.float(), pred.float(), dim=-1, eps=1e-8).mean()
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float, min_lr_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    warmup = int(total * warmup_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    """What happened while training one layer; ``summary()`` goes into the report."""
+
+    init_loss: float
+    final_loss: float
+    init_holdout: float
+    best_holdout: float
+    holdout_cos: float
+    steps: int
+    best_step: int
+    stopped_early: bool = False
+    rolled_back: str | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _factors(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
+
+
+def distill_layer(
+    layer: nn.Module,
+    x_teacher: torch.Tensor,
+    x_student: torch.Tensor,
+    y: torch.Tensor,
+    kwargs: LayerKwargs,
+    cfg: TrainConfig,
+    seed: int,
+) -> TrainResult:
+    """Train the factors in place and leave the ones with the best held-out loss installed."""
+    device = y.device
+    generator = torch.Generator().manual_seed(seed)
+    factor_modules = [m for m in layer.modules() if isinstance(m, LowRankLinear)]
+    work_dtype = factor_modules[0].A.weight.dtype
+    layer.requires_grad_(False)
+    for module in factor_modules:
+        module.float().requires_grad_(True)  # float32 master weights; bf16 compute under autocast on GPU
+    params = _factors(layer)
+    sources = (
+        [x_teacher]
+        if cfg.inputs == "teacher" or x_student is x_teacher
+        else [x_student]
+        if cfg.inputs == "student"
+        else [x_teacher, x_student]
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    n = len(y)
+    order = torch.randperm(n, generator=generator)
+    n_hold = max(1, math.ceil(n * cfg.holdout_fraction))
+    hold, train = order[:n_hold].to(device), order[n_hold:].to(device)
+    if len(train) == 0:
+        train = hold
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = torch.zeros((), device=device)
+        cos = torch.zeros((), device=device)
+        target = y[idx]
+        with autocast:
+            for x in sources:
+                pred = call_layer(layer, x[idx], kwargs)
+                loss = loss + distill_loss(target, pred)
+                cos = cos + mean_cosine(target, pred).detach()
+        return loss, cos / len(sources)
+
+    @torch.no_grad()
+    def holdout() -> tuple[float, float]:
+        losses, coses = [], []
+        for start in range(0, len(hold), cfg.batch_size):
+            loss, cos = batch_loss(hold[start : start + cfg.batch_size])
+            losses.append(float(loss))
+            coses.append(float(cos))
+        return sum(losses) / len(losses), sum(coses) / len(coses)
+
+    init_state = [p.detach().clone() for p in params]
+    best_state = init_state
+    init_holdout, init_cos = holdout()
+    best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
+    result = TrainResult(
+        init_loss=float("nan"),
+        final_loss=float("nan"),
+        init_holdout=init_holdout,
+        best_holdout=best,
+        holdout_cos=best_cos,
+        steps=0,
+        best_step=0,
+    )
+    running: list[float] = []
+    perm = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(total), desc="  train", unit="step", leave=False)
+    for step in bar:
+        pos = step % steps_per_epoch
+        if pos == 0:
+            perm = train[torch.randperm(len(train), generator=generator).to(device)]
+        loss, _ = batch_loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size])
+        value = float(loss.detach())
+        if step == 0:
+            result.init_loss = value
+        if not math.isfinite(value) or value > cfg.divergence_factor * result.init_loss:
+            result.rolled_back = f"loss {value:.4g} at step {step} (initial {result.init_loss:.4g})"
+            best_state, best, best_cos, best_step = init_state, init_holdout, init_cos, 0
+            warnings.warn(f"training diverged ({result.rolled_back}); the layer keeps its initialisation", stacklevel=2)
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        running.append(value)
+        result.steps = step + 1
+        bar.set_postfix(loss=f"{value:.4f}")
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            held, cos = holdout()
+            result.curve.append({"step": step + 1, "train_loss": sum(running) / len(running), "holdout_loss": held, "holdout_cos": cos})
+            running = []
+            if held < best:
+                best, best_cos, best_step, bad = held, cos, step + 1, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    result.stopped_early = True
+                    break
+    bar.close()
+    with torch.no_grad():
+        for p, saved in zip(params, best_state, strict=True):
+            p.copy_(saved)
+    for module in factor_modules:
+        module.to(work_dtype).requires_grad_(False)
+    result.final_loss = sum(running) / len(running) if running else result.init_loss
+    result.best_holdout, result.holdout_cos, result.best_step = best, best_cos, best_step
+    return result

@@ -1,0 +1,143 @@
+"""End-to-end invariants of the streaming driver on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import overrides_for, save_tiny
+from transformers import AutoModelForCausalLM
+
+from distill_lr import checkpoint as ckpt
+from distill_lr import driver
+from distill_lr.config import load_config
+from distill_lr.driver import compress, factorize_layer_
+
+
+def run(model: Path, corpus: Path, output: Path, **extra):
+    return compress(load_config(None, overrides_for(model, corpus, output, **extra)))
+
+
+def layer_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("model-*.safetensors"))}
+
+
+def nll_of(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    total = 0.0
+    for row in ids:
+        with torch.no_grad():
+            total += float(model(input_ids=row[None], labels=row[None]).loss) * (len(row) - 1)
+    return total / (len(ids) * (ids.shape[1] - 1))
+
+
+def test_full_rank_svd_reproduces_the_decoder_layer(tiny_llama: Path) -> None:
+    reader = ckpt.CheckpointReader(tiny_llama)
+    model = ckpt.build_skeleton(reader.config)
+    prefix, layers = ckpt.decoder_layers(model)
+    ckpt.load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
+    layer = layers[0]
+    reader.load_into(layer, f"{prefix}0.", "cpu", torch.float32)
+    ids = torch.randint(3, 200, (2, 16))
+    from distill_lr.layerwise import capture_inputs, run_layer
+
+    hidden, kwargs = capture_inputs(model, layers, ids)
+    dense = run_layer(layer, hidden, kwargs[0], 2)
+    full = {n: min(m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    factorize_layer_(layer, full, "svd", {})
+    assert torch.allclose(run_layer(layer, hidden, kwargs[0], 2), dense, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_architectures_compress_load_and_generate(tmp_path: Path, corpus: Path, kind: str) -> None:
+    model_dir = save_tiny(tmp_path / kind, kind)
+    tokenizer = save_tiny(tmp_path / "tok", "llama")  # the tiny word tokenizer, loaded as such
+    report = run(model_dir, corpus, tmp_path / "out", tokenizer=tokenizer)
+    out = Path(report["output"])
+    assert 0.28 < report["params"]["removed_fraction"] < 0.32
+    loaded = ckpt.load_compressed(out)
+    ids = torch.randint(3, 200, (1, 8))
+    assert loaded.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(remote(ids).logits, loaded(ids).logits)
+
+
+def test_saved_then_loaded_equals_streamed_student(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    """The perplexity the driver computed from its in-memory student equals the reloaded model's."""
+    report = run(tiny_llama, corpus, tmp_path / "out", save_dtype="float32")
+    loaded = ckpt.load_compressed(report["output"])
+    from transformers import AutoTokenizer
+
+    from distill_lr.data import build_token_sets, load_documents
+
+    cfg = load_config(None, overrides_for(tiny_llama, corpus, tmp_path / "out"))
+    tokens = build_token_sets(
+        load_documents(cfg.data.source),
+        AutoTokenizer.from_pretrained(tiny_llama),
+        num_sequences=cfg.data.num_sequences,
+        seq_len=cfg.data.seq_len,
+        eval_sequences=cfg.data.eval_sequences,
+        eval_fraction=cfg.data.eval_fraction,
+        seed=cfg.seed,
+    )
+    ppl = torch.exp(torch.tensor(nll_of(loaded, tokens.evaluation))).item()
+    assert ppl == pytest.approx(report["perplexity"]["compressed"], rel=1e-4)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    assert torch.exp(torch.tensor(nll_of(dense, tokens.evaluation))).item() == pytest.approx(report["perplexity"]["dense"], rel=1e-4)
+
+
+def test_dense_export_matches_low_rank_model(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    report = run(tiny_llama, corpus, tmp_path / "out", export_dense=True, save_dtype="float32")
+    dense = AutoModelForCausalLM.from_pretrained(report["dense_export"]).eval()
+    low = ckpt.load_compressed(report["output"])
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, low(ids).logits, atol=1e-4)
+    assert "distill_lr" not in json.loads((Path(report["dense_export"]) / "config.json").read_text())
+
+
+def test_sharded_and_single_file_inputs_give_identical_files(tmp_path: Path, corpus: Path) -> None:
+    sharded = save_tiny(tmp_path / "sharded", shard_size="60KB")
+    single = save_tiny(tmp_path / "single", shard_size=None)
+    assert len(list(sharded.glob("*.safetensors"))) > 1 and len(list(single.glob("*.safetensors"))) == 1
+    a = run(sharded, corpus, tmp_path / "a")
+    b = run(single, corpus, tmp_path / "b")
+    assert layer_bytes(Path(a["output"])) == layer_bytes(Path(b["output"]))
+
+
+@pytest.mark.parametrize("method", ["whiten", "distill"])
+def test_resumed_run_equals_unbroken_run(tmp_path: Path, tiny_llama: Path, corpus: Path, method: str, monkeypatch) -> None:
+    unbroken = run(tiny_llama, corpus, tmp_path / "unbroken", method=method)
+    real = driver.compress_layer
+
+    def crash_at_layer_2(index, *args, **kwargs):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, corpus, tmp_path / "resumed", method=method)
+    assert not (tmp_path / "resumed" / "config.json").exists()  # an unfinished folder never looks complete
+    monkeypatch.setattr(driver, "compress_layer", real)
+    resumed = run(tiny_llama, corpus, tmp_path / "resumed", method=method)
+    assert [r.get("resumed", False) for r in resumed["layers"]] == [True, True, False]
+    assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
+    assert resumed["perplexity"] == unbroken["perplexity"]
+
+
+def test_activation_aware_inits_beat_svd(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    errs = {
+        m: run(tiny_llama, corpus, tmp_path / m, method=m, **{"ranks.target": 0.5})["layers"][0]["err_teacher_input"]
+        for m in ("svd", "pca", "whiten")
+    }
+    assert errs["whiten"] < errs["svd"] and errs["pca"] < errs["svd"]
+
+
+def test_distillation_improves_on_its_init(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    extra = {"ranks.target": 0.5, "init": "svd", "train.epochs": 4, "train.lr": 3e-3, "data.num_sequences": 32}
+    trained = run(tiny_llama, corpus, tmp_path / "d", method="distill", **extra)
+    for layer in trained["layers"]:
+        assert layer["train"]["best_holdout"] < layer["train"]["init_holdout"]
