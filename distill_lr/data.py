@@ -128,7 +128,8 @@ def build_token_sets(
     """Calibration and evaluation windows of exactly ``seq_len`` tokens, from disjoint sets of documents.
 
     Documents are shuffled with ``seed``; the first ``ceil(eval_fraction * n)`` (at least one when
-    ``eval_sequences > 0``, none when it is 0) are held out for evaluation. Each side's documents are
+    ``eval_fraction > 0``) are held out for evaluation, whether or not evaluation runs, so that turning
+    evaluation off or on never changes the calibration set. Each side's documents are
     joined with EOS between them and cut into non-overlapping windows; when the tokenizer starts
     texts with BOS, every window starts with BOS too, as the model's inputs do. Calibration takes
     ``num_sequences`` windows in a seeded random order, evaluation its first ``eval_sequences``.
@@ -145,7 +146,7 @@ def build_token_sets(
 
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_docs, generator=generator).tolist()
-    n_eval = max(1, math.ceil(eval_fraction * n_docs - 1e-9)) if eval_sequences > 0 else 0  # - 1e-9: 0.1 * 30 is 3.0000000000000004
+    n_eval = max(1, math.ceil(eval_fraction * n_docs - 1e-9)) if eval_fraction > 0 else 0  # - 1e-9: 0.28 * 25 is 7.000000000000001
     eval_docs, calib_docs = order[:n_eval], order[n_eval:]
     prefix = _bos_prefix(tokenizer)
     body = seq_len - len(prefix)

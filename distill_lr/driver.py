@@ -33,6 +33,7 @@ from distill_lr.ranks import RankPlan, plan_ranks
 from distill_lr.train import distill_layer
 
 log = logging.getLogger("distill_lr")
+ERROR_PROBE_SEQUENCES = 32  # calibration sequences on which the teacher-input error is reported
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,8 +155,9 @@ def compress_layer(
         ckpt.save_tensors_atomic(state, out / ckpt.layer_file(index))
         t = _timed(times, "save", t)
     load_state_(layer, state, prefix, device, dtype)
-    if "err_teacher_input" not in report:
-        report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher, kwargs, cfg.batch_size), y)
+    if "err_teacher_input" not in report:  # a diagnostic: a subset of the calibration set is enough
+        probe = slice(0, ERROR_PROBE_SEQUENCES)
+        report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher[probe], kwargs, cfg.batch_size), y[probe])
     in_place = s.x_student is not s.x_teacher
     s.x_student = run_layer(layer, s.x_student, kwargs, cfg.batch_size, out=s.x_student if in_place else None)
     report.setdefault("err_student_input", relative_error(s.x_student, y))

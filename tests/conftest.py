@@ -59,7 +59,7 @@ def save_tiny(folder: Path, kind: str = "llama", shard_size: str | None = "60KB"
 def write_corpus(path: Path, n_docs: int = 40, words: int = 300, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     with path.open("w") as fh:
-        for d in range(n_docs):
+        for _ in range(n_docs):
             ids = torch.randint(3, VOCAB, (words,), generator=g).tolist()
             fh.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
     return path
