@@ -79,6 +79,9 @@ def _load_local(path: Path, text_column: str) -> datasets.Dataset:
         files = [path]
     else:
         raise UserInputError(f"{path} is not a .txt, .json, .jsonl or .parquet file: convert it or give a folder of such files")
+    files = [f for f in files if f.stat().st_size > 0]
+    if not files:
+        raise UserInputError(f"{path} is empty: give a data.source with text")
     by_builder: dict[str, list[str]] = defaultdict(list)
     for file in files:
         by_builder[BUILDERS[file.suffix.lower()]].append(str(file))

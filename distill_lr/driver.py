@@ -110,6 +110,8 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def _timed(times: dict[str, float], key: str, start: float) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time it when it is done
     now = time.perf_counter()
     times[key] = round(now - start, 3)
     return now

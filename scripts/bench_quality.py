@@ -1,0 +1,115 @@
+"""Quality benchmark on the built-in SmolLM2-135M and the built-in Wikipedia text.
+
+Compresses at each ratio with every method in one run and prints one table (held-out perplexity,
+its multiple of dense, parameters kept, wall time), written as Markdown with a PNG plot::
+
+    python scripts/bench_quality.py                      # 2-core CPU defaults, about an hour
+    python scripts/bench_quality.py --large              # more calibration text and epochs, for a GPU
+    python scripts/bench_quality.py --methods whiten distill-whiten --ratios 0.2 --set train.lr=3e-4
+
+Perplexity is measured on held-out documents never used for calibration; the ratio counts the
+weights of the decoder layers' linear projections only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from distill_lr.config import load_config
+from distill_lr.driver import compress
+
+METHODS = {
+    "svd": ["method=svd"],
+    "pca": ["method=pca"],
+    "whiten": ["method=whiten"],
+    "distill-svd": ["method=distill", "init=svd", "train.lr=3e-3"],
+    "distill-whiten": ["method=distill", "init=whiten", "train.lr=3e-4"],
+}
+SMALL = ["data.num_sequences=64", "data.seq_len=256", "data.eval_sequences=128", "train.epochs=2"]
+LARGE = ["data.num_sequences=256", "data.seq_len=512", "data.eval_sequences=64", "train.epochs=4"]
+
+
+def run_one(method: str, ratio: float, base: list[str], extra: list[str], workdir: Path) -> dict:
+    out = workdir / f"{method}-{int(ratio * 100)}"
+    overrides = [*base, *METHODS[method], f"ranks.target={ratio}", f"output={out}", "overwrite=true", *extra]
+    report = compress(load_config(None, overrides))
+    ppl = report["perplexity"]
+    return {
+        "method": method,
+        "ratio": ratio,
+        "ppl": ppl["compressed"],
+        "dense_ppl": ppl["dense"],
+        "eval_tokens": ppl["eval_tokens"],
+        "removed": report["params"]["removed_fraction"],
+        "kept_params": report["params"]["model_after"],
+        "seconds": report["seconds"],
+        "command": "python scripts/compress.py " + " ".join(o for o in overrides if not o.startswith(("output=", "overwrite="))),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    dense = rows[0]["dense_ppl"]
+    lines = [
+        f"Dense perplexity: **{dense:.2f}** on {rows[0]['eval_tokens']:,} held-out tokens.",
+        "",
+        "| removed | method | perplexity | × dense | params kept | wall time |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['removed']:.1%} | {r['method']} | {r['ppl']:.4g} | {r['ppl'] / dense:.2f}× | {r['kept_params']:,} | {r['seconds']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["removed"] * 100, r["ppl"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+    ax.axhline(rows[0]["dense_ppl"], color="grey", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder-linear parameters removed (%)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M-Instruct, built-in Wikipedia text")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--methods", nargs="+", default=["svd", "whiten", "distill-svd", "distill-whiten"], choices=list(METHODS))
+    parser.add_argument("--large", action="store_true", help="256 x 512 calibration tokens, 4 epochs (for a GPU)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="where quality.md, quality.json and quality.png go")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        for ratio in args.ratios:
+            for method in args.methods:
+                rows.append(run_one(method, ratio, LARGE if args.large else SMALL, args.set, Path(tmp)))
+                print(f"{method:>15} @ {ratio:.0%}: ppl {rows[-1]['ppl']:.4g} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (args.out / "quality.md").write_text(table)
+    (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, args.out / "quality.png")
+    print(table)
+    for r in rows:
+        print(f"{r['method']} @ {r['ratio']:.0%}: {r['command']}")
+
+
+if __name__ == "__main__":
+    main()
