@@ -24,6 +24,9 @@ from distill_lr.lowrank import validate_rank
 
 INITS = ("svd", "pca", "whiten")
 _DAMPING_TRIES = 8  # damping grows x10 per try: up to 1e7 times the requested one
+RANDOMIZED_MIN_SIZE = 2048  # smaller matrices take the exact SVD even on a GPU
+RANDOMIZED_OVERSAMPLE = 32  # extra directions sampled beyond the rank
+RANDOMIZED_POWER_ITERATIONS = 4
 
 
 @dataclass
@@ -85,6 +88,27 @@ def break_even_rank(out_features: int, in_features: int) -> float:
     return out_features * in_features / (out_features + in_features)
 
 
+def truncated_svd(M: Tensor, rank: int, solver: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``rank`` singular triplets ``(U_r, S_r, Vh_r)`` of M.
+
+    ``exact`` is the full LAPACK / cuSOLVER SVD in M's dtype. ``randomized`` is subspace iteration
+    (Halko, Martinsson & Tropp 2011) in float32: on a GPU it is one to two orders of magnitude faster
+    for the 4096 x 14336 matrices of 7B-class models, and its error is within a fraction of a percent
+    of the exact one for the ranks used here (tests/test_init.py checks it). ``auto`` takes the
+    randomized solver on a GPU for matrices whose smaller side is at least 2048, the exact one otherwise.
+    """
+    if solver == "auto":
+        solver = "randomized" if M.is_cuda and min(M.shape) >= RANDOMIZED_MIN_SIZE else "exact"
+    if solver == "exact":
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank]
+    if solver != "randomized":
+        raise ValueError(f"unknown SVD solver {solver!r}: use auto, exact or randomized")
+    q = min(rank + RANDOMIZED_OVERSAMPLE, *M.shape)
+    U, S, V = torch.svd_lowrank(M.float(), q=q, niter=RANDOMIZED_POWER_ITERATIONS)
+    return U[:, :rank].to(M.dtype), S[:rank].to(M.dtype), V[:, :rank].T.to(M.dtype)
+
+
 def _balanced(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Truncate ``U diag(S) Vh`` to ``rank`` and give each factor sqrt(S): equal scales train better."""
     root = S[:rank].sqrt()
@@ -121,7 +145,7 @@ def _damped_cholesky(M: Tensor, damping: float) -> Tensor:
 def svd_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Truncated SVD: the Frobenius-optimal rank-r approximation of W (Eckart–Young). Returns (A, B)."""
     validate_rank(rank, *W.shape)
-    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    U, S, Vh = truncated_svd(W.detach().float(), rank)
     return _balanced(U, S, Vh, rank)
 
 
@@ -149,7 +173,7 @@ def pca_factors(W: Tensor, rank: int, stats: InputStats, bias: Tensor | None = N
     else:
         eigenvalues, Q = torch.linalg.eigh(moment)
         L = Q * eigenvalues.clamp(min=0).sqrt()  # rounding can leave tiny negative eigenvalues
-        U = torch.linalg.svd(W64 @ L, full_matrices=False).U[:, :rank]
+        U = truncated_svd(W64 @ L, rank)[0]
     A = U.T @ W64
     if bias is None:
         return A.float(), U.float(), None
@@ -168,7 +192,7 @@ def whiten_factors(W: Tensor, rank: int, stats: InputStats, damping: float = 1e-
     validate_rank(rank, *W.shape)
     W64 = W.detach().double()
     S = _damped_cholesky(stats.second_moment().to(W64.device), damping)
-    U, sigma, Vh = torch.linalg.svd(W64 @ S, full_matrices=False)
+    U, sigma, Vh = truncated_svd(W64 @ S, rank)
     A_white, B = _balanced(U, sigma, Vh, rank)
     A = torch.linalg.solve_triangular(S, A_white, upper=False, left=False)  # A_white @ S⁻¹
     return A.float(), B.float()
