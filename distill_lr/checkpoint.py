@@ -8,13 +8,16 @@ that looks complete.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from distill_lr import hf_modeling
 from distill_lr.errors import UserInputError
+from distill_lr.lowrank import LowRankExperts
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "distill_lr_manifest.json"
@@ -67,6 +73,16 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+
+
+@dataclass
+class ParamSource:
+    """The checkpoint tensors one model parameter is made of, and the converter that merges them (None: one tensor as is)."""
+
+    converter: WeightConverter | None
+    keys: list[str] = field(default_factory=list)  # on-disk names, in transformers' natural order
+    renamed: list[str] = field(default_factory=list)  # the same after the renamings: what the converter matched
+    patterns: list[str | None] = field(default_factory=list)  # the converter source pattern each matched
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -157,24 +173,99 @@ class CheckpointReader:
                     out[key] = fh.get_tensor(key)
         return out
 
-    def load_into(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Materialise ``module`` (on meta) from the tensors named ``prefix + key``, checking shapes first."""
-        expected = module.state_dict()
-        missing = [prefix + k for k in expected if prefix + k not in self.tensors]
+    @cached_property
+    def sources(self) -> dict[str, ParamSource]:
+        """Model parameter name -> the checkpoint tensors it is made of, mapped as ``from_pretrained`` maps them.
+
+        transformers 5 states per model type how on-disk names become parameters (``conversion_mapping.py``):
+        renamings (Mixtral's ``block_sparse_moe`` -> ``mlp``) and converters that merge per-expert tensors
+        into the fused experts' 3-D parameters. A checkpoint already in the fused layout maps one to one.
+        """
+        transforms = get_model_conversion_mapping(build_skeleton(self.config))
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        sources: dict[str, ParamSource] = {}
+        for key in sorted(self.tensors, key=dot_natural_key):  # expert order, as transformers stacks them
+            renamed, _ = rename_source_key(key, renamings, [])
+            target, pattern = rename_source_key(renamed, [], converters)
+            converter = None if pattern is None else next(c for c in converters if pattern in c.source_patterns)
+            source = sources.setdefault(target, ParamSource(converter))
+            source.keys.append(key)
+            source.renamed.append(renamed)
+            source.patterns.append(pattern)
+        return sources
+
+    def check(self, expected: dict[str, torch.Tensor]) -> None:
+        """Fail on a model parameter (name -> meta tensor) the checkpoint lacks, or lacks an expert of, without reading."""
+        missing = [name for name in expected if name not in self.sources]
         if missing:
             raise UserInputError(
                 f"checkpoint {self.folder} has no tensor '{missing[0]}' ({len(missing)} missing): "
                 "the shards are incomplete or belong to another architecture"
             )
-        for key, meta in expected.items():
-            if tuple(meta.shape) != self.tensors[prefix + key].shape:
+        for name, meta in expected.items():
+            self._check_experts(name, meta)
+
+    def read_state(self, expected: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The named model parameters read and converted, each checked against the shape of ``expected[name]``."""
+        self.check(expected)
+        loaded = self.read([key for name in expected for key in self.sources[name].keys], device)
+        state = {}
+        for name, meta in expected.items():
+            state[name] = self._convert(name, loaded)
+            if state[name].shape != meta.shape:
                 raise UserInputError(
-                    f"tensor '{prefix + key}' has shape {list(self.tensors[prefix + key].shape)} but config.json implies "
+                    f"tensor '{name}' has shape {list(state[name].shape)} but config.json implies "
                     f"{list(meta.shape)}: the weights do not match the config"
                 )
-        loaded = self.read([prefix + k for k in expected], device)
-        state = {k: _cast(loaded[prefix + k], dtype) for k in expected}
-        module.load_state_dict(state, strict=True, assign=True)
+        return state
+
+    def _convert(self, name: str, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply the parameter's converter (a fresh copy, as transformers does) to its tensors, freeing them as it goes."""
+        source = self.sources[name]
+        tensors = [loaded.pop(key) for key in source.keys]
+        if source.converter is None:
+            return tensors[0]
+        converter = copy.deepcopy(source.converter)
+        for key, pattern, tensor in zip(source.keys, source.patterns, tensors, strict=True):
+            converter.add_tensor(name, key, pattern, tensor)
+        value = converter.convert(name)[name]
+        return value[0] if isinstance(value, list) else value
+
+    def _check_experts(self, name: str, meta: torch.Tensor) -> None:
+        """A parameter stacked from per-expert tensors needs every expert: name the first one missing on disk."""
+        source = self.sources[name]
+        merge = next((op for op in source.converter.operations if isinstance(op, MergeModulelist)), None) if source.converter else None
+        if merge is None:
+            return
+        for pattern in [p.lstrip("^") for p in source.converter.source_patterns]:
+            index = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+            found = {int(m[1]) for m in map(index.search, source.renamed) if m}
+            absent = sorted(set(range(meta.shape[merge.dim])) - found)
+            if absent:
+                raise UserInputError(
+                    f"checkpoint {self.folder} has no tensor '{self._expert_key(source, pattern, absent[0])}' "
+                    f"(expert {absent[0]} of '{name}', {len(absent)} missing): the shards are incomplete or the tensor is misnamed; "
+                    "re-download the checkpoint or rename the tensor"
+                )
+
+    @staticmethod
+    def _expert_key(source: ParamSource, pattern: str, expert: int) -> str:
+        """The on-disk name expert ``expert``'s tensor of ``pattern`` would have, modelled on a tensor that is there."""
+        key, renamed, matched = source.keys[0], source.renamed[0], str(source.patterns[0]).lstrip("^")
+        found = re.search(re.escape(matched).replace(r"\*", r"\d+"), renamed)
+        assert found is not None  # the converter matched this key with this pattern
+        tail = pattern.replace("*", str(expert)) + renamed[found.end() :]
+        head = renamed[: found.start()]
+        if key.endswith(renamed[found.start() :]):  # the renamings touched only the part before the experts
+            head = key[: len(key) - len(renamed) + found.start()]
+        return head + tail
+
+    def load_into(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Materialise ``module`` (on meta) from the tensors of parameters ``prefix + key``, converted and shape-checked."""
+        expected = module.state_dict()
+        state = self.read_state({prefix + k: v for k, v in expected.items()}, device)
+        module.load_state_dict({k: _cast(state[prefix + k], dtype) for k in expected}, strict=True, assign=True)
         module.requires_grad_(False)
 
 
@@ -346,7 +437,8 @@ def _compressed_config(folder: Path) -> dict[str, Any]:
     data = json.loads(path.read_text()) if path.is_file() else {}
     if hf_modeling.CONFIG_KEY not in data:
         raise UserInputError(
-            f"{folder} is not a finished distill_lr checkpoint (no '{hf_modeling.CONFIG_KEY}' in config.json): finish or resume the run first"
+            f"{folder} is not a finished distill_lr checkpoint (no '{hf_modeling.CONFIG_KEY}' in config.json): "
+            "finish or resume the run first"
         )
     return data
 
@@ -362,7 +454,7 @@ def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtyp
 
 
 def export_dense(src: Path, dst: Path) -> None:
-    """Multiply the factors out, file by file, into a checkpoint of the original architecture."""
+    """Multiply the factors out, file by file, into a checkpoint of the original architecture (fused MoE experts included)."""
     data = _compressed_config(src)
     ranks = data.pop(hf_modeling.CONFIG_KEY)["ranks"]
     data.pop("auto_map", None)
@@ -377,6 +469,9 @@ def export_dense(src: Path, dst: Path) -> None:
             tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
             if f"{module}.B.bias" in tensors:
                 tensors[f"{module}.bias"] = tensors.pop(f"{module}.B.bias")
+        for experts in sorted({m.rpartition(".")[0] for m in ranks if f"{m}.A" in tensors}):  # a LowRankExperts
+            local = {k[len(experts) + 1 :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(experts + ".")]}
+            tensors.update({f"{experts}.{k}": v for k, v in LowRankExperts.fused_state(local).items()})
         save_tensors_atomic(tensors, dst / name)
     write_index(dst, files)
     copy_side_files(src, dst, modeling=False)

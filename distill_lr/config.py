@@ -68,11 +68,15 @@ class RankConfig:
     # Linears that are never compressed (MoE routers).
     exclude: list[str] = field(default_factory=lambda: ["**.gate", "**.router", "**.shared_expert_gate"])
     rank_multiple: int = 1  # round ranks down to a multiple (8 suits tensor cores)
+    # MoE: an expert routed fewer calibration tokens than this keeps its SVD init (no pca/whiten statistics)
+    # and is not trained.
+    min_expert_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.target is not None:
             _check(0.0 < self.target < 1.0, f"ranks.target must be in (0, 1) or null, got {self.target}")
         _check(self.rank_multiple >= 1, f"ranks.rank_multiple must be >= 1, got {self.rank_multiple}")
+        _check(self.min_expert_tokens >= 1, f"ranks.min_expert_tokens must be >= 1, got {self.min_expert_tokens}")
         for pattern, value in self.rules.items():
             ok = value == "skip" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
             ok = ok or (isinstance(value, float) and 0.0 < value <= 1.0)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from distill_lr import checkpoint as ckpt
+from distill_lr import moe
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.config import CompressConfig
 from distill_lr.data import build_token_sets, load_documents
@@ -28,8 +29,8 @@ from distill_lr.errors import UserInputError
 from distill_lr.hf_modeling import apply_low_rank_
 from distill_lr.init import InputStats
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, run_layer
-from distill_lr.lowrank import LowRankLinear, replace_linears_
-from distill_lr.ranks import RankPlan, plan_ranks
+from distill_lr.lowrank import LowRankExperts, LowRankLinear, replace_linears_
+from distill_lr.ranks import RankPlan, layer_ranks, plan_ranks
 from distill_lr.train import distill_layer
 
 log = logging.getLogger("distill_lr")
@@ -63,35 +64,45 @@ class Streams:
 
 
 def linear_shapes(layers: nn.ModuleList, prefix: str) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear of every decoder layer, read on the meta device."""
-    return {
-        f"{prefix}{i}.{name}": (m.out_features, m.in_features)
-        for i, layer in enumerate(layers)
-        for name, m in layer.named_modules()
-        if isinstance(m, nn.Linear)
-    }
+    """(out, in) of every linear and every MoE expert's projection of every decoder layer, read on the meta device."""
+    shapes = {}
+    for i, layer in enumerate(layers):
+        linears = {name: (m.out_features, m.in_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        shapes.update({f"{prefix}{i}.{name}": shape for name, shape in (linears | moe.expert_shapes(layer)).items()})
+    return shapes
 
 
-def collect_stats(layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int) -> dict[str, InputStats]:
-    """Input moments of the named linears over the calibration inputs (for ``pca`` and ``whiten``)."""
+def collect_stats(
+    layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int
+) -> tuple[dict[str, Any], moe.Routing]:
+    """Input moments of the named modules over the calibration inputs (for ``pca`` and ``whiten``), and the MoE routing.
+
+    A linear gets one ``InputStats``; an expert projection one per expert, over the tokens routed to it.
+    The layer runs only when there is something to record.
+    """
     modules = dict(layer.named_modules())
-    stats = {n: InputStats.empty(modules[n].in_features, inputs.device) for n in names}
-    hooks = [modules[n].register_forward_hook(lambda _m, args, _o, n=n: stats[n].update(args[0])) for n in names]
+    linears = [n for n in names if isinstance(modules[n], nn.Linear)]
+    stats: dict[str, Any] = {n: InputStats.empty(modules[n].in_features, inputs.device) for n in linears}
+    hooks = [modules[n].register_forward_hook(lambda _m, args, _o, n=n: stats[n].update(args[0])) for n in linears]
+    experts = [n for n in names if n not in stats]
     try:
-        run_layer(layer, inputs, kwargs, batch_size)
+        with moe.record_routing(layer, experts, inputs.device) as routing:
+            if names or any(isinstance(m, LowRankExperts) for m in modules.values()):
+                run_layer(layer, inputs, kwargs, batch_size)
     finally:
         for hook in hooks:
             hook.remove()
-    return stats
+    return stats | routing.stats, routing
 
 
-def factorize_layer_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, InputStats]) -> None:
-    """Swap the layer's chosen linears for low-rank factor pairs initialised by ``init``."""
+def factorize_layer_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
+    """Swap the layer's chosen linears and expert projections (unfused by ``moe.unfuse_experts_``) for factors initialised by ``init``."""
 
     def factory(name: str, linear: nn.Linear) -> LowRankLinear:
         return LowRankLinear.from_linear(linear, ranks[name], init=init, stats=stats.get(name))
 
     replace_linears_(layer, factory, predicate=lambda name, _: name in ranks)
+    moe.factorize_experts_(layer, ranks, init, stats)
 
 
 def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -143,14 +154,19 @@ def compress_layer(
         state = load_file(out / done["file"])
         report = dict(done["report"], resumed=True)
     else:
-        needs_stats = cfg.factor_init in ("pca", "whiten") and ranks
-        stats = collect_stats(layer, list(ranks), s.x_student, kwargs, cfg.batch_size) if needs_stats else {}
-        factorize_layer_(layer, ranks, cfg.factor_init, stats)
-        del stats
-        t = _timed(times, "init", t)
+        moe.unfuse_experts_(layer, ranks)
+        needs_stats = cfg.factor_init in ("pca", "whiten")
+        stats, routing = collect_stats(layer, list(ranks) if needs_stats else [], s.x_student, kwargs, cfg.batch_size)
         report = {"layer": index, "linears": len(ranks)}
+        if routing.tokens:
+            report["experts"] = moe.drop_starved_(routing, cfg.ranks.min_expert_tokens, where=f"layer {index}")
+        factorize_layer_(layer, ranks, cfg.factor_init, stats)
+        del stats, routing
+        t = _timed(times, "init", t)
         if cfg.method == "distill" and ranks:
-            result = distill_layer(layer, s.x_teacher, s.x_student, y, kwargs, cfg.train, seed=cfg.seed * 100_003 + index)
+            frozen = {path: r["starved"] for path, r in report.get("experts", {}).items()}
+            seed = cfg.seed * 100_003 + index
+            result = distill_layer(layer, s.x_teacher, s.x_student, y, kwargs, cfg.train, seed=seed, frozen_experts=frozen)
             report["train"] = result.summary()
             t = _timed(times, "train", t)
         state = layer_state(layer, prefix, save_dtype)
@@ -191,7 +207,9 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 
     model = ckpt.build_skeleton(reader.config)
     prefix, layers = ckpt.decoder_layers(model)
+    reader.check({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})  # before any work, not at layer i
     plan = plan_ranks(linear_shapes(layers, prefix), cfg.ranks, name_prefix=prefix[: -len("layers.")])
+    ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
     log.info("%s", describe_plan(plan))
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else model_dir)
     documents = load_documents(cfg.data.source, cfg.data.text_column, cfg.data.split, cfg.data.subset)
@@ -225,7 +243,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         layer = layers[i]
         name = f"{prefix}{i}."
         reader.load_into(layer, name, device, dtype)
-        report = compress_layer(i, layer, name, plan.for_layer(name), s, cfg, device, dtype, save_dtype, out, manifest)
+        report = compress_layer(i, layer, name, layer_ranks(ranks, name), s, cfg, device, dtype, save_dtype, out, manifest)
         layer.to("meta")
         reports.append(report)
         log.info("%s (%.1fs)", layer_line(report, len(layers)), time.perf_counter() - t0)
@@ -233,7 +251,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     files = [ckpt.OTHER_FILE] + [ckpt.layer_file(i) for i in range(len(layers))]
     ckpt.write_index(out, files)
     ckpt.copy_side_files(model_dir, out)
-    ckpt.write_compressed_config(reader.config, out, plan.ranks, save_dtype, {"method": cfg.method, "init": cfg.factor_init})
+    ckpt.write_compressed_config(reader.config, out, ranks, save_dtype, {"method": cfg.method, "init": cfg.factor_init})
     manifest.mark_complete()
 
     result: dict[str, Any] = {
@@ -295,6 +313,9 @@ def layer_line(report: dict[str, Any], n_layers: int) -> str:
             f"loss {tr['init_loss']:.4f} -> {tr['final_loss']:.4f} (held-out {tr['best_holdout']:.4f}, cos {tr['holdout_cos']:.4f})"
         )
     parts.append(f"rel.err teacher-in {report['err_teacher_input']:.4f} student-in {report['err_student_input']:.4f}")
+    starved = {path: r["starved"] for path, r in report.get("experts", {}).items() if r["starved"]}
+    if starved:
+        parts.append("starved experts " + " ".join(f"{path} {experts}" for path, experts in starved.items()))
     if "seconds" in report:
         parts.append(" ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()))
     if report.get("resumed"):

@@ -5,8 +5,13 @@ loads on a machine without distill_lr::
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-The original architecture class is built first, the linears listed in ``config.distill_lr["ranks"]``
-are swapped for empty ``LowRankLinear`` modules, and then transformers loads the factors as usual.
+The original architecture class is built first, the modules listed in ``config.distill_lr["ranks"]``
+are swapped for empty low-rank ones, and then transformers loads the factors as usual.
+
+``ranks`` maps module names to ranks. A name of an ``nn.Linear`` (``model.layers.0.self_attn.q_proj``)
+becomes a ``LowRankLinear``; ``<experts>.gate_proj`` / ``.up_proj`` / ``.down_proj`` under a fused MoE
+experts module (``model.layers.0.mlp.experts.down_proj``) gives that projection of all its experts the
+rank, and the experts module becomes a ``LowRankExperts`` whose unnamed projections stay dense.
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .lowrank import LowRankLinear, replace_linears_
+from .lowrank import EXPERT_PROJECTIONS, LowRankExperts, LowRankLinear, is_fused_experts, replace_experts_, replace_linears_
 
 CONFIG_KEY = "distill_lr"
 
 
 def apply_low_rank_(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace the named linears by uninitialised low-rank modules of the given ranks."""
+    """Replace the named linears and experts' projections by uninitialised low-rank modules of the given ranks."""
+    experts = {name for name, module in model.named_modules() if is_fused_experts(module)}
+    expert_ranks: dict[str, dict[str, int]] = {}
+    for name, rank in ranks.items():
+        parent, _, projection = name.rpartition(".")
+        if parent in experts and projection in EXPERT_PROJECTIONS:
+            expert_ranks.setdefault(parent, {})[projection] = rank
 
     def factory(name: str, linear: nn.Linear) -> nn.Module:
         return LowRankLinear(
@@ -33,10 +44,12 @@ def apply_low_rank_(model: nn.Module, ranks: dict[str, int]) -> None:
             dtype=linear.weight.dtype,
         )
 
-    swapped = replace_linears_(model, factory, predicate=lambda name, _: name in ranks)
-    missing = sorted(set(ranks) - set(swapped))
+    swapped = set(replace_linears_(model, factory, predicate=lambda name, _: name in ranks))
+    for parent in replace_experts_(model, lambda name, m: LowRankExperts.like(m, expert_ranks[name]), lambda name, _: name in expert_ranks):
+        swapped.update(f"{parent}.{projection}" for projection in expert_ranks[parent])
+    missing = sorted(set(ranks) - swapped)
     if missing:
-        raise ValueError(f"compressed checkpoint names linears the model does not have: {missing[:3]}")
+        raise ValueError(f"compressed checkpoint names modules the model does not have: {missing[:3]}")
 
 
 def low_rank_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
@@ -53,8 +66,17 @@ def base_architecture(config: transformers.PretrainedConfig) -> type[PreTrainedM
     return getattr(transformers, getattr(config, CONFIG_KEY)["base_architecture"])
 
 
-class DistillLRForCausalLM(PreTrainedModel):
-    """Entry point named in ``auto_map``: dispatches to the low-rank variant of the original class."""
+class DistillLRForCausalLM:
+    """Entry point named in ``auto_map``: dispatches to the low-rank variant of the original class.
+
+    A plain class rather than a ``PreTrainedModel``: it is never instantiated, and it serves every
+    architecture's config class (transformers 5.17's ``AutoModel.register`` rejects a model class whose
+    ``config_class`` is not the config's).
+    """
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: object = "AutoModelForCausalLM") -> None:
+        """Called by ``AutoModelForCausalLM`` on remote classes; the class this one returns needs no registering."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):  # type: ignore[override]

@@ -11,7 +11,7 @@ Loading a checkpoint never calls it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -148,4 +148,183 @@ def replace_linears_(
         new.to(device=device, dtype=dtype)
         setattr(parent, child_name, new)
         replaced[name] = new
+    return replaced
+
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 experts module that ``LowRankExperts`` can stand in for.
+
+    Those hold every expert in ``gate_up_proj (E, 2I, H)`` (gate rows first) and ``down_proj (E, H, I)``
+    and compute ``down(act(gate x) * up x)``; transformers' ``use_experts_implementation`` marks their
+    layout with flags. Transposed storage, biases, interleaved gate/up and custom gates are not handled.
+    """
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.ndim == down.ndim == 3):
+        return False
+    flags = [getattr(module, f, None) for f in ("is_transposed", "has_bias", "has_gate", "is_concatenated", "has_post_expert_norm")]
+    gate = getattr(getattr(type(module), "_apply_gate", None), "__name__", "_default_apply_gate")
+    experts, double_inter, hidden = gate_up.shape
+    return (
+        flags[:4] == [False, False, True, True]
+        and not flags[4]  # None in transformers releases without the flag
+        and gate == "_default_apply_gate"
+        and hasattr(module, "act_fn")
+        and tuple(down.shape) == (experts, hidden, double_inter // 2)
+    )
+
+
+class ExpertLinears(nn.Module):
+    """One projection of every expert, on tokens grouped per expert: ``(E, tokens, in) -> (E, tokens, out)``.
+
+    Dense, it holds ``weight (E, out, in)``; low-rank, ``A (E, rank, in)`` and ``B (E, out, rank)``. All
+    experts share the rank so that each factor is applied to all of them in one ``torch.bmm``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        rank: int | None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features, self.rank = num_experts, in_features, out_features, rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, device=device, dtype=dtype))
+        else:
+            validate_rank(rank, out_features, in_features)
+            self.A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=dtype))
+            self.B = nn.Parameter(torch.empty(num_experts, out_features, rank, device=device, dtype=dtype))
+
+    @classmethod
+    def from_weights(cls, weight: Tensor, rank: int | None = None, init: str = "svd", stats: Sequence[Any] | None = None) -> ExpertLinears:
+        """Each expert's ``weight[e] (out, in)`` factored at ``rank`` with ``distill_lr.init.factorize`` (a copy if rank is None).
+
+        ``stats[e]`` is the ``InputStats`` of the tokens routed to expert e, for "pca" and "whiten"; an
+        expert whose entry is None (it saw too few tokens) gets the plain SVD. Needs distill_lr installed.
+        """
+        num_experts, out_features, in_features = weight.shape
+        module = cls(num_experts, in_features, out_features, rank, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if rank is None:
+                module.weight.copy_(weight)
+                return module
+            factorize = importlib.import_module("distill_lr.init").factorize  # see the module docstring
+            for e in range(num_experts):
+                expert_stats = stats[e] if stats is not None else None
+                A, B, _ = factorize(weight[e].detach(), rank, init if expert_stats is not None else "svd", stats=expert_stats)
+                module.A[e].copy_(A)
+                module.B[e].copy_(B)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rank is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.bmm(torch.bmm(x, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankExperts(nn.Module):
+    """Drop-in for a fused experts module (see ``is_fused_experts``): same ``forward(hidden_states, top_k_index, top_k_weights)``.
+
+    Its ``gate_proj``, ``up_proj`` and ``down_proj`` are ``ExpertLinears``, each dense or low-rank. The
+    (token, expert) pairs are gathered into a zero-padded ``(E, capacity, hidden)`` batch, so every
+    projection of every expert is one batched matmul instead of a Python loop over experts; padding rows
+    stay zero through the experts (no biases, ``act(0) * 0 = 0``) and are never read back. An index equal
+    to ``num_experts`` (transformers' expert-parallel placeholder) is skipped.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        act_fn: nn.Module,
+        ranks: Mapping[str, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        ranks = ranks or {}
+        unknown = sorted(set(ranks) - set(EXPERT_PROJECTIONS))
+        if unknown:
+            raise ValueError(f"experts have no projection {unknown[0]!r}: use {EXPERT_PROJECTIONS}")
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        inputs = {"gate_proj": hidden_dim, "up_proj": hidden_dim, "down_proj": intermediate_dim}
+        for name, in_features in inputs.items():
+            out_features = hidden_dim + intermediate_dim - in_features
+            setattr(self, name, ExpertLinears(num_experts, in_features, out_features, ranks.get(name), device=device, dtype=dtype))
+        self.act_fn = act_fn
+
+    @classmethod
+    def like(cls, experts: nn.Module, ranks: Mapping[str, int] | None = None) -> LowRankExperts:
+        """Uninitialised, shaped after a fused experts module and on its device and dtype, keeping its activation."""
+        num_experts, double_inter, hidden = experts.gate_up_proj.shape
+        weight = experts.gate_up_proj
+        return cls(num_experts, hidden, double_inter // 2, experts.act_fn, ranks, device=weight.device, dtype=weight.dtype)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module) -> LowRankExperts:
+        """The same function as a fused experts module, with every projection dense (ready to be factored one by one)."""
+        module = cls.like(experts)
+        gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)
+        with torch.no_grad():
+            for name, weight in (("gate_proj", gate), ("up_proj", up), ("down_proj", experts.down_proj.detach())):
+                getattr(module, name).weight.copy_(weight)
+        return module
+
+    @staticmethod
+    def fused_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """This module's state dict turned into the fused module's (``gate_up_proj``, ``down_proj``), products in float32."""
+        dense = {}
+        for name in EXPERT_PROJECTIONS:
+            if f"{name}.weight" in state:
+                dense[name] = state[f"{name}.weight"]
+            else:
+                a, b = state[f"{name}.A"], state[f"{name}.B"]
+                dense[name] = torch.bmm(b.float(), a.float()).to(b.dtype)
+        return {"gate_up_proj": torch.cat([dense["gate_proj"], dense["up_proj"]], dim=1), "down_proj": dense["down_proj"]}
+
+    def token_counts(self, top_k_index: Tensor) -> Tensor:
+        """How many tokens each expert receives, ``(E,)`` (placeholder indices not counted)."""
+        return torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts + 1)[: self.num_experts]
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        tokens, top_k = top_k_index.shape
+        experts = top_k_index.reshape(-1)
+        counts = self.token_counts(top_k_index)
+        total, capacity = torch.stack([counts.sum(), counts.max()]).tolist()
+        order = torch.argsort(experts, stable=True)[:total]  # pairs grouped by expert, placeholders dropped
+        expert = experts[order]
+        slot = torch.arange(total, device=order.device) - (counts.cumsum(0) - counts)[expert]
+        index = torch.full((self.num_experts, capacity), tokens, dtype=torch.long, device=order.device)
+        index[expert, slot] = order // top_k
+        padded = torch.cat([hidden_states, hidden_states.new_zeros(1, hidden_states.shape[-1])])  # row `tokens` is zero
+        grouped = padded[index]
+        out = self.down_proj(self.act_fn(self.gate_proj(grouped)) * self.up_proj(grouped))
+        pairs = out[expert, slot] * top_k_weights.reshape(-1)[order, None]
+        per_pair = pairs.new_zeros(tokens * top_k, pairs.shape[-1]).index_copy(0, order, pairs)
+        return per_pair.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def replace_experts_(
+    module: nn.Module,
+    factory: Callable[[str, nn.Module], nn.Module | None],
+    predicate: Callable[[str, nn.Module], bool] | None = None,
+) -> dict[str, nn.Module]:
+    """``replace_linears_`` for fused experts modules (``is_fused_experts``): swap each for ``factory(name, experts)``."""
+    found = [(n, m) for n, m in module.named_modules() if is_fused_experts(m) and (predicate is None or predicate(n, m))]
+    replaced: dict[str, nn.Module] = {}
+    for name, experts in found:
+        new = factory(name, experts)
+        if new is not None:
+            module.set_submodule(name, new)
+            replaced[name] = new
     return replaced

@@ -65,7 +65,12 @@ class RankPlan:
 
     def for_layer(self, layer_prefix: str) -> dict[str, int]:
         """Ranks of one layer's linears, named relative to the layer (``self_attn.q_proj``)."""
-        return {n[len(layer_prefix) :]: r for n, r in self.ranks.items() if n.startswith(layer_prefix)}
+        return layer_ranks(self.ranks, layer_prefix)
+
+
+def layer_ranks(ranks: dict[str, int], layer_prefix: str) -> dict[str, int]:
+    """The ranks of the modules under ``layer_prefix``, named relative to it."""
+    return {n[len(layer_prefix) :]: r for n, r in ranks.items() if n.startswith(layer_prefix)}
 
 
 def _rank_for_fraction(keep: float, out_f: int, in_f: int) -> int:

@@ -1,7 +1,8 @@
 """Feature distillation of one decoder layer: train its low-rank factors to reproduce the dense outputs.
 
 The unit trained is the whole decoder layer (attention with softmax and rotary embeddings, MLP
-with its activation, norms); only the factors of its ``LowRankLinear`` modules move. The target is
+with its activation, norms, MoE router); only the factors of its ``LowRankLinear`` modules and low-rank
+expert projections move, each expert through the tokens the router really sends it. The target is
 always Y = dense_layer(X_t); the student sees the teacher's input X_t, the compressed stack's
 input X_s, or both (Lillama, Sy et al. 2025).
 """
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from distill_lr.config import TrainConfig
 from distill_lr.layerwise import LayerKwargs, call_layer
-from distill_lr.lowrank import LowRankLinear
+from distill_lr.lowrank import ExpertLinears, LowRankLinear
 
 MIN_LOSS = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1): the loss of a perfect student
 
@@ -70,8 +71,21 @@ class TrainResult:
         return asdict(self)
 
 
-def _factors(layer: nn.Module) -> list[nn.Parameter]:
-    return [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
+def _factor_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """The modules that hold trainable factors, by name: low-rank linears and low-rank expert projections."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, LowRankLinear) or (isinstance(m, ExpertLinears) and m.rank is not None)}
+
+
+def _freeze_experts(modules: dict[str, nn.Module], frozen: dict[str, list[int]]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero the gradients of the listed experts' factors (``{experts module: [expert, ...]}``), so they keep their init."""
+    hooks = []
+    for name, module in modules.items():
+        experts = frozen.get(name.rpartition(".")[0])
+        if isinstance(module, ExpertLinears) and experts:
+            mask = torch.ones(module.num_experts, 1, 1, device=module.A.device)
+            mask[experts] = 0.0
+            hooks += [p.register_hook(lambda grad, mask=mask: grad * mask) for p in (module.A, module.B)]
+    return hooks
 
 
 def distill_layer(
@@ -82,16 +96,22 @@ def distill_layer(
     kwargs: LayerKwargs,
     cfg: TrainConfig,
     seed: int,
+    frozen_experts: dict[str, list[int]] | None = None,
 ) -> TrainResult:
-    """Train the factors in place and leave the ones with the best held-out loss installed."""
+    """Train the factors in place and leave the ones with the best held-out loss installed.
+
+    ``frozen_experts`` names, per experts module, experts whose factors keep their initialisation
+    (with weight decay 0 they do not move at all).
+    """
     device = y.device
     generator = torch.Generator().manual_seed(seed)
-    factor_modules = [m for m in layer.modules() if isinstance(m, LowRankLinear)]
-    work_dtype = factor_modules[0].A.weight.dtype
+    factor_modules = _factor_modules(layer)
+    work_dtype = next(p.dtype for m in factor_modules.values() for p in m.parameters())
     layer.requires_grad_(False)
-    for module in factor_modules:
+    for module in factor_modules.values():
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under autocast on GPU
-    params = _factors(layer)
+    params = [p for m in factor_modules.values() for p in m.parameters()]
+    freeze_hooks = _freeze_experts(factor_modules, frozen_experts or {})
     sources = (
         [x_teacher]
         if cfg.inputs == "teacher" or x_student is x_teacher
@@ -186,7 +206,9 @@ def distill_layer(
     with torch.no_grad():
         for p, saved in zip(params, best_state, strict=True):
             p.copy_(saved)
-    for module in factor_modules:
+    for hook in freeze_hooks:
+        hook.remove()
+    for module in factor_modules.values():
         module.to(work_dtype).requires_grad_(False)
     result.final_loss = sum(running) / len(running) if running else result.init_loss
     result.best_holdout, result.holdout_cos, result.best_step = best, best_cos, best_step

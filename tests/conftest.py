@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 VOCAB = 256
 
@@ -31,6 +40,13 @@ def tiny_config(kind: str = "llama", **overrides):
         return MistralConfig(sliding_window=16, **common)
     if kind == "qwen2":
         return Qwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=1, **common)
+    if kind == "mixtral":
+        return MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
+    if kind == "qwen2_moe":  # with a shared expert; layer 1 has a plain MLP
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}
+        return Qwen2MoeConfig(**{**moe, "mlp_only_layers": [1], **common})
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**{"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, **common})
     raise ValueError(kind)
 
 

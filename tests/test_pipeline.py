@@ -107,9 +107,10 @@ def test_sharded_and_single_file_inputs_give_identical_files(tmp_path: Path, cor
     assert layer_bytes(Path(a["output"])) == layer_bytes(Path(b["output"]))
 
 
-@pytest.mark.parametrize("method", ["whiten", "distill"])
-def test_resumed_run_equals_unbroken_run(tmp_path: Path, tiny_llama: Path, corpus: Path, method: str, monkeypatch) -> None:
-    unbroken = run(tiny_llama, corpus, tmp_path / "unbroken", method=method)
+@pytest.mark.parametrize(("kind", "method"), [("llama", "whiten"), ("llama", "distill"), ("mixtral", "distill")])
+def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str, method: str, monkeypatch) -> None:
+    model = save_tiny(tmp_path / kind, kind)
+    unbroken = run(model, corpus, tmp_path / "unbroken", method=method)
     real = driver.compress_layer
 
     def crash_at_layer_2(index, *args, **kwargs):
@@ -119,10 +120,10 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path, tiny_llama: Path, corpu
 
     monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama, corpus, tmp_path / "resumed", method=method)
+        run(model, corpus, tmp_path / "resumed", method=method)
     assert not (tmp_path / "resumed" / "config.json").exists()  # an unfinished folder never looks complete
     monkeypatch.setattr(driver, "compress_layer", real)
-    resumed = run(tiny_llama, corpus, tmp_path / "resumed", method=method)
+    resumed = run(model, corpus, tmp_path / "resumed", method=method)
     assert [r.get("resumed", False) for r in resumed["layers"]] == [True, True, False]
     assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
     assert resumed["perplexity"] == unbroken["perplexity"]

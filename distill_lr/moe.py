@@ -1,0 +1,162 @@
+"""Mixture-of-experts layers: each expert's projections as rank-plan candidates, routed statistics, starved experts.
+
+transformers 5 keeps all experts of a layer in one fused module (``gate_up_proj (E, 2I, H)``,
+``down_proj (E, H, I)``). The planner sees every expert's projection as a matrix of its own, named like
+a linear (``model.layers.0.mlp.experts.3.gate_proj``), so rank rules address experts with the usual
+patterns (``layers.*.mlp.experts.*.down_proj``). The compressed model holds one ``LowRankExperts`` per
+fused module with one rank per projection for all its experts (one batched matmul per factor); the
+saved rank format names that projection without an expert index (``model.layers.0.mlp.experts.down_proj``).
+
+pca and whiten factor each expert with the statistics of the tokens the router sends to it. An expert
+that receives fewer than ``ranks.min_expert_tokens`` calibration tokens gets the plain SVD instead and is
+not trained: too few tokens describe neither its inputs nor its outputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill_lr.errors import UserInputError
+from distill_lr.init import InputStats
+from distill_lr.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankExperts, is_fused_experts, replace_experts_
+
+
+def fused_experts(module: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules under ``module`` that can be compressed, by name."""
+    found = {}
+    for name, m in module.named_modules():
+        if is_fused_experts(m):
+            found[name] = m
+        elif isinstance(getattr(m, "gate_up_proj", None), nn.Parameter):
+            warnings.warn(f"experts module {name} ({type(m).__name__}) has a layout distill_lr cannot factor: it stays dense", stacklevel=2)
+    return found
+
+
+def expert_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every expert's gate/up/down projection, named ``<experts>.<index>.<projection>``."""
+    shapes = {}
+    for path, experts in fused_experts(layer).items():
+        num_experts, double_inter, hidden = experts.gate_up_proj.shape
+        sizes = {"gate_proj": (double_inter // 2, hidden), "up_proj": (double_inter // 2, hidden), "down_proj": (hidden, double_inter // 2)}
+        shapes.update({f"{path}.{e}.{proj}": sizes[proj] for e in range(num_experts) for proj in EXPERT_PROJECTIONS})
+    return shapes
+
+
+def module_ranks(ranks: dict[str, int], experts: dict[str, nn.Module]) -> dict[str, int]:
+    """The plan's per-expert ranks as the modules hold them: one rank per projection of each experts module.
+
+    Raises UserInputError when the rules give the experts of one module different ranks for a projection.
+    """
+    out: dict[str, int] = {}
+    grouped: dict[str, dict[int, int]] = {}
+    for name, rank in ranks.items():
+        head, _, projection = name.rpartition(".")
+        path, _, index = head.rpartition(".")
+        if path in experts and index.isdigit() and projection in EXPERT_PROJECTIONS:
+            grouped.setdefault(f"{path}.{projection}", {})[int(index)] = rank
+            out.setdefault(f"{path}.{projection}", rank)
+        else:
+            out[name] = rank
+    for name, per_expert in grouped.items():
+        path, _, projection = name.rpartition(".")
+        num_experts = experts[path].gate_up_proj.shape[0]
+        values = [per_expert.get(e) for e in range(num_experts)]
+        if len(set(values)) > 1:
+            odd = next(e for e, v in enumerate(values) if v != values[0])
+            raise UserInputError(
+                f"the rank rules give the experts of {path} different {projection} ranks (expert 0: {values[0] or 'dense'}, "
+                f"expert {odd}: {values[odd] or 'dense'}): all experts of one layer share a rank per projection; make the rules agree"
+            )
+    return out
+
+
+def unfuse_experts_(layer: nn.Module, ranks: dict[str, int]) -> dict[str, nn.Module]:
+    """Swap each fused experts module with a projection in ``ranks`` for a dense ``LowRankExperts`` computing the same."""
+    wanted = {name.rpartition(".")[0] for name in ranks}
+    return replace_experts_(layer, lambda _, experts: LowRankExperts.from_experts(experts), lambda name, _: name in wanted)
+
+
+@dataclass
+class Routing:
+    """What ``record_routing`` saw: tokens per expert of each ``LowRankExperts``, and per-expert input statistics."""
+
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> (E,) token counts
+    stats: dict[str, list[InputStats | None]] = field(default_factory=dict)  # projection -> per expert; None: starved
+
+
+@contextmanager
+def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> Iterator[Routing]:
+    """While active, count the tokens routed to each expert and collect the named projections' per-expert input moments.
+
+    A projection sees the tokens grouped per expert, zero-padded to a common length; the experts module's
+    own routing (``top_k_index``) says how many rows of each expert are real.
+    """
+    modules = dict(layer.named_modules())
+    routing = Routing()
+    hooked = []
+    for name in names:
+        parent, _, projection = name.rpartition(".")
+        twin = f"{parent}.{'up_proj' if projection == 'gate_proj' else 'gate_proj'}"
+        if projection != "down_proj" and twin in routing.stats:
+            routing.stats[name] = routing.stats[twin]  # gate and up see the same tokens: one set of moments
+        else:
+            routing.stats[name] = [InputStats.empty(modules[name].in_features, device) for _ in range(modules[name].num_experts)]
+            hooked.append(name)
+    current: dict[str, list[int]] = {}
+
+    def count(path: str, module: LowRankExperts, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        counts = module.token_counts(args[1] if len(args) > 1 else kwargs["top_k_index"])
+        current[path] = counts.tolist()
+        routing.tokens[path] = routing.tokens.get(path, 0) + counts.cpu()
+
+    def collect(name: str, grouped: torch.Tensor) -> None:
+        for e, n in enumerate(current[name.rpartition(".")[0]]):
+            if n:
+                routing.stats[name][e].update(grouped[e, :n])
+
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, kwargs, path=path: count(path, mod, args, kwargs), with_kwargs=True)
+        for path, m in modules.items()
+        if isinstance(m, LowRankExperts)
+    ]
+    hooks += [modules[n].register_forward_hook(lambda _m, args, _o, n=n: collect(n, args[0])) for n in hooked]
+    try:
+        yield routing
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def drop_starved_(routing: Routing, min_tokens: int, where: str) -> dict[str, dict[str, Any]]:
+    """Forget the statistics of experts with fewer than ``min_tokens`` tokens (they get the SVD); the per-layer report."""
+    report = {}
+    for path, counts in routing.tokens.items():
+        tokens = [int(n) for n in counts]
+        starved = [e for e, n in enumerate(tokens) if n < min_tokens]
+        for name, per_expert in routing.stats.items():
+            if name.rpartition(".")[0] == path:
+                for e in starved:
+                    per_expert[e] = None
+        if starved:
+            warnings.warn(
+                f"{where} {path}: experts {starved} received fewer than {min_tokens} calibration tokens "
+                f"({', '.join(str(tokens[e]) for e in starved)}): they keep the SVD initialisation and are not trained; "
+                "use more calibration data or lower ranks.min_expert_tokens",
+                stacklevel=2,
+            )
+        report[path] = {"tokens": tokens, "starved": starved}
+    return report
+
+
+def factorize_experts_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
+    """Factor the dense expert projections named in ``ranks`` (after ``unfuse_experts_``), expert by expert."""
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, ExpertLinears) and name in ranks:
+            layer.set_submodule(name, ExpertLinears.from_weights(module.weight, ranks[name], init, stats.get(name)))
