@@ -128,21 +128,23 @@ def _timed(times: dict[str, float], key: str, start: float) -> float:
     return now
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every layer of one run shares: settings, where to compute, where to write."""
+
+    cfg: CompressConfig
+    device: torch.device
+    dtype: torch.dtype  # compute
+    save_dtype: torch.dtype
+    out: Path
+    manifest: ckpt.RunManifest
+
+
 def compress_layer(
-    index: int,
-    layer: nn.Module,
-    prefix: str,
-    ranks: dict[str, int],
-    s: Streams,
-    cfg: CompressConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    save_dtype: torch.dtype,
-    out: Path,
-    manifest: ckpt.RunManifest,
+    index: int, layer: nn.Module, prefix: str, ranks: dict[str, int], s: Streams, run: Run, times: dict[str, float]
 ) -> dict[str, Any]:
     """Dense layer in, compressed layer written; advances every stream by one layer."""
-    times: dict[str, float] = {}
+    cfg, out, manifest = run.cfg, run.out, run.manifest
     t = time.perf_counter()
     kwargs = s.kwargs[index]
     done = manifest.done(index)
@@ -169,10 +171,10 @@ def compress_layer(
             result = distill_layer(layer, s.x_teacher, s.x_student, y, kwargs, cfg.train, seed=seed, frozen_experts=frozen)
             report["train"] = result.summary()
             t = _timed(times, "train", t)
-        state = layer_state(layer, prefix, save_dtype)
+        state = layer_state(layer, prefix, run.save_dtype)
         ckpt.save_tensors_atomic(state, out / ckpt.layer_file(index))
         t = _timed(times, "save", t)
-    load_state_(layer, state, prefix, device, dtype)
+    load_state_(layer, state, prefix, run.device, run.dtype)
     if "err_teacher_input" not in report:  # a diagnostic: a subset of the calibration set is enough
         probe = slice(0, ERROR_PROBE_SEQUENCES)
         report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher[probe], kwargs, cfg.batch_size), y[probe])
@@ -238,12 +240,15 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 
     reports = []
     bar = tqdm(range(len(layers)), desc="layers", unit="layer")
+    run = Run(cfg, device, dtype, save_dtype, out, manifest)
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i]
         name = f"{prefix}{i}."
         reader.load_into(layer, name, device, dtype)
-        report = compress_layer(i, layer, name, layer_ranks(ranks, name), s, cfg, device, dtype, save_dtype, out, manifest)
+        times: dict[str, float] = {}
+        _timed(times, "load", t0)
+        report = compress_layer(i, layer, name, layer_ranks(ranks, name), s, run, times)
         layer.to("meta")
         reports.append(report)
         log.info("%s (%.1fs)", layer_line(report, len(layers)), time.perf_counter() - t0)

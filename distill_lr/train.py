@@ -71,7 +71,7 @@ class TrainResult:
         return asdict(self)
 
 
-def _factor_modules(layer: nn.Module) -> dict[str, nn.Module]:
+def factor_modules(layer: nn.Module) -> dict[str, nn.Module]:
     """The modules that hold trainable factors, by name: low-rank linears and low-rank expert projections."""
     return {n: m for n, m in layer.named_modules() if isinstance(m, LowRankLinear) or (isinstance(m, ExpertLinears) and m.rank is not None)}
 
@@ -105,13 +105,13 @@ def distill_layer(
     """
     device = y.device
     generator = torch.Generator().manual_seed(seed)
-    factor_modules = _factor_modules(layer)
-    work_dtype = next(p.dtype for m in factor_modules.values() for p in m.parameters())
+    modules = factor_modules(layer)
+    work_dtype = next(p.dtype for m in modules.values() for p in m.parameters())
     layer.requires_grad_(False)
-    for module in factor_modules.values():
+    for module in modules.values():
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under autocast on GPU
-    params = [p for m in factor_modules.values() for p in m.parameters()]
-    freeze_hooks = _freeze_experts(factor_modules, frozen_experts or {})
+    params = [p for m in modules.values() for p in m.parameters()]
+    freeze_hooks = _freeze_experts(modules, frozen_experts or {})
     sources = (
         [x_teacher]
         if cfg.inputs == "teacher" or x_student is x_teacher
@@ -208,7 +208,7 @@ def distill_layer(
             p.copy_(saved)
     for hook in freeze_hooks:
         hook.remove()
-    for module in factor_modules.values():
+    for module in modules.values():
         module.to(work_dtype).requires_grad_(False)
     result.final_loss = sum(running) / len(running) if running else result.init_loss
     result.best_holdout, result.holdout_cos, result.best_step = best, best_cos, best_step

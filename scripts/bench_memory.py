@@ -41,7 +41,7 @@ def build(layers: int, hidden: int, folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, nargs=2, default=[4, 24])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -52,7 +52,7 @@ def main() -> None:
             overrides = [
                 f"model={model}",
                 f"output={Path(tmp) / f'out-{n}'}",
-                "method=whiten",
+                "method=svd",
                 "data.num_sequences=32",
                 "data.seq_len=128",
                 "data.eval_sequences=8",
@@ -62,7 +62,7 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             weights_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
             rows.append((n, weights_mb, result["peak_rss_mb"], result["seconds"]))
-    print(f"hidden {args.hidden}; settings: {' '.join(args.set) or 'method=whiten, 32 x 128 calibration tokens'}")
+    print(f"hidden {args.hidden}; settings: {' '.join(args.set) or 'method=svd, 32 x 128 calibration tokens'}")
     print("| layers | checkpoint size (MB) | peak host memory (MB) | time (s) |")
     print("| ---: | ---: | ---: | ---: |")
     for n, size, peak, secs in rows:

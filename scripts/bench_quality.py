@@ -29,7 +29,7 @@ METHODS = {
     "distill-svd": ["method=distill", "init=svd", "train.lr=3e-3"],
     "distill-whiten": ["method=distill", "init=whiten", "train.lr=3e-4"],
 }
-SMALL = ["data.num_sequences=64", "data.seq_len=256", "data.eval_sequences=128", "train.epochs=2"]
+SMALL = ["data.num_sequences=64", "data.seq_len=256", "data.eval_sequences=64", "train.epochs=2"]
 LARGE = ["data.num_sequences=256", "data.seq_len=512", "data.eval_sequences=64", "train.epochs=4"]
 
 
@@ -60,9 +60,9 @@ def markdown(rows: list[dict]) -> str:
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['removed']:.1%} | {r['method']} | {r['ppl']:.4g} | {r['ppl'] / dense:.2f}× | {r['kept_params']:,} | {r['seconds']:.0f} s |"
-        )
+        ratio = r["ppl"] / dense
+        kept = f"{r['kept_params']:,}"
+        lines.append(f"| {r['removed']:.1%} | {r['method']} | {r['ppl']:.4g} | {ratio:.3g}× | {kept} | {r['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,15 +96,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for ratio in args.ratios:
             for method in args.methods:
                 rows.append(run_one(method, ratio, LARGE if args.large else SMALL, args.set, Path(tmp)))
                 print(f"{method:>15} @ {ratio:.0%}: ppl {rows[-1]['ppl']:.4g} ({rows[-1]['seconds']:.0f} s)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive a stop
     table = markdown(rows)
     (args.out / "quality.md").write_text(table)
-    (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, args.out / "quality.png")
     print(table)
     for r in rows:
