@@ -91,6 +91,7 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int | None = None  # per layer; caps epochs
     batch_size: int = 8
+    micro_batch_size: int | None = None  # sequences per forward/backward (gradients accumulate); null: batch_size
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
@@ -106,6 +107,8 @@ class TrainConfig:
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0 or null, got {self.max_steps}")
         _check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        micro_ok = self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size
+        _check(micro_ok, f"train.micro_batch_size must be in [1, train.batch_size] or null, got {self.micro_batch_size}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(0.0 <= self.warmup_fraction < 1.0, f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -131,27 +131,43 @@ def distill_layer(
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
 
-    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = torch.zeros((), device=device)
-        cos = torch.zeros((), device=device)
-        target = y[idx]
-        with autocast:
+    micro = cfg.micro_batch_size or cfg.batch_size
+
+    def batch_loss(idx: torch.Tensor, backward: bool) -> tuple[float, float]:
+        """Summed loss over the input sources and mean cosine of one batch.
+
+        With ``backward`` the gradients are accumulated one micro-batch and one source at a time,
+        so only one forward graph is alive at once (the same gradients as one big backward).
+        """
+        loss, cos = 0.0, 0.0
+        for start in range(0, len(idx), micro):
+            part = idx[start : start + micro]
+            weight = len(part) / len(idx)
+            target = y[part]
             for x in sources:
-                pred = call_layer(layer, x[idx], kwargs)
-                loss = loss + distill_loss(target, pred)
-                cos = cos + mean_cosine(target, pred).detach()
-        return loss, cos / len(sources)
+                with autocast:
+                    pred = call_layer(layer, x[part], kwargs)
+                part_loss = distill_loss(target, pred) * weight
+                if backward:
+                    part_loss.backward()
+                loss += float(part_loss.detach())
+                cos += float(mean_cosine(target, pred.detach())) * weight / len(sources)
+        return loss, cos
 
     @torch.no_grad()
     def holdout() -> tuple[float, float]:
         losses, coses = [], []
         for start in range(0, len(hold), cfg.batch_size):
-            loss, cos = batch_loss(hold[start : start + cfg.batch_size])
-            losses.append(float(loss))
-            coses.append(float(cos))
+            loss, cos = batch_loss(hold[start : start + cfg.batch_size], backward=False)
+            losses.append(loss)
+            coses.append(cos)
         return sum(losses) / len(losses), sum(coses) / len(coses)
 
-    init_state = [p.detach().clone() for p in params]
+    def snapshot() -> list[torch.Tensor]:
+        """A copy of the factors in host memory: the GPU keeps room for training."""
+        return [p.detach().to("cpu", copy=True) for p in params]
+
+    init_state = snapshot()
     best_state = init_state
     init_holdout, init_cos = holdout()
     best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
@@ -173,8 +189,8 @@ def distill_layer(
         pos = step % steps_per_epoch
         if pos == 0:
             perm = train[torch.randperm(len(train), generator=generator).to(device)]
-        loss, _ = batch_loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size])
-        value = float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        value, _ = batch_loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
         if step == 0:
             result.init_loss = value
         if not math.isfinite(value) or value > cfg.divergence_factor * result.init_loss:
@@ -182,8 +198,6 @@ def distill_layer(
             best_state, best, best_cos, best_step = init_state, init_holdout, init_cos, 0
             warnings.warn(f"training diverged ({result.rolled_back}); the layer keeps its initialisation", stacklevel=2)
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -196,7 +210,7 @@ def distill_layer(
             running = []
             if held < best:
                 best, best_cos, best_step, bad = held, cos, step + 1, 0
-                best_state = [p.detach().clone() for p in params]
+                best_state = snapshot()
             else:
                 bad += 1
                 if bad >= cfg.patience:

@@ -1,0 +1,111 @@
+"""Feature distillation of one decoder layer: the loss, what trains, and the safety nets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_lr import checkpoint as ckpt
+from distill_lr.config import TrainConfig
+from distill_lr.driver import factorize_layer_
+from distill_lr.layerwise import capture_inputs, run_layer
+from distill_lr.lowrank import LowRankLinear
+from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, lr_factor
+
+
+def test_loss_of_identical_outputs_is_minimal() -> None:
+    y = torch.randn(2, 5, 16)
+    assert float(distill_loss(y, y)) == pytest.approx(-math.log(1 / (1 + math.exp(-1))), abs=1e-6)
+    assert MIN_LOSS == pytest.approx(0.31326, abs=1e-5)
+    assert float(distill_loss(y, y + 0.1 * torch.randn_like(y))) > MIN_LOSS
+
+
+def test_loss_is_l1_per_width_plus_cosine_term_and_masks_padding() -> None:
+    y, y_hat = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    per_token = (y - y_hat).abs().mean(-1) - torch.nn.functional.logsigmoid(torch.nn.functional.cosine_similarity(y, y_hat, dim=-1))
+    assert float(distill_loss(y, y_hat)) == pytest.approx(float(per_token.mean()), rel=1e-6)
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(distill_loss(y, y_hat, mask)) == pytest.approx(float(per_token[0, :2].mean()), rel=1e-6)
+
+
+def test_learning_rate_schedule() -> None:
+    factors = [lr_factor(s, 100, 0.1, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+@pytest.fixture
+def layer_setup(tiny_llama: Path):
+    """Layer 0 of the tiny model, its inputs and dense outputs, and a half-rank svd student."""
+    torch.manual_seed(0)
+    reader = ckpt.CheckpointReader(tiny_llama)
+    model = ckpt.build_skeleton(reader.config)
+    prefix, layers = ckpt.decoder_layers(model)
+    ckpt.load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
+    layer = layers[0]
+    reader.load_into(layer, f"{prefix}0.", "cpu", torch.float32)
+    ids = torch.randint(3, 200, (64, 16))
+    _, kwargs = capture_inputs(model, layers, ids[:1])
+    from distill_lr.layerwise import embed
+
+    x = embed(model, layers, ids, 8)
+    y = run_layer(layer, x, kwargs[0], 8)
+    ranks = {n: 12 for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    factorize_layer_(layer, ranks, "svd", {})
+    x_student = x + 0.01 * torch.randn_like(x)
+    return layer, x, x_student, y, kwargs[0]
+
+
+@pytest.mark.parametrize("inputs", ["teacher", "student", "teacher+student"])
+def test_training_lowers_held_out_loss_and_moves_only_factors(layer_setup, inputs: str) -> None:
+    layer, x, x_s, y, kwargs = layer_setup
+    frozen = {n: p.detach().clone() for n, p in layer.named_parameters() if ".A." not in n and ".B." not in n}
+    factors = {n: p.detach().clone() for n, p in layer.named_parameters() if ".A." in n or ".B." in n}
+    cfg = TrainConfig(inputs=inputs, epochs=6, batch_size=4, lr=3e-3, patience=10)
+    result = distill_layer(layer, x, x_s, y, kwargs, cfg, seed=0)
+    assert result.best_holdout < result.init_holdout
+    assert result.rolled_back is None
+    for n, p in layer.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        assert not p.requires_grad
+    assert any(not torch.equal(p, factors[n]) for n, p in layer.named_parameters() if n in factors)
+
+
+def test_micro_batches_give_the_same_training(layer_setup) -> None:
+    layer, x, x_s, y, kwargs = layer_setup
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    a = distill_layer(layer, x, x_s, y, kwargs, TrainConfig(epochs=1, batch_size=4), seed=1)
+    trained_a = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    b = distill_layer(layer, x, x_s, y, kwargs, TrainConfig(epochs=1, batch_size=4, micro_batch_size=1), seed=1)
+    assert b.best_holdout == pytest.approx(a.best_holdout, rel=1e-4)
+    for k, v in layer.state_dict().items():
+        assert torch.allclose(v, trained_a[k], atol=1e-5), k
+
+
+def test_divergence_rolls_back_to_the_initialisation(layer_setup) -> None:
+    layer, x, x_s, y, kwargs = layer_setup
+    init = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.warns(UserWarning, match="diverged"):
+        result = distill_layer(layer, x, x_s, y, kwargs, TrainConfig(epochs=3, batch_size=4, lr=50.0, warmup_fraction=0.0), seed=0)
+    assert result.rolled_back is not None
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, init[k]), k
+
+
+def test_nan_loss_rolls_back(layer_setup) -> None:
+    layer, x, x_s, y, kwargs = layer_setup
+    init = {k: v.clone() for k, v in layer.state_dict().items()}
+    module = next(m for m in layer.modules() if isinstance(m, LowRankLinear))
+    hook = module.register_forward_hook(lambda _m, _a, out: out * float("nan") if torch.is_grad_enabled() else out)
+    with pytest.warns(UserWarning, match="diverged"):
+        result = distill_layer(layer, x, x_s, y, kwargs, TrainConfig(epochs=1, batch_size=4), seed=0)
+    hook.remove()
+    assert "nan" in result.rolled_back
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, init[k]), k
