@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import sys
 import time
@@ -54,6 +55,7 @@ def bf16_peak_tflops(size: int = 8192, repeats: int = 20) -> float:
 def training_flops_per_step(output: Path, batch: int, seq_len: int, vocab: int) -> float:
     """FLOPs of one forward + backward of the compressed layer 0 on one batch, counted by torch."""
     model = load_compressed(output, device="cuda", dtype=torch.bfloat16)
+    model.config._attn_implementation = "eager"  # torch's FLOP counter cannot count grouped-query SDPA
     layer = model.model.layers[0].requires_grad_(False)
     for module in factor_modules(layer).values():
         module.requires_grad_(True)
@@ -80,6 +82,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_scale.py needs a CUDA GPU")
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     peak = bf16_peak_tflops()
     vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
     config = MixtralConfig(
