@@ -42,7 +42,7 @@ class DataConfig:
     text_column: str = "text"
     split: str = "train"
     subset: str | None = None
-    num_sequences: int = 128
+    num_sequences: int = 64
     seq_len: int = 512
     eval_sequences: int = 64
     eval_fraction: float = 0.1  # share of documents held out for evaluation, never used to calibrate
@@ -92,7 +92,7 @@ class TrainConfig:
     max_steps: int | None = None  # per layer; caps epochs
     batch_size: int = 8
     micro_batch_size: int | None = None  # sequences per forward/backward (gradients accumulate); null: batch_size
-    lr: float = 1e-3
+    lr: float = 3e-4  # suits the default whitened init; plain-SVD inits take about 3e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
