@@ -109,3 +109,15 @@ def overrides_for(model: Path, corpus: Path, output: Path, **extra) -> list[str]
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def materialised_layer(folder: Path, index: int = 0):
+    """(model, layers, layer): the skeleton with embeddings and head loaded, and one real decoder layer."""
+    from distill_lr import checkpoint as ckpt
+
+    reader = ckpt.CheckpointReader(folder)
+    model = ckpt.build_skeleton(reader.config)
+    prefix, layers = ckpt.decoder_layers(model)
+    ckpt.load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
+    reader.load_into(layers[index], f"{prefix}{index}.", "cpu", torch.float32)
+    return model, layers, layers[index]

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import overrides_for, save_tiny
+from conftest import materialised_layer, overrides_for, save_tiny
 from transformers import AutoModelForCausalLM
 
 from distill_lr import checkpoint as ckpt
 from distill_lr import driver
 from distill_lr.config import load_config
 from distill_lr.driver import compress, factorize_layer_
+from distill_lr.layerwise import capture_inputs, run_layer
 
 
 def run(model: Path, corpus: Path, output: Path, **extra):
@@ -33,15 +34,8 @@ def nll_of(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def test_full_rank_svd_reproduces_the_decoder_layer(tiny_llama: Path) -> None:
-    reader = ckpt.CheckpointReader(tiny_llama)
-    model = ckpt.build_skeleton(reader.config)
-    prefix, layers = ckpt.decoder_layers(model)
-    ckpt.load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
-    layer = layers[0]
-    reader.load_into(layer, f"{prefix}0.", "cpu", torch.float32)
+    model, layers, layer = materialised_layer(tiny_llama)
     ids = torch.randint(3, 200, (2, 16))
-    from distill_lr.layerwise import capture_inputs, run_layer
-
     hidden, kwargs = capture_inputs(model, layers, ids)
     dense = run_layer(layer, hidden, kwargs[0], 2)
     full = {n: min(m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}

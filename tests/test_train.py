@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import materialised_layer
 
-from distill_lr import checkpoint as ckpt
 from distill_lr.config import TrainConfig
 from distill_lr.driver import factorize_layer_
-from distill_lr.layerwise import capture_inputs, run_layer
+from distill_lr.layerwise import capture_inputs, embed, run_layer
 from distill_lr.lowrank import LowRankLinear
 from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, lr_factor
 
@@ -42,16 +42,9 @@ def test_learning_rate_schedule() -> None:
 def layer_setup(tiny_llama: Path):
     """Layer 0 of the tiny model, its inputs and dense outputs, and a half-rank svd student."""
     torch.manual_seed(0)
-    reader = ckpt.CheckpointReader(tiny_llama)
-    model = ckpt.build_skeleton(reader.config)
-    prefix, layers = ckpt.decoder_layers(model)
-    ckpt.load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
-    layer = layers[0]
-    reader.load_into(layer, f"{prefix}0.", "cpu", torch.float32)
+    model, layers, layer = materialised_layer(tiny_llama)
     ids = torch.randint(3, 200, (64, 16))
     _, kwargs = capture_inputs(model, layers, ids[:1])
-    from distill_lr.layerwise import embed
-
     x = embed(model, layers, ids, 8)
     y = run_layer(layer, x, kwargs[0], 8)
     ranks = {n: 12 for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
