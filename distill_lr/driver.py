@@ -46,10 +46,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device, fallback: torch.dtype) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    return fallback
+def resolve_dtype(name: str, auto: torch.dtype) -> torch.dtype:
+    return auto if name == "auto" else getattr(torch, name)
 
 
 @dataclass
@@ -203,8 +201,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     out = Path(cfg.output).expanduser()
     if out.resolve() == model_dir.resolve():
         raise UserInputError(f"output folder {out} is the input folder: choose another output folder")
-    dtype = resolve_dtype(cfg.dtype, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
-    save_dtype = resolve_dtype(cfg.save_dtype, device, reader.dtype)
+    dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
     torch.manual_seed(cfg.seed)
 
     model = ckpt.build_skeleton(reader.config)
