@@ -8,7 +8,10 @@ entry point; ``python scripts/compress.py`` calls it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +115,18 @@ def load_state_(layer: nn.Module, state: dict[str, torch.Tensor], prefix: str, d
     local = {k[len(prefix) :]: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     layer.load_state_dict(local, strict=True, assign=True)
     layer.requires_grad_(False)
+
+
+def release_freed_host_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    glibc keeps the memory of freed tensors in its heap, fragmented; without a trim per layer the
+    peak resident memory creeps up with depth (+14% over 20 layers in ``scripts/bench_memory.py``).
+    """
+    libc = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only (not musl)
+    if trim is not None:
+        trim(0)
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -248,6 +263,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         _timed(times, "load", t0)
         report = compress_layer(i, layer, name, layer_ranks(ranks, name), s, run, times)
         layer.to("meta")
+        release_freed_host_memory()
         reports.append(report)
         log.info("%s (%.1fs)", layer_line(report, len(layers)), time.perf_counter() - t0)
 

@@ -198,18 +198,31 @@ def whiten_factors(W: Tensor, rank: int, stats: InputStats, damping: float = 1e-
     return A.float(), B.float()
 
 
+def balance_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale each rank-one term ``b_i a_iᵀ`` of ``B @ A`` so that ``‖a_i‖ = ‖b_i‖``; the product is unchanged.
+
+    Whitening and PCA leave the scale of the inputs in A (rows ~10x larger than B's columns on
+    SmolLM2), so one optimizer step moves B relatively much more than A. Balanced factors, as the
+    plain SVD already gives, train well from every init with one learning rate.
+    """
+    a, b = A.norm(dim=1), B.norm(dim=0)
+    scale = torch.where((a > 0) & (b > 0), (a / b.clamp_min(1e-30)).sqrt(), torch.ones_like(a))
+    return A / scale[:, None], B * scale
+
+
 def factorize(
     W: Tensor, rank: int, init: str, stats: InputStats | None = None, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Factor W with the named init. Returns (A, B, bias), bias in float32 and possibly updated (pca)."""
+    """Factor W with the named init. Returns balanced (A, B) and the bias in float32, possibly updated (pca)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}: use one of {INITS}")
+    new_bias = None if bias is None else bias.detach().float()
     if init == "svd":
         A, B = svd_factors(W, rank)
     elif stats is None:
         raise ValueError(f"init {init!r} needs the input statistics (stats=InputStats) of the layer")
     elif init == "pca":
-        return pca_factors(W, rank, stats, bias)
+        A, B, new_bias = pca_factors(W, rank, stats, bias)
     else:
         A, B = whiten_factors(W, rank, stats)
-    return A, B, None if bias is None else bias.detach().float()
+    return *balance_factors(A, B), new_bias

@@ -224,6 +224,11 @@ def distill_layer(
         hook.remove()
     for module in modules.values():
         module.to(work_dtype).requires_grad_(False)
-    result.final_loss = sum(running) / len(running) if running else result.init_loss
+    if running:
+        result.final_loss = sum(running) / len(running)
+    elif result.curve:
+        result.final_loss = result.curve[-1]["train_loss"]
+    else:
+        result.final_loss = result.init_loss
     result.best_holdout, result.holdout_cos, result.best_step = best, best_cos, best_step
     return result

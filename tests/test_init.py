@@ -6,6 +6,7 @@ from distill_lr.errors import UserInputError
 from distill_lr.init import (
     INITS,
     InputStats,
+    balance_factors,
     break_even_rank,
     factorize,
     pca_factors,
@@ -163,6 +164,20 @@ def test_factorize_dispatch() -> None:
     for init in ("pca", "whiten"):
         with pytest.raises(ValueError, match="needs the input statistics"):
             factorize(W, 3, init)
+
+
+def test_balance_keeps_the_product_and_equalises_term_norms() -> None:
+    A, B = weight(4, 10, seed=1) * 30.0, weight(6, 4, seed=2) * 0.1
+    A[2] = 0.0  # a dead term stays as it is
+    A2, B2 = balance_factors(A, B)
+    torch.testing.assert_close(B2 @ A2, B @ A, atol=1e-5, rtol=1e-5)
+    alive = [0, 1, 3]
+    torch.testing.assert_close(A2.norm(dim=1)[alive], B2.norm(dim=0)[alive])
+    torch.testing.assert_close(B2[:, 2], B[:, 2])
+    stats = stats_of(correlated_inputs(200, 10, seed=3))
+    for init in INITS:  # every init hands out balanced factors
+        A, B, _ = factorize(weight(6, 10), 4, init, stats=stats)
+        torch.testing.assert_close(A.norm(dim=1), B.norm(dim=0), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rank", [0, 9, 2.0, True])
