@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT
+from distill_lr.cache import PLACEMENTS
 from distill_lr.errors import UserInputError
 from distill_lr.init import INITS
 
@@ -26,7 +27,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that change how a run is carried out or reported, not the layer files it writes:
 # a resumed run may change them freely.
-RUN_ONLY_FIELDS = ("output", "overwrite", "evaluate", "export_dense", "device", "data.eval_sequences")
+RUN_ONLY_FIELDS = ("output", "overwrite", "evaluate", "export_dense", "device", "data.eval_sequences", "cache", "cache_dir")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -134,6 +135,8 @@ class CompressConfig:
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU
     save_dtype: str = "auto"  # dtype of the saved tensors: auto = the input checkpoint's
     batch_size: int = 8  # sequences per forward pass when filling the activation caches
+    cache: str = "auto"  # where activation caches live: auto (from free memory) | device | host | disk
+    cache_dir: str | None = None  # folder of the memory-mapped caches of cache=disk; default: <output>/.cache
     seed: int = 0
     overwrite: bool = False  # replace an output folder that holds another run
     evaluate: bool = True  # perplexity of the dense and the compressed model on held-out text
@@ -145,6 +148,7 @@ class CompressConfig:
         _check(self.dtype in DTYPES, f"dtype '{self.dtype}' is unknown: use one of {DTYPES}")
         _check(self.save_dtype in DTYPES, f"save_dtype '{self.save_dtype}' is unknown: use one of {DTYPES}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(self.cache in PLACEMENTS, f"cache '{self.cache}' is unknown: use one of {PLACEMENTS}")
         _check(bool(self.output), "output is empty: give the folder to write the compressed checkpoint to")
 
     @property

@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,13 @@ from transformers import AutoTokenizer
 from distill_lr import checkpoint as ckpt
 from distill_lr import moe
 from distill_lr.builtin import resolve_model_dir
+from distill_lr.cache import ActivationCache, cache_bytes, choose_placement
 from distill_lr.config import CompressConfig
 from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import UserInputError
 from distill_lr.hf_modeling import apply_low_rank_
 from distill_lr.init import InputStats
-from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, run_layer
+from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, layer_device, run_layer
 from distill_lr.lowrank import LowRankExperts, LowRankLinear, replace_linears_
 from distill_lr.ranks import RankPlan, layer_ranks, plan_ranks
 from distill_lr.train import distill_layer
@@ -82,12 +85,13 @@ def collect_stats(
     The layer runs only when there is something to record.
     """
     modules = dict(layer.named_modules())
+    device = layer_device(layer)  # the statistics live where the layer computes, wherever the caches are
     linears = [n for n in names if isinstance(modules[n], nn.Linear)]
-    stats: dict[str, Any] = {n: InputStats.empty(modules[n].in_features, inputs.device) for n in linears}
+    stats: dict[str, Any] = {n: InputStats.empty(modules[n].in_features, device) for n in linears}
     hooks = [modules[n].register_forward_hook(lambda _m, args, _o, n=n: stats[n].update(args[0])) for n in linears]
     experts = [n for n in names if n not in stats]
     try:
-        with moe.record_routing(layer, experts, inputs.device) as routing:
+        with moe.record_routing(layer, experts, device) as routing:
             if names or any(isinstance(m, LowRankExperts) for m in modules.values()):
                 run_layer(layer, inputs, kwargs, batch_size)
     finally:
@@ -129,8 +133,14 @@ def release_freed_host_memory() -> None:
         trim(0)
 
 
-def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
-    return float((pred.float() - target.float()).norm() / target.float().norm().clamp_min(1e-12))
+def relative_error(pred: torch.Tensor, target: torch.Tensor, chunk: int = 8) -> float:
+    """‖pred − target‖ / ‖target‖, a few sequences at a time: no float32 copy of a whole cache."""
+    err = ref = 0.0
+    for start in range(0, len(target), chunk):
+        t, p = target[start : start + chunk].float(), pred[start : start + chunk].float()
+        err += float((p - t).square().sum())
+        ref += float(t.square().sum())
+    return math.sqrt(err) / max(math.sqrt(ref), 1e-12)
 
 
 def _timed(times: dict[str, float], key: str, start: float) -> float:
@@ -151,6 +161,7 @@ class Run:
     save_dtype: torch.dtype
     out: Path
     manifest: ckpt.RunManifest
+    cache: ActivationCache
 
 
 def compress_layer(
@@ -161,8 +172,11 @@ def compress_layer(
     t = time.perf_counter()
     kwargs = s.kwargs[index]
     done = manifest.done(index)
-    y = run_layer(layer, s.x_teacher, kwargs, cfg.batch_size)
-    eval_y = run_layer(layer, s.eval_teacher, kwargs, cfg.batch_size) if s.eval_teacher is not None else None
+    cache = run.cache
+    y = run_layer(layer, s.x_teacher, kwargs, cfg.batch_size, out=cache.empty_like(s.x_teacher))
+    eval_y = None
+    if s.eval_teacher is not None:
+        eval_y = run_layer(layer, s.eval_teacher, kwargs, cfg.batch_size, out=cache.empty_like(s.eval_teacher))
     t = _timed(times, "teacher", t)
     if done is not None:
         apply_low_rank_(layer, ranks)
@@ -191,13 +205,12 @@ def compress_layer(
     if "err_teacher_input" not in report:  # a diagnostic: a subset of the calibration set is enough
         probe = slice(0, ERROR_PROBE_SEQUENCES)
         report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher[probe], kwargs, cfg.batch_size), y[probe])
-    in_place = s.x_student is not s.x_teacher
-    s.x_student = run_layer(layer, s.x_student, kwargs, cfg.batch_size, out=s.x_student if in_place else None)
+    out_student = s.x_student if s.x_student is not s.x_teacher else cache.empty_like(s.x_student)  # in place once apart
+    s.x_student = run_layer(layer, s.x_student, kwargs, cfg.batch_size, out=out_student)
     report.setdefault("err_student_input", relative_error(s.x_student, y))
     if eval_y is not None:
-        s.eval_student = run_layer(
-            layer, s.eval_student, kwargs, cfg.batch_size, out=s.eval_student if s.eval_student is not s.eval_teacher else None
-        )
+        out_eval = s.eval_student if s.eval_student is not s.eval_teacher else cache.empty_like(s.eval_student)
+        s.eval_student = run_layer(layer, s.eval_student, kwargs, cfg.batch_size, out=out_eval)
         s.eval_teacher = eval_y
     s.x_teacher = y
     _timed(times, "student", t)
@@ -205,6 +218,17 @@ def compress_layer(
         report["seconds"] = times
         manifest.mark_done(index, ckpt.layer_file(index), report)
     return report
+
+
+def plan_cache(
+    cfg: CompressConfig, shape: tuple[int, int, int], layers: nn.ModuleList, device: torch.device, dtype: torch.dtype, out: Path
+) -> ActivationCache:
+    """Place the activation caches (``shape``: all sequences, seq_len, hidden) where ``cache`` says, or from the free memory."""
+    need = cache_bytes(*shape, dtype)
+    layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * dtype.itemsize
+    placement = choose_placement(cfg.cache, need, device, layer_bytes)
+    log.info("activation caches: %.2f GiB at their peak, on %s", need / 2**30, placement)
+    return ActivationCache(placement, device, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out, need)
 
 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
@@ -239,6 +263,14 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         text_column=cfg.data.text_column,
         max_positions=getattr(reader.config, "max_position_embeddings", None),
     )
+    params = param_summary(plan, reader)
+    hidden = reader.config.get_text_config().hidden_size
+    cache = plan_cache(
+        cfg, (len(tokens.calibration) + len(tokens.evaluation), tokens.calibration.shape[1], hidden), layers, device, dtype, out
+    )
+    needs = Counter({out: params["model_after"] * save_dtype.itemsize})
+    needs[cache.folder] += cache.disk_bytes  # the same folder by default
+    ckpt.check_disk_space(needs)
     manifest = ckpt.RunManifest(out, cfg.result_fingerprint(), reader.fingerprint(), cfg.overwrite)
 
     ckpt.load_non_layer_(model, reader, prefix, device, dtype)
@@ -247,13 +279,13 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         {k: v.to(save_dtype) for k, v in reader.read([k for k in other if k in reader.tensors]).items()}, out / ckpt.OTHER_FILE
     )
     calib, evaluation = tokens.calibration.to(device), tokens.evaluation.to(device)
-    x = embed(model, layers, calib, cfg.batch_size).to(dtype)
-    e = embed(model, layers, evaluation, cfg.batch_size).to(dtype) if len(evaluation) else None
+    x = embed(model, layers, calib, cfg.batch_size, out=cache.empty((*calib.shape, hidden), dtype))
+    e = embed(model, layers, evaluation, cfg.batch_size, out=cache.empty((*evaluation.shape, hidden), dtype)) if len(evaluation) else None
     s = Streams(x, x, e, e, capture_inputs(model, layers, calib[:1])[1])
 
     reports = []
     bar = tqdm(range(len(layers)), desc="layers", unit="layer")
-    run = Run(cfg, device, dtype, save_dtype, out, manifest)
+    run = Run(cfg, device, dtype, save_dtype, out, manifest, cache)
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i]
@@ -277,7 +309,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "input": str(model_dir),
         "output": str(out),
-        "params": param_summary(plan, reader),
+        "params": params,
+        "activation_cache": {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)},
         "layers": reports,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -73,12 +73,17 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
     return first[0], seen
 
 
-def embed(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Layer-0 inputs for a batch of sequences (embedding scale and all, as the model computes it)."""
-    out = []
+def embed(
+    model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Layer-0 inputs for a batch of sequences (embedding scale and all, as the model computes it).
+
+    With ``out`` (an activation cache, anywhere) each batch is written there as soon as it is made.
+    """
+    parts = []
 
     def stop(hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
-        out.append(hidden)
+        parts.append(hidden)
         raise _Stop
 
     with _stand_ins(layers, [stop]), torch.no_grad():
@@ -87,7 +92,9 @@ def embed(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batc
                 model(input_ids=input_ids[start : start + batch_size], use_cache=False)
             except _Stop:
                 pass
-    return torch.cat(out)
+            if out is not None:
+                out[start : start + batch_size] = parts.pop().to(out.dtype)
+    return torch.cat(parts) if out is None else out
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
@@ -100,12 +107,20 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: LayerKwargs) -> t
 def run_layer(
     layer: nn.Module, inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The layer's outputs for every cached sequence, batch by batch (``out`` may alias ``inputs``)."""
+    """The layer's outputs for every cached sequence, batch by batch on the layer's device.
+
+    ``inputs`` and ``out`` may live anywhere (see ``distill_lr.cache``); ``out`` may alias ``inputs``.
+    """
     result = torch.empty_like(inputs) if out is None else out
+    device = layer_device(layer)
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start : start + batch_size]
+        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
         result[start : start + batch_size] = call_layer(layer, batch, kwargs).to(result.dtype)
     return result
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
 
 
 @torch.no_grad()
@@ -117,7 +132,7 @@ def head_nll(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor
     """
     total, count = 0.0, 0
     for i in range(len(input_ids)):
-        hidden = final_hidden[i : i + 1]
+        hidden = final_hidden[i : i + 1].to(input_ids.device)
         actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
         with _stand_ins(layers, actions):
             ids = input_ids[i : i + 1]

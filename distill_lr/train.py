@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_lr.config import TrainConfig
-from distill_lr.layerwise import LayerKwargs, call_layer
+from distill_lr.layerwise import LayerKwargs, call_layer, layer_device
 from distill_lr.lowrank import ExpertLinears, LowRankLinear
 
 MIN_LOSS = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1): the loss of a perfect student
@@ -103,7 +103,7 @@ def distill_layer(
     ``frozen_experts`` names, per experts module, experts whose factors keep their initialisation
     (with weight decay 0 they do not move at all).
     """
-    device = y.device
+    device = layer_device(layer)
     generator = torch.Generator().manual_seed(seed)
     modules = factor_modules(layer)
     work_dtype = next(p.dtype for m in modules.values() for p in m.parameters())
@@ -124,7 +124,7 @@ def distill_layer(
     n = len(y)
     order = torch.randperm(n, generator=generator)
     n_hold = max(1, math.ceil(n * cfg.holdout_fraction))
-    hold, train = order[:n_hold].to(device), order[n_hold:].to(device)
+    hold, train = order[:n_hold], order[n_hold:]  # host indices: the caches may live on the host or on disk
     if len(train) == 0:
         train = hold
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -143,10 +143,10 @@ def distill_layer(
         for start in range(0, len(idx), micro):
             part = idx[start : start + micro]
             weight = len(part) / len(idx)
-            target = y[part]
+            target = y[part].to(device, non_blocking=True)
             for x in sources:
                 with autocast:
-                    pred = call_layer(layer, x[part], kwargs)
+                    pred = call_layer(layer, x[part].to(device, non_blocking=True), kwargs)
                 part_loss = distill_loss(target, pred) * weight
                 if backward:
                     part_loss.backward()
@@ -188,7 +188,7 @@ def distill_layer(
     for step in bar:
         pos = step % steps_per_epoch
         if pos == 0:
-            perm = train[torch.randperm(len(train), generator=generator).to(device)]
+            perm = train[torch.randperm(len(train), generator=generator)]
         optimizer.zero_grad(set_to_none=True)
         value, _ = batch_loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
         if step == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,12 @@ def test_output_folder_with_another_config(tmp_path: Path, tiny_llama: Path, cor
     fails(tiny_llama, corpus, tmp_path / "out", "changed: ranks.target", **{"ranks.target": 0.5})
     report = compress(load_config(None, overrides_for(tiny_llama, corpus, tmp_path / "out", overwrite=True, **{"ranks.target": 0.5})))
     assert report["params"]["removed_fraction"] > 0.45
+
+
+def test_disk_without_room_is_refused_before_work(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    fails(tiny_llama, corpus, tmp_path / "out", "not enough disk space")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys) -> None:
