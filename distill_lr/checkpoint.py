@@ -15,7 +15,9 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -356,6 +358,42 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class BackgroundWriter:
+    """Writes finished layers on one worker thread, in order, while the next layer computes.
+
+    ``drain()`` before queueing the next layer's writes keeps at most one layer in flight (host
+    memory), and re-raises a failed write in the main thread. Call ``close()`` on every exit path, so
+    a layer that was finished before a crash is on disk and in the manifest.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill_lr-writer")
+        self._pending: list[Future[None]] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        earlier = list(self._pending)
+
+        def guarded() -> None:
+            if not any(f.exception() is not None for f in earlier):  # nothing is written after a failed write
+                job()
+
+        self._pending.append(self._pool.submit(guarded))
+
+    def drain(self) -> float:
+        """Wait for every queued write; returns the seconds spent waiting."""
+        start = time.perf_counter()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown()
 
 
 class RunManifest:

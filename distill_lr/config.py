@@ -91,9 +91,9 @@ class TrainConfig:
     inputs: str = "teacher+student"
     epochs: int = 2
     max_steps: int | None = None  # per layer; caps epochs
-    batch_size: int = 8
+    batch_size: int = 4
     micro_batch_size: int | None = None  # sequences per forward/backward (gradients accumulate); null: batch_size
-    lr: float = 3e-4  # suits the default whitened init; plain-SVD inits take about 3e-3
+    lr: float = 1e-3  # suits the balanced whitened init (3e-3 overshoots on SmolLM2); plain-SVD inits take about 3e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio

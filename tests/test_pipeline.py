@@ -136,3 +136,19 @@ def test_distillation_improves_on_its_init(tmp_path: Path, tiny_llama: Path, cor
     trained = run(tiny_llama, corpus, tmp_path / "d", method="distill", **extra)
     for layer in trained["layers"]:
         assert layer["train"]["best_holdout"] < layer["train"]["init_holdout"]
+
+
+def test_a_failed_layer_write_stops_the_run_and_is_never_marked_done(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    real = ckpt.save_tensors_atomic
+
+    def disk_full_at_layer_1(tensors, path, metadata=None):
+        if path.name == ckpt.layer_file(1):
+            raise OSError("No space left on device")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(ckpt, "save_tensors_atomic", disk_full_at_layer_1)
+    with pytest.raises(OSError, match="No space left"):
+        run(tiny_llama, corpus, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / ckpt.MANIFEST_NAME).read_text())
+    assert list(manifest["layers"]) == ["0"] and not manifest["complete"]
+    assert not (tmp_path / "out" / ckpt.layer_file(1)).exists()
