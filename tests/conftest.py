@@ -20,6 +20,9 @@ from transformers import (
 )
 
 VOCAB = 256
+# Tiny models: intra-op threads cost more than they save (the suite takes minutes with 2 threads on
+# 2 cores and well under one with 1).
+torch.set_num_threads(1)
 
 
 def tiny_config(kind: str = "llama", **overrides):
