@@ -136,7 +136,7 @@ class CompressConfig:
     save_dtype: str = "auto"  # dtype of the saved tensors: auto = the input checkpoint's
     batch_size: int = 8  # sequences per forward pass when filling the activation caches
     cache: str = "auto"  # where activation caches live: auto (from free memory) | device | host | disk
-    cache_dir: str | None = None  # folder of the memory-mapped caches of cache=disk; default: <output>/.cache
+    cache_dir: str | None = None  # folder of the memory-mapped caches of cache=disk; default: the output folder (files unlinked at once)
     seed: int = 0
     overwrite: bool = False  # replace an output folder that holds another run
     evaluate: bool = True  # perplexity of the dense and the compressed model on held-out text

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -123,14 +125,20 @@ def load_state_(layer: nn.Module, state: dict[str, torch.Tensor], prefix: str, d
     layer.requires_grad_(False)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess); None elsewhere (musl, macOS)."""
+    libc = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
 def release_freed_host_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
 
     glibc keeps the memory of freed tensors in its heap, fragmented; without a trim per layer the
     peak resident memory creeps up with depth (+16% from 4 to 24 layers in ``scripts/bench_memory.py``).
     """
-    libc = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only (not musl)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
@@ -209,12 +217,16 @@ def compress_layer(
     if "err_teacher_input" not in report:  # a diagnostic: a subset of the calibration set is enough
         probe = slice(0, ERROR_PROBE_SEQUENCES)
         report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher[probe], kwargs, cfg.batch_size), y[probe])
-    out_student = s.x_student if s.x_student is not s.x_teacher else cache.empty_like(s.x_student)  # in place once apart
-    s.x_student = run_layer(layer, s.x_student, kwargs, cfg.batch_size, out=out_student)
+
+    def advance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The student stream one layer up: in place once it has its own buffer (after layer 0 it aliases the teacher's)."""
+        out = student if student is not teacher else cache.empty_like(student)
+        return run_layer(layer, student, kwargs, cfg.batch_size, out=out)
+
+    s.x_student = advance(s.x_student, s.x_teacher)
     report.setdefault("err_student_input", relative_error(s.x_student, y))
     if eval_y is not None:
-        out_eval = s.eval_student if s.eval_student is not s.eval_teacher else cache.empty_like(s.eval_student)
-        s.eval_student = run_layer(layer, s.eval_student, kwargs, cfg.batch_size, out=out_eval)
+        s.eval_student = advance(s.eval_student, s.eval_teacher)
         s.eval_teacher = eval_y
     s.x_teacher = y
     _timed(times, "student", t)

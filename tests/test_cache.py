@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import overrides_for
+from test_pipeline import layer_bytes
 
 from distill_lr.cache import ActivationCache, choose_placement
 from distill_lr.config import load_config
@@ -38,6 +39,6 @@ def test_every_placement_gives_the_same_files(tmp_path: Path, tiny_llama: Path, 
         reports[placement] = compress(load_config(None, overrides_for(tiny_llama, corpus, out, method=method, cache=placement)))
         assert reports[placement]["activation_cache"]["placement"] == placement
         assert not list(out.glob(".activations-*"))
-    files = {p: {f.name: f.read_bytes() for f in sorted((tmp_path / p).glob("model-*.safetensors"))} for p in reports}
+    files = {p: layer_bytes(tmp_path / p) for p in reports}
     assert files["device"] == files["host"] == files["disk"]
     assert reports["device"]["perplexity"] == reports["host"]["perplexity"] == reports["disk"]["perplexity"]
