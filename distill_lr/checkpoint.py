@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -263,12 +263,37 @@ class CheckpointReader:
             head = key[: len(key) - len(renamed) + found.start()]
         return head + tail
 
-    def load_into(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Materialise ``module`` (on meta) from the tensors of parameters ``prefix + key``, converted and shape-checked."""
-        expected = module.state_dict()
-        state = self.read_state({prefix + k: v for k, v in expected.items()}, device)
-        module.load_state_dict({k: _cast(state[prefix + k], dtype) for k in expected}, strict=True, assign=True)
-        module.requires_grad_(False)
+
+class LayerLoader:
+    """Materialises decoder layers from the checkpoint, reading layer i+1 on a worker thread while layer i computes.
+
+    With ``read_ahead`` the host holds at most one extra layer (the next one, as stored on disk);
+    a read error surfaces in the main thread when that layer is asked for.
+    """
+
+    def __init__(self, reader: CheckpointReader, layers: nn.ModuleList, prefix: str, read_ahead: bool = True) -> None:
+        self.reader, self.layers, self.prefix, self.read_ahead = reader, layers, prefix, read_ahead
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill_lr-reader")
+        self._ahead: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
+
+    def _read(self, index: int) -> Callable[[], dict[str, torch.Tensor]]:
+        expected = {f"{self.prefix}{index}.{k}": v for k, v in self.layers[index].state_dict().items()}  # meta, taken here
+        return partial(self.reader.read_state, expected)
+
+    def load(self, index: int, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+        """Layer ``index`` (on meta until now) with its weights on ``device`` in ``dtype``; starts reading the next one."""
+        ahead, self._ahead = self._ahead, None
+        state = ahead[1].result() if ahead is not None and ahead[0] == index else self._read(index)()
+        if self.read_ahead and index + 1 < len(self.layers):
+            self._ahead = (index + 1, self._pool.submit(self._read(index + 1)))
+        layer = self.layers[index]
+        name = f"{self.prefix}{index}."
+        layer.load_state_dict({k[len(name) :]: _cast(v.to(device), dtype) for k, v in state.items()}, strict=True, assign=True)
+        layer.requires_grad_(False)
+        return layer
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

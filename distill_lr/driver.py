@@ -302,12 +302,12 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     reports = []
     bar = tqdm(range(len(layers)), desc="layers", unit="layer")
     run = Run(cfg, device, dtype, save_dtype, out, manifest, cache, ckpt.BackgroundWriter())
+    loader = ckpt.LayerLoader(reader, layers, prefix, read_ahead=cfg.read_ahead)
     try:
         for i in bar:
             t0 = time.perf_counter()
-            layer = layers[i]
+            layer = loader.load(i, device, dtype)  # waits for the read started during layer i-1, starts layer i+1's
             name = f"{prefix}{i}."
-            reader.load_into(layer, name, device, dtype)
             times: dict[str, float] = {}
             _timed(times, "load", t0)
             report = compress_layer(i, layer, name, layer_ranks(ranks, name), s, run, times)
@@ -316,6 +316,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             reports.append(report)
             log.info("%s (%.1fs)", layer_line(report, len(layers)), time.perf_counter() - t0)
     finally:
+        loader.close()
         run.writer.close()  # also on a crash: the layers finished so far reach the disk and the manifest
 
     files = [ckpt.OTHER_FILE] + [ckpt.layer_file(i) for i in range(len(layers))]

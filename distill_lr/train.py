@@ -76,6 +76,18 @@ def factor_modules(layer: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, LowRankLinear) or (isinstance(m, ExpertLinears) and m.rank is not None)}
 
 
+def param_groups(params: list[nn.Parameter], lr: float, relative: bool) -> list[dict[str, Any]]:
+    """One optimizer group per factor; ``relative``: its learning rate is ``lr`` times the factor's RMS at init.
+
+    Adam moves every entry by about lr per step whatever the gradient's scale, so an absolute lr that
+    suits SmolLM2 (factor RMS ~0.1) moves the factors of a model with 10x smaller weights by 10x more
+    relative to their size. A relative lr makes one setting mean the same step for every model and module.
+    """
+    if not relative:
+        return [{"params": params, "lr": lr}]
+    return [{"params": [p], "lr": lr * float(p.detach().float().square().mean().sqrt())} for p in params]
+
+
 def _freeze_experts(modules: dict[str, nn.Module], frozen: dict[str, list[int]]) -> list[torch.utils.hooks.RemovableHandle]:
     """Zero the gradients of the listed experts' factors (``{experts module: [expert, ...]}``), so they keep their init."""
     hooks = []
@@ -171,7 +183,7 @@ def distill_layer(
     best_state = init_state
     init_holdout, init_cos = holdout()
     best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
     result = TrainResult(
         init_loss=float("nan"),

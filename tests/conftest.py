@@ -122,5 +122,4 @@ def materialised_layer(folder: Path, index: int = 0):
     model = ckpt.build_skeleton(reader.config)
     prefix, layers = ckpt.decoder_layers(model)
     ckpt.load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
-    reader.load_into(layers[index], f"{prefix}{index}.", "cpu", torch.float32)
-    return model, layers, layers[index]
+    return model, layers, ckpt.LayerLoader(reader, layers, prefix, read_ahead=False).load(index, "cpu", torch.float32)

@@ -193,20 +193,25 @@ def test_break_even_rank() -> None:
     assert break_even_rank(n, m) == r
 
 
-def test_randomized_svd_is_close_to_exact() -> None:
-    """The GPU fast path: subspace iteration loses well under 1% against the optimal rank-r error."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(512, 384), (384, 512)])
+def test_fast_svd_solvers_are_close_to_exact(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """The GPU fast paths (Gram eigen-decomposition, subspace iteration) lose well under 1% against the optimal rank-r error."""
     from distill_lr.init import truncated_svd
 
     g = torch.Generator().manual_seed(0)
-    spectrum = torch.logspace(0, -3, 256)
-    U, _ = torch.linalg.qr(torch.randn(512, 256, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(384, 256, generator=g))
-    M = (U * spectrum) @ V[:, :256].T
+    spectrum = torch.logspace(0, -4, 256, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], 256, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], 256, generator=g, dtype=torch.float64))
+    M = ((U * spectrum) @ V.T).to(dtype)
     rank = 96
     errors = {}
-    for solver in ("exact", "randomized"):
+    for solver in ("exact", "gram", "randomized"):
         u, s, vh = truncated_svd(M, rank, solver)
+        assert u.shape == (shape[0], rank) and s.shape == (rank,) and vh.shape == (rank, shape[1])
+        assert u.dtype == s.dtype == vh.dtype == M.dtype
         errors[solver] = float((M - (u * s) @ vh).norm())
+    assert errors["gram"] <= errors["exact"] * 1.01
     assert errors["randomized"] <= errors["exact"] * 1.01
     with pytest.raises(ValueError, match="unknown SVD solver"):
         truncated_svd(M, rank, "qr")

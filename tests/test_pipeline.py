@@ -132,7 +132,7 @@ def test_activation_aware_inits_beat_svd(tmp_path: Path, tiny_llama: Path, corpu
 
 
 def test_distillation_improves_on_its_init(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
-    extra = {"ranks.target": 0.5, "init": "svd", "train.epochs": 4, "train.lr": 3e-3, "data.num_sequences": 32}
+    extra = {"ranks.target": 0.5, "init": "svd", "train.epochs": 4, "train.lr": 3e-2, "data.num_sequences": 32}
     trained = run(tiny_llama, corpus, tmp_path / "d", method="distill", **extra)
     for layer in trained["layers"]:
         assert layer["train"]["best_holdout"] < layer["train"]["init_holdout"]
@@ -152,3 +152,18 @@ def test_a_failed_layer_write_stops_the_run_and_is_never_marked_done(tmp_path: P
     manifest = json.loads((tmp_path / "out" / ckpt.MANIFEST_NAME).read_text())
     assert list(manifest["layers"]) == ["0"] and not manifest["complete"]
     assert not (tmp_path / "out" / ckpt.layer_file(1)).exists()
+
+
+def test_reading_ahead_reads_each_layer_once_and_changes_nothing(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    reads = []
+    real = ckpt.CheckpointReader.read_state
+
+    def counted(self, expected, device="cpu"):
+        reads.append(next(iter(expected)).split(".")[2])  # model.layers.<i>.…
+        return real(self, expected, device)
+
+    monkeypatch.setattr(ckpt.CheckpointReader, "read_state", counted)
+    ahead = run(tiny_llama, corpus, tmp_path / "ahead", method="distill")
+    assert sorted(reads, key=int) == [str(i) for i in range(len(ahead["layers"]))]
+    run(tiny_llama, corpus, tmp_path / "plain", method="distill", read_ahead=False)
+    assert layer_bytes(tmp_path / "ahead") == layer_bytes(tmp_path / "plain")

@@ -13,7 +13,7 @@ from distill_lr.config import TrainConfig
 from distill_lr.driver import factorize_layer_
 from distill_lr.layerwise import capture_inputs, embed, run_layer
 from distill_lr.lowrank import LowRankLinear
-from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, lr_factor
+from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, lr_factor, param_groups
 
 
 def test_loss_of_identical_outputs_is_minimal() -> None:
@@ -38,6 +38,19 @@ def test_learning_rate_schedule() -> None:
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
 
 
+@pytest.mark.parametrize("relative", [True, False])
+def test_relative_learning_rate_steps_by_a_share_of_each_factors_scale(relative: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    small, large = (torch.nn.Parameter(scale * torch.randn(8, 8, generator=g)) for scale in (0.01, 10.0))
+    before = [small.detach().clone(), large.detach().clone()]
+    optimizer = torch.optim.AdamW(param_groups([small, large], 0.1, relative), lr=0.1, weight_decay=0.0)
+    (small.sum() + large.sum()).backward()
+    optimizer.step()  # Adam's first step moves every entry by its group's lr
+    for p, b in zip((small, large), before, strict=True):
+        expected = 0.1 * float(b.square().mean().sqrt()) if relative else 0.1
+        assert torch.allclose((b - p.detach()).abs(), torch.full_like(b, expected), rtol=1e-3)
+
+
 @pytest.fixture
 def layer_setup(tiny_llama: Path):
     """Layer 0 of the tiny model, its inputs and dense outputs, and a half-rank svd student."""
@@ -58,7 +71,7 @@ def test_training_lowers_held_out_loss_and_moves_only_factors(layer_setup, input
     layer, x, x_s, y, kwargs = layer_setup
     frozen = {n: p.detach().clone() for n, p in layer.named_parameters() if ".A." not in n and ".B." not in n}
     factors = {n: p.detach().clone() for n, p in layer.named_parameters() if ".A." in n or ".B." in n}
-    cfg = TrainConfig(inputs=inputs, epochs=6, batch_size=4, lr=3e-3, patience=10)
+    cfg = TrainConfig(inputs=inputs, epochs=6, batch_size=4, lr=3e-2, patience=10)
     result = distill_layer(layer, x, x_s, y, kwargs, cfg, seed=0)
     assert result.best_holdout < result.init_holdout
     assert result.final_loss < result.init_loss  # the last steps' mean, also when the run ends on an evaluation

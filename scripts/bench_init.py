@@ -1,0 +1,78 @@
+"""Seconds per matrix of the truncated-SVD solvers behind the inits, and their error against the exact SVD.
+
+Whitened SVD of every expert's projections is the bulk of the ``init`` column of ``bench_scale.py``
+on Mixtral-8x7B (24 matrices of 4096 x 14336 a layer). This times ``truncated_svd`` on random
+matrices of the given shapes with a decaying spectrum, at the rank that removes ``--removed`` of
+the parameters, for each solver and dtype::
+
+    python scripts/bench_init.py --device cuda                            # Mixtral-8x7B shapes
+    python scripts/bench_init.py --device cpu --shapes 1024x3584 3584x1024 --dtypes float64
+
+The error column is ``‖M − U S Vh‖_F`` divided by the exact SVD's (1.000 is optimal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import torch
+
+from distill_lr.init import break_even_rank, truncated_svd
+
+SOLVERS = ("exact", "gram", "randomized")
+
+
+def decaying_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A random matrix whose singular values fall from 1 to 1e-4, like whitened weights."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = min(rows, cols)
+    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    return ((U * torch.logspace(0, -4, k)) @ V.T).to(device=device, dtype=dtype)
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, tuple[torch.Tensor, ...]]:
+    result = fn()  # warm-up: cuSOLVER / LAPACK workspaces, kernel selection
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["4096x14336", "14336x4096", "4096x4096", "1024x4096"], metavar="OUTxIN")
+    parser.add_argument("--removed", type=float, default=0.2, help="share of each matrix's parameters removed")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; rank removes {args.removed:.0%} of each matrix's parameters\n")
+    print("| shape | rank | dtype | solver | seconds | × exact time | error ÷ exact |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
+    for shape in args.shapes:
+        rows, cols = (int(v) for v in shape.lower().split("x"))
+        rank = int((1 - args.removed) * break_even_rank(rows, cols))
+        for dtype in args.dtypes:
+            M = decaying_matrix(rows, cols, getattr(torch, dtype), device)
+            seconds, errors = {}, {}
+            for solver in args.solvers:
+                seconds[solver], (U, S, Vh) = timed(partial(truncated_svd, M, rank, solver), device, args.repeats)
+                errors[solver] = float((M - (U * S) @ Vh).norm())
+            for solver in args.solvers:
+                vs_time = f"{seconds[solver] / seconds['exact']:.3f}" if "exact" in seconds else "-"
+                vs_err = f"{errors[solver] / errors['exact']:.4f}" if "exact" in errors else "-"
+                print(f"| {shape} | {rank} | {dtype} | {solver} | {seconds[solver]:.3f} | {vs_time} | {vs_err} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
