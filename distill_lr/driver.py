@@ -118,13 +118,6 @@ def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, 
     return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in layer.state_dict().items()}
 
 
-def load_state_(layer: nn.Module, state: dict[str, torch.Tensor], prefix: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Install saved tensors, so a fresh and a resumed run propagate exactly the same student."""
-    local = {k[len(prefix) :]: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
-    layer.load_state_dict(local, strict=True, assign=True)
-    layer.requires_grad_(False)
-
-
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess); None elsewhere (musl, macOS)."""
@@ -213,7 +206,7 @@ def compress_layer(
         times["save"] = round(run.writer.drain(), 3)  # the previous layer's write, overlapped with this layer until now
         run.writer.submit(partial(ckpt.save_tensors_atomic, state, out / ckpt.layer_file(index)))
         t = time.perf_counter()
-    load_state_(layer, state, prefix, run.device, run.dtype)
+    ckpt.install_state_(layer, state, prefix, run.device, run.dtype)  # as saved: fresh and resumed runs propagate the same student
     if "err_teacher_input" not in report:  # a diagnostic: a subset of the calibration set is enough
         probe = slice(0, ERROR_PROBE_SEQUENCES)
         report["err_teacher_input"] = relative_error(run_layer(layer, s.x_teacher[probe], kwargs, cfg.batch_size), y[probe])
