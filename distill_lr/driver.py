@@ -37,7 +37,7 @@ from distill_lr.config import CompressConfig
 from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import UserInputError
 from distill_lr.hf_modeling import apply_low_rank_
-from distill_lr.init import InputStats
+from distill_lr.init import Moments, records_outputs
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, layer_device, run_layer
 from distill_lr.lowrank import LowRankExperts, LowRankLinear, replace_linears_
 from distill_lr.ranks import RankPlan, layer_ranks, plan_ranks
@@ -83,17 +83,35 @@ def linear_shapes(layers: nn.ModuleList, prefix: str) -> dict[str, tuple[int, in
 def collect_stats(
     layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int
 ) -> tuple[dict[str, Any], moe.Routing]:
-    """Input moments of the named modules over the calibration inputs (for ``pca`` and ``whiten``), and the MoE routing.
+    """Moments of the named modules over the calibration inputs (for ``pca`` and ``whiten``), and the MoE routing.
 
-    A linear gets one ``InputStats``; an expert projection one per expert, over the tokens routed to it.
+    A linear gets one ``Moments`` of its inputs (one object for linears that read the same tensor, as
+    q/k/v do), or of its outputs when it has fewer (``init.records_outputs``: the smaller moment holds
+    all pca/whiten need); an expert projection one per expert, over the tokens routed to it.
     The layer runs only when there is something to record.
     """
     modules = dict(layer.named_modules())
     device = layer_device(layer)  # the statistics live where the layer computes, wherever the caches are
     linears = [n for n in names if isinstance(modules[n], nn.Linear)]
-    stats: dict[str, Any] = {n: InputStats.empty(modules[n].in_features, device) for n in linears}
-    hooks = [modules[n].register_forward_hook(lambda _m, args, _o, n=n: stats[n].update(args[0])) for n in linears]
-    experts = [n for n in names if n not in stats]
+    stats: dict[str, Any] = {}
+    batch_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's linear inputs, by identity
+
+    def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        module = modules[name]
+        if records_outputs(module.out_features, module.in_features):
+            product = y if module.bias is None else y - module.bias  # the moments of W x
+            stats.setdefault(name, Moments.empty(module.out_features, device, of_outputs=True)).update(product)
+            return
+        first = batch_inputs.get(id(x))
+        if first is not None and first[0] is x:  # q/k/v (gate/up) read one tensor: one set of moments, computed once
+            stats[name] = stats[first[1]]
+            return
+        batch_inputs[id(x)] = (x, name)
+        stats.setdefault(name, Moments.empty(module.in_features, device)).update(x)
+
+    hooks = [modules[n].register_forward_hook(lambda _m, args, out, n=n: record(n, args[0], out)) for n in linears]
+    hooks.append(layer.register_forward_pre_hook(lambda *_: batch_inputs.clear()))
+    experts = [n for n in names if n not in linears]
     try:
         with moe.record_routing(layer, experts, device) as routing:
             if names or any(isinstance(m, LowRankExperts) for m in modules.values()):

@@ -6,7 +6,7 @@
 * ``whiten``: SVD of W after whitening its inputs (Wang et al. 2024, SVD-LLM), the best rank-r
   approximation of the outputs ``W x`` over the calibration inputs.
 
-The activation-aware inits need ``InputStats`` of the layer's inputs. The maths that involves those
+The activation-aware inits need ``Moments`` of the layer's inputs (or outputs). The maths that involves those
 statistics runs in float64 (they are often badly conditioned); every factor is returned in float32 on
 W's device and callers cast it to the model's dtype.
 """
@@ -29,32 +29,46 @@ RANDOMIZED_OVERSAMPLE = 32  # extra directions sampled beyond the rank
 RANDOMIZED_POWER_ITERATIONS = 4
 
 
+def records_outputs(out_features: int, in_features: int) -> bool:
+    """Whether pca/whiten need only the moments of a linear's outputs ``W x`` rather than of its inputs.
+
+    Both inits project W's outputs on the top eigenvectors of ``W E[x xᵀ] Wᵀ`` (whiten: plus a damping
+    term), which is ``E[(W x)(W x)ᵀ]``: for a matrix with fewer outputs than inputs that (out, out)
+    moment is smaller than the (in, in) one, e.g. 4096² instead of 14336² for each Mixtral expert's
+    down projection (1.1 GB instead of 13 GB of float64 per layer), and an eigh replaces a large SVD.
+    """
+    return out_features < in_features
+
+
 @dataclass
-class InputStats:
-    """Running first and second moments of a linear's inputs (what pca/whiten need).
+class Moments:
+    """Running first and second moments of a linear's inputs x, or (``of_outputs``) of ``W x`` (what pca/whiten need).
 
     Each batch's ``x.T @ x`` is a float32 matmul (fast on any accelerator) that is added to float64
-    running sums, so rounding does not build up over millions of calibration tokens.
+    running sums, so rounding does not build up over millions of calibration tokens. Output moments
+    exclude the bias: they describe the product ``W x`` that the factors approximate.
     """
 
-    sum_xxT: Tensor  # (in, in) float64
-    sum_x: Tensor  # (in,) float64
+    sum_xxT: Tensor  # (features, features) float64
+    sum_x: Tensor  # (features,) float64
     count: int  # tokens seen
+    of_outputs: bool = False
 
     @classmethod
-    def empty(cls, in_features: int, device: torch.device | str | None = None) -> InputStats:
+    def empty(cls, features: int, device: torch.device | str | None = None, of_outputs: bool = False) -> Moments:
         return cls(
-            sum_xxT=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
-            sum_x=torch.zeros(in_features, dtype=torch.float64, device=device),
+            sum_xxT=torch.zeros(features, features, dtype=torch.float64, device=device),
+            sum_x=torch.zeros(features, dtype=torch.float64, device=device),
             count=0,
+            of_outputs=of_outputs,
         )
 
     def update(self, x: Tensor) -> None:
-        """Add a batch of inputs ``x (..., in)``; every leading dimension counts as tokens."""
-        in_features = self.sum_x.shape[0]
-        if x.shape[-1] != in_features:
-            raise ValueError(f"inputs have {x.shape[-1]} features, these statistics expect {in_features}")
-        tokens = x.detach().reshape(-1, in_features).to(device=self.sum_x.device, dtype=torch.float32)
+        """Add a batch ``x (..., features)``; every leading dimension counts as tokens."""
+        features = self.sum_x.shape[0]
+        if x.shape[-1] != features:
+            raise ValueError(f"inputs have {x.shape[-1]} features, these statistics expect {features}")
+        tokens = x.detach().reshape(-1, features).to(device=self.sum_x.device, dtype=torch.float32)
         self.sum_xxT += (tokens.T @ tokens).double()
         self.sum_x += tokens.sum(dim=0).double()
         self.count += tokens.shape[0]
@@ -74,7 +88,7 @@ class InputStats:
 
     def _per_token(self, total: Tensor) -> Tensor:
         if self.count == 0:
-            raise ValueError("no inputs were recorded: call InputStats.update before using the statistics")
+            raise ValueError("no inputs were recorded: call Moments.update before using the statistics")
         if not torch.isfinite(total).all():
             raise UserInputError(
                 "the calibration activations contain inf or NaN (the model overflows in its dtype): "
@@ -175,7 +189,12 @@ def svd_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return _balanced(U, S, Vh, rank)
 
 
-def pca_factors(W: Tensor, rank: int, stats: InputStats, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _top_eigenvectors(M: Tensor, rank: int) -> Tensor:
+    """The eigenvectors of the symmetric M for its ``rank`` largest eigenvalues, largest first."""
+    return torch.linalg.eigh(M)[1][:, -rank:].flip(-1)  # eigh sorts ascending
+
+
+def pca_factors(W: Tensor, rank: int, stats: Moments, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Project the outputs ``y = W x`` on their top-r principal directions U_r: B = U_r, A = U_rᵀ W.
 
     This minimises E‖y − ŷ‖² over the calibration inputs. A layer with a bias can reproduce the output
@@ -184,7 +203,8 @@ def pca_factors(W: Tensor, rank: int, stats: InputStats, bias: Tensor | None = N
     through U_r as well, so the uncentered second moment E[y yᵀ] is the optimal one. Returns
     (A, B, bias): the folded bias, or None when the layer had none.
 
-    U_r comes from ``eigh(W M Wᵀ)`` (out × out) when out <= in, otherwise from the SVD of ``W L``
+    U_r comes from ``eigh`` of the output moment: recorded as such (``stats.of_outputs``), or
+    ``W M Wᵀ`` (out × out) from the input moment M when out <= in, otherwise from the SVD of ``W L``
     (out × in) with ``M = L Lᵀ``, which has the same left singular vectors without forming the larger
     matrix. L is the eigen-decomposition square root rather than a Cholesky factor: moments of real
     activations are often singular, and this root is exact for them without any damping.
@@ -193,9 +213,10 @@ def pca_factors(W: Tensor, rank: int, stats: InputStats, bias: Tensor | None = N
     W64 = W.detach().double()
     moment = (stats.covariance() if bias is not None else stats.second_moment()).to(W64.device)
     out_features, in_features = W.shape
-    if out_features <= in_features:
-        _, vectors = torch.linalg.eigh(W64 @ moment @ W64.T)
-        U = vectors[:, -rank:].flip(-1)  # eigh sorts ascending
+    if stats.of_outputs:
+        U = _top_eigenvectors(moment, rank)
+    elif out_features <= in_features:
+        U = _top_eigenvectors(W64 @ moment @ W64.T, rank)
     else:
         eigenvalues, Q = torch.linalg.eigh(moment)
         L = Q * eigenvalues.clamp(min=0).sqrt()  # rounding can leave tiny negative eigenvalues
@@ -203,20 +224,30 @@ def pca_factors(W: Tensor, rank: int, stats: InputStats, bias: Tensor | None = N
     A = U.T @ W64
     if bias is None:
         return A.float(), U.float(), None
-    mean_out = W64 @ stats.mean().to(W64.device)
+    mean = stats.mean().to(W64.device)
+    mean_out = mean if stats.of_outputs else W64 @ mean
     folded = bias.detach().double() + mean_out - U @ (U.T @ mean_out)
     return A.float(), U.float(), folded.float()
 
 
-def whiten_factors(W: Tensor, rank: int, stats: InputStats, damping: float = 1e-6) -> tuple[Tensor, Tensor]:
+def whiten_factors(W: Tensor, rank: int, stats: Moments, damping: float = 1e-6) -> tuple[Tensor, Tensor]:
     """SVD-LLM: truncate the SVD of ``W S`` where ``S Sᵀ = E[x xᵀ] + λI``, then undo the whitening.
 
     ``E‖(W − B A) x‖² = ‖(W − B A) S‖_F²`` over the calibration inputs, so truncating the SVD of W S
     gives the output-optimal rank-r pair. The uncentered moment is used because the layers
     are compressed without adding a bias. Returns (A, B) with A = sqrt(Σ_r) V_rᵀ S⁻¹, B = U_r sqrt(Σ_r).
+
+    From output moments (``stats.of_outputs``) the same product ``U_r U_rᵀ W`` comes out of ``eigh`` of
+    ``W S Sᵀ Wᵀ = E[(W x)(W x)ᵀ] + λ W Wᵀ``: no input moment and no SVD of W S at all. There λ, a share
+    ``damping`` of the mean input energy, is estimated as ``tr(W M Wᵀ) / tr(W Wᵀ)`` (exact for isotropic inputs).
     """
     validate_rank(rank, *W.shape)
     W64 = W.detach().double()
+    if stats.of_outputs:
+        moment, gram = stats.second_moment().to(W64.device), W64 @ W64.T
+        lam = damping * moment.trace() / gram.trace().clamp_min(torch.finfo(torch.float64).tiny)
+        U = _top_eigenvectors(moment + lam * gram, rank)
+        return (U.T @ W64).float(), U.float()
     S = _damped_cholesky(stats.second_moment().to(W64.device), damping)
     U, sigma, Vh = truncated_svd(W64 @ S, rank)
     A_white, B = _balanced(U, sigma, Vh, rank)
@@ -237,7 +268,7 @@ def balance_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def factorize(
-    W: Tensor, rank: int, init: str, stats: InputStats | None = None, bias: Tensor | None = None
+    W: Tensor, rank: int, init: str, stats: Moments | None = None, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Factor W with the named init. Returns balanced (A, B) and the bias in float32, possibly updated (pca)."""
     if init not in INITS:
@@ -246,7 +277,7 @@ def factorize(
     if init == "svd":
         A, B = svd_factors(W, rank)
     elif stats is None:
-        raise ValueError(f"init {init!r} needs the input statistics (stats=InputStats) of the layer")
+        raise ValueError(f"init {init!r} needs the input statistics (stats=Moments) of the layer")
     elif init == "pca":
         A, B, new_bias = pca_factors(W, rank, stats, bias)
     else:

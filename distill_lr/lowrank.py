@@ -84,7 +84,7 @@ class LowRankLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int, init: str = "svd", stats: Any = None) -> LowRankLinear:
         """Factor ``linear`` with one of ``distill_lr.init.INITS``, on the linear's device and dtype.
 
-        ``stats`` is the ``distill_lr.init.InputStats`` of the linear's inputs (typed ``Any`` since this
+        ``stats`` is the ``distill_lr.init.Moments`` of the linear's inputs or outputs (typed ``Any`` since this
         file cannot import it), needed by the activation-aware inits "pca" and "whiten". Unlike the rest
         of this file, this needs distill_lr installed.
         """
@@ -205,7 +205,7 @@ class ExpertLinears(nn.Module):
     def from_weights(cls, weight: Tensor, rank: int | None = None, init: str = "svd", stats: Sequence[Any] | None = None) -> ExpertLinears:
         """Each expert's ``weight[e] (out, in)`` factored at ``rank`` with ``distill_lr.init.factorize`` (a copy if rank is None).
 
-        ``stats[e]`` is the ``InputStats`` of the tokens routed to expert e, for "pca" and "whiten"; an
+        ``stats[e]`` is the ``Moments`` of the tokens routed to expert e, for "pca" and "whiten"; an
         expert whose entry is None (it saw too few tokens) gets the plain SVD. Needs distill_lr installed.
         """
         num_experts, out_features, in_features = weight.shape

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from distill_lr.errors import UserInputError
-from distill_lr.init import InputStats
+from distill_lr.init import Moments, records_outputs
 from distill_lr.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankExperts, is_fused_experts, replace_experts_
 
 
@@ -88,7 +88,7 @@ class Routing:
     """What ``record_routing`` saw: tokens per expert of each ``LowRankExperts``, and per-expert input statistics."""
 
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> (E,) token counts
-    stats: dict[str, list[InputStats | None]] = field(default_factory=dict)  # projection -> per expert; None: starved
+    stats: dict[str, list[Moments | None]] = field(default_factory=dict)  # projection -> per expert; None: starved
 
 
 @contextmanager
@@ -96,7 +96,8 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
     """While active, count the tokens routed to each expert and collect the named projections' per-expert input moments.
 
     A projection sees the tokens grouped per expert, zero-padded to a common length; the experts module's
-    own routing (``top_k_index``) says how many rows of each expert are real.
+    own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
+    outputs than inputs (Mixtral's down) records the moments of its outputs (``init.records_outputs``).
     """
     modules = dict(layer.named_modules())
     routing = Routing()
@@ -104,10 +105,13 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
     for name in names:
         parent, _, projection = name.rpartition(".")
         twin = f"{parent}.{'up_proj' if projection == 'gate_proj' else 'gate_proj'}"
-        if projection != "down_proj" and twin in routing.stats:
-            routing.stats[name] = routing.stats[twin]  # gate and up see the same tokens: one set of moments
+        module = modules[name]
+        outputs = records_outputs(module.out_features, module.in_features)
+        if projection != "down_proj" and not outputs and twin in routing.stats:
+            routing.stats[name] = routing.stats[twin]  # gate and up see the same tokens: one set of input moments
         else:
-            routing.stats[name] = [InputStats.empty(modules[name].in_features, device) for _ in range(modules[name].num_experts)]
+            features = module.out_features if outputs else module.in_features
+            routing.stats[name] = [Moments.empty(features, device, of_outputs=outputs) for _ in range(module.num_experts)]
             hooked.append(name)
     current: dict[str, list[int]] = {}
 
@@ -126,7 +130,10 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
         for path, m in modules.items()
         if isinstance(m, LowRankExperts)
     ]
-    hooks += [modules[n].register_forward_hook(lambda _m, args, _o, n=n: collect(n, args[0])) for n in hooked]
+    hooks += [
+        modules[n].register_forward_hook(lambda _m, args, out, n=n: collect(n, out if routing.stats[n][0].of_outputs else args[0]))
+        for n in hooked
+    ]
     try:
         yield routing
     finally:

@@ -175,9 +175,17 @@ def distill_layer(
             coses.append(cos)
         return sum(losses) / len(losses), sum(coses) / len(coses)
 
-    def snapshot() -> list[torch.Tensor]:
-        """A copy of the factors in host memory: the GPU keeps room for training."""
-        return [p.detach().to("cpu", copy=True) for p in params]
+    def snapshot(into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The factors copied to host memory (the GPU keeps room for training), into ``into`` when given.
+
+        On a GPU the buffers are pinned and the copies asynchronous: they run in stream order, before the
+        next optimizer step, and a best-so-far buffer is reused at every improvement instead of allocated.
+        """
+        if into is None:
+            into = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda) for p in params]
+        for buffer, p in zip(into, params, strict=True):
+            buffer.copy_(p.detach(), non_blocking=True)
+        return into
 
     init_state = snapshot()
     best_state = init_state
@@ -222,7 +230,7 @@ def distill_layer(
             running = []
             if held < best:
                 best, best_cos, best_step, bad = held, cos, step + 1, 0
-                best_state = snapshot()
+                best_state = snapshot(None if best_state is init_state else best_state)
             else:
                 bad += 1
                 if bad >= cfg.patience:
@@ -231,7 +239,7 @@ def distill_layer(
     bar.close()
     with torch.no_grad():
         for p, saved in zip(params, best_state, strict=True):
-            p.copy_(saved)
+            p.copy_(saved, non_blocking=True)
     for hook in freeze_hooks:
         hook.remove()
     for module in modules.values():

@@ -9,6 +9,11 @@ the parameters, for each solver and dtype::
     python scripts/bench_init.py --device cpu --shapes 1024x3584 3584x1024 --dtypes float64
 
 The error column is ``‖M − U S Vh‖_F`` divided by the exact SVD's (1.000 is optimal).
+
+A second table times ``whiten_factors`` for the shapes with fewer outputs than inputs (Mixtral's
+down projections) from the input moments (Cholesky + SVD of W S) and from the output moments
+(``eigh`` of E[(Wx)(Wx)ᵀ] + λ W Wᵀ, what the driver records there), with the output error
+``‖(W − B A) Xᵀ‖`` of each over the tokens X, relative to the input route's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from functools import partial
 
 import torch
 
-from distill_lr.init import break_even_rank, truncated_svd
+from distill_lr.init import Moments, break_even_rank, truncated_svd, whiten_factors
 
 SOLVERS = ("exact", "gram", "randomized")
 
@@ -33,6 +38,11 @@ def decaying_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
     return ((U * torch.logspace(0, -4, k)) @ V.T).to(device=device, dtype=dtype)
 
 
+def parse(shape: str) -> tuple[int, int]:
+    rows, cols = (int(v) for v in shape.lower().split("x"))
+    return rows, cols
+
+
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, tuple[torch.Tensor, ...]]:
     result = fn()  # warm-up: cuSOLVER / LAPACK workspaces, kernel selection
     if device.type == "cuda":
@@ -43,6 +53,20 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, tuple[torch.Te
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats, result
+
+
+def whiten_routes(rows: int, cols: int, rank: int, device: torch.device, repeats: int) -> str:
+    """One table row: seconds of whiten_factors from input and from output moments, and the output error ratio."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    W = (torch.randn(rows, cols, generator=g) / cols**0.5).to(device)
+    X = (torch.randn(2 * cols, cols, generator=g) * torch.logspace(0, -3, cols)).to(device)  # anisotropic tokens
+    inputs, outputs = Moments.empty(cols, device), Moments.empty(rows, device, of_outputs=True)
+    inputs.update(X)
+    outputs.update(X @ W.T)
+    t_in, (A_in, B_in) = timed(partial(whiten_factors, W, rank, inputs), device, repeats)
+    t_out, (A_out, B_out) = timed(partial(whiten_factors, W, rank, outputs), device, repeats)
+    error = float(((W - B_out @ A_out) @ X.T).norm() / ((W - B_in @ A_in) @ X.T).norm())
+    return f"| {rows}x{cols} | {rank} | {t_in:.3f} | {t_out:.3f} | {t_out / t_in:.3f} | {error:.4f} |"
 
 
 def main() -> None:
@@ -60,7 +84,7 @@ def main() -> None:
     print("| shape | rank | dtype | solver | seconds | × exact time | error ÷ exact |")
     print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
     for shape in args.shapes:
-        rows, cols = (int(v) for v in shape.lower().split("x"))
+        rows, cols = parse(shape)
         rank = int((1 - args.removed) * break_even_rank(rows, cols))
         for dtype in args.dtypes:
             M = decaying_matrix(rows, cols, getattr(torch, dtype), device)
@@ -72,6 +96,12 @@ def main() -> None:
                 vs_time = f"{seconds[solver] / seconds['exact']:.3f}" if "exact" in seconds else "-"
                 vs_err = f"{errors[solver] / errors['exact']:.4f}" if "exact" in errors else "-"
                 print(f"| {shape} | {rank} | {dtype} | {solver} | {seconds[solver]:.3f} | {vs_time} | {vs_err} |", flush=True)
+    wide = [(rows, cols) for rows, cols in (parse(shape) for shape in args.shapes) if rows < cols]
+    if wide:
+        print("\n| whiten, shape | rank | s from inputs | s from outputs | × input time | error ÷ input route |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for rows, cols in wide:
+            print(whiten_routes(rows, cols, int((1 - args.removed) * break_even_rank(rows, cols)), device, args.repeats), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from torch import Tensor
 from distill_lr.errors import UserInputError
 from distill_lr.init import (
     INITS,
-    InputStats,
+    Moments,
     balance_factors,
     break_even_rank,
     factorize,
@@ -23,8 +23,8 @@ def correlated_inputs(tokens: int, features: int, seed: int, offset: float = 0.0
     return (torch.randn(tokens, features, generator=g) * scales) @ rotation.T + offset
 
 
-def stats_of(x: Tensor) -> InputStats:
-    stats = InputStats.empty(x.shape[-1])
+def stats_of(x: Tensor) -> Moments:
+    stats = Moments.empty(x.shape[-1])
     stats.update(x)
     return stats
 
@@ -127,12 +127,12 @@ def test_non_finite_statistics_are_reported() -> None:
 
 def test_empty_statistics_are_rejected() -> None:
     with pytest.raises(ValueError, match="no inputs"):
-        InputStats.empty(6).mean()
+        Moments.empty(6).mean()
 
 
 def test_stats_over_batches_equal_stats_of_concatenation() -> None:
     x = correlated_inputs(300, 10, seed=7, offset=1.0).bfloat16().float()  # exact in bfloat16 too
-    streamed = InputStats.empty(10)
+    streamed = Moments.empty(10)
     for batch in (x[:50].reshape(5, 10, 10), x[50:170], x[170:].bfloat16()):
         streamed.update(batch)
     whole = stats_of(x)
@@ -147,7 +147,7 @@ def test_stats_over_batches_equal_stats_of_concatenation() -> None:
 
 def test_stats_reject_wrong_width() -> None:
     with pytest.raises(ValueError, match="features"):
-        InputStats.empty(6).update(torch.zeros(3, 7))
+        Moments.empty(6).update(torch.zeros(3, 7))
 
 
 def test_factorize_dispatch() -> None:
@@ -215,3 +215,21 @@ def test_fast_svd_solvers_are_close_to_exact(shape: tuple[int, int], dtype: torc
     assert errors["randomized"] <= errors["exact"] * 1.01
     with pytest.raises(ValueError, match="unknown SVD solver"):
         truncated_svd(M, rank, "qr")
+
+
+@pytest.mark.parametrize("init", ["pca", "whiten"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_output_moments_give_the_same_factors_as_input_moments(init: str, with_bias: bool) -> None:
+    """For a matrix with fewer outputs than inputs, the moments of ``W x`` replace the larger ones of x."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 40, generator=g)
+    bias = torch.randn(12, generator=g) if with_bias else None
+    x = correlated_inputs(400, 40, seed=4, offset=0.2)
+    outputs = Moments.empty(12, of_outputs=True)
+    outputs.update(x @ W.T)
+    A_in, B_in, bias_in = factorize(W, 5, init, stats=stats_of(x), bias=bias)
+    A_out, B_out, bias_out = factorize(W, 5, init, stats=outputs, bias=bias)
+    assert torch.allclose(B_out @ A_out, B_in @ A_in, atol=1e-4)
+    assert (bias_out is None) == (bias_in is None)
+    if bias_in is not None:
+        assert torch.allclose(bias_out, bias_in, atol=1e-4)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.dynamic_module_utils import get_imports
 
-from distill_lr.init import InputStats
+from distill_lr.init import Moments
 from distill_lr.lowrank import LowRankLinear, replace_linears_
 
 
@@ -42,7 +42,7 @@ def test_to_dense_round_trip() -> None:
 
 def test_from_linear_keeps_dtype_and_activation_aware_inits_run() -> None:
     dense = linear(16, 8, dtype=torch.bfloat16)
-    stats = InputStats.empty(16)
+    stats = Moments.empty(16)
     stats.update(torch.randn(64, 16))
     for init in ("svd", "pca", "whiten"):
         low = LowRankLinear.from_linear(dense, rank=4, init=init, stats=stats)

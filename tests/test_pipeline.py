@@ -14,6 +14,7 @@ from distill_lr import checkpoint as ckpt
 from distill_lr import driver
 from distill_lr.config import load_config
 from distill_lr.driver import compress, factorize_layer_
+from distill_lr.init import Moments
 from distill_lr.layerwise import capture_inputs, run_layer
 
 
@@ -41,6 +42,28 @@ def test_full_rank_svd_reproduces_the_decoder_layer(tiny_llama: Path) -> None:
     full = {n: min(m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     factorize_layer_(layer, full, "svd", {})
     assert torch.allclose(run_layer(layer, hidden, kwargs[0], 2), dense, atol=1e-5, rtol=1e-4)
+
+
+def test_moments_are_recorded_on_each_linears_smaller_side_and_shared(tiny_llama: Path) -> None:
+    """Inputs, or outputs ``W x`` where there are fewer (k/v and down here); linears that read one tensor share one set."""
+    model, layers, layer = materialised_layer(tiny_llama)
+    ids = torch.randint(3, 200, (6, 16))
+    hidden, kwargs = capture_inputs(model, layers, ids)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    outputs = {n for n, m in linears.items() if m.out_features < m.in_features}
+    assert outputs == {"self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"}
+    own = {n: Moments.empty(m.out_features if n in outputs else m.in_features) for n, m in linears.items()}
+    hooks = [m.register_forward_hook(lambda _m, args, y, n=n: own[n].update(y if n in outputs else args[0])) for n, m in linears.items()]
+    run_layer(layer, hidden, kwargs[0], 4)
+    for hook in hooks:
+        hook.remove()
+    stats, _ = driver.collect_stats(layer, list(linears), hidden, kwargs[0], batch_size=4)
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert len({id(s) for s in stats.values()}) == len(linears) - 1
+    for name, expected in own.items():
+        assert stats[name].of_outputs == (name in outputs)
+        assert stats[name].count == expected.count == ids.numel()
+        assert torch.allclose(stats[name].sum_xxT, expected.sum_xxT)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])

@@ -116,3 +116,19 @@ def test_nan_loss_rolls_back(layer_setup) -> None:
     assert "nan" in result.rolled_back
     for k, v in layer.state_dict().items():
         assert torch.equal(v, init[k]), k
+
+
+def test_the_installed_factors_are_the_best_held_out_ones(layer_setup) -> None:
+    """Not the last step's: a training whose held-out loss goes down, then up, ends on its best evaluation."""
+    layer, x, x_s, y, kwargs = layer_setup
+    cfg = TrainConfig(
+        inputs="teacher", epochs=8, batch_size=4, lr=0.1, evals_per_epoch=4, patience=100, warmup_fraction=0.0, min_lr_ratio=1.0
+    )
+    result = distill_layer(layer, x, x_s, y, kwargs, cfg, seed=0)
+    helds = [point["holdout_loss"] for point in result.curve]
+    assert result.best_holdout == min(helds) < result.init_holdout
+    assert 0 < helds.index(min(helds)) < len(helds) - 1  # improved more than once, and got worse after
+    hold = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[: math.ceil(len(y) * cfg.holdout_fraction)]
+    with torch.no_grad():
+        losses = [distill_loss(y[i : i + 1], layer(x[i : i + 1], **kwargs)) for i in hold.tolist()]
+    assert float(sum(losses) / len(losses)) == pytest.approx(result.best_holdout, rel=1e-5)
