@@ -93,7 +93,7 @@ class Routing:
 
 @contextmanager
 def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> Iterator[Routing]:
-    """While active, count the tokens routed to each expert and collect the named projections' per-expert input moments.
+    """While active, count the tokens routed to each expert and collect the named projections' per-expert moments.
 
     A projection sees the tokens grouped per expert, zero-padded to a common length; the experts module's
     own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
@@ -101,7 +101,7 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
     """
     modules = dict(layer.named_modules())
     routing = Routing()
-    hooked = []
+    hooked: dict[str, bool] = {}  # projection -> records its outputs
     for name in names:
         parent, _, projection = name.rpartition(".")
         twin = f"{parent}.{'up_proj' if projection == 'gate_proj' else 'gate_proj'}"
@@ -112,7 +112,7 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
         else:
             features = module.out_features if outputs else module.in_features
             routing.stats[name] = [Moments.empty(features, device, of_outputs=outputs) for _ in range(module.num_experts)]
-            hooked.append(name)
+            hooked[name] = outputs
     current: dict[str, list[int]] = {}
 
     def count(path: str, module: LowRankExperts, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -131,8 +131,8 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
         if isinstance(m, LowRankExperts)
     ]
     hooks += [
-        modules[n].register_forward_hook(lambda _m, args, out, n=n: collect(n, out if routing.stats[n][0].of_outputs else args[0]))
-        for n in hooked
+        modules[n].register_forward_hook(lambda _m, args, out, n=n, on_out=on_out: collect(n, out if on_out else args[0]))
+        for n, on_out in hooked.items()
     ]
     try:
         yield routing
