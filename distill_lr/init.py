@@ -277,7 +277,7 @@ def factorize(
     if init == "svd":
         A, B = svd_factors(W, rank)
     elif stats is None:
-        raise ValueError(f"init {init!r} needs the input statistics (stats=Moments) of the layer")
+        raise ValueError(f"init {init!r} needs the activation statistics (stats=Moments) of the layer")
     elif init == "pca":
         A, B, new_bias = pca_factors(W, rank, stats, bias)
     else:

@@ -85,7 +85,7 @@ def unfuse_experts_(layer: nn.Module, ranks: dict[str, int]) -> dict[str, nn.Mod
 
 @dataclass
 class Routing:
-    """What ``record_routing`` saw: tokens per expert of each ``LowRankExperts``, and per-expert input statistics."""
+    """What ``record_routing`` saw: tokens per expert of each ``LowRankExperts``, and per-expert moments."""
 
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> (E,) token counts
     stats: dict[str, list[Moments | None]] = field(default_factory=dict)  # projection -> per expert; None: starved

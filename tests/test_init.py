@@ -162,7 +162,7 @@ def test_factorize_dispatch() -> None:
     with pytest.raises(ValueError, match="svd', 'pca', 'whiten"):
         factorize(W, 3, "qr")
     for init in ("pca", "whiten"):
-        with pytest.raises(ValueError, match="needs the input statistics"):
+        with pytest.raises(ValueError, match="needs the activation statistics"):
             factorize(W, 3, init)
 
 
