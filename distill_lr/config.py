@@ -102,6 +102,10 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0
+    # Train each factor in coordinates where its input is white (train.Whitened): the same steps fit more.
+    precondition: bool = True
+    precondition_damping: float = 1e-2  # added to the input Gram matrix, times its mean eigenvalue
+    precondition_max_features: int = 8192  # wider inputs (e.g. Mixtral's expert down projections) train unpreconditioned
     holdout_fraction: float = 0.125  # calibration sequences held out per layer to pick the best factors
     evals_per_epoch: int = 2
     patience: int = 2  # held-out evaluations without improvement before stopping early
@@ -120,6 +124,8 @@ class TrainConfig:
         _check(0.0 < self.holdout_fraction < 1.0, f"train.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         _check(self.evals_per_epoch > 0, f"train.evals_per_epoch must be > 0, got {self.evals_per_epoch}")
         _check(self.patience > 0, f"train.patience must be > 0, got {self.patience}")
+        _check(self.precondition_damping > 0, f"train.precondition_damping must be > 0, got {self.precondition_damping}")
+        _check(self.precondition_max_features > 0, f"train.precondition_max_features must be > 0, got {self.precondition_max_features}")
         _check(self.divergence_factor > 1.0, f"train.divergence_factor must be > 1, got {self.divergence_factor}")
 
 

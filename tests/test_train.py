@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import materialised_layer
+from torch.nn.utils import parametrize
 
 from distill_lr.config import TrainConfig
 from distill_lr.driver import factorize_layer_
 from distill_lr.layerwise import capture_inputs, embed, run_layer
-from distill_lr.lowrank import LowRankLinear
-from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, lr_factor, param_groups
+from distill_lr.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.train import (
+    MIN_LOSS,
+    distill_layer,
+    distill_loss,
+    factor_grams,
+    factor_modules,
+    inverse_sqrt,
+    lr_factor,
+    param_groups,
+    preconditioned,
+)
 
 
 def test_loss_of_identical_outputs_is_minimal() -> None:
@@ -122,7 +134,15 @@ def test_the_installed_factors_are_the_best_held_out_ones(layer_setup) -> None:
     """Not the last step's: a training whose held-out loss goes down, then up, ends on its best evaluation."""
     layer, x, x_s, y, kwargs = layer_setup
     cfg = TrainConfig(
-        inputs="teacher", epochs=8, batch_size=4, lr=0.1, evals_per_epoch=4, patience=100, warmup_fraction=0.0, min_lr_ratio=1.0
+        inputs="teacher",
+        epochs=8,
+        batch_size=4,
+        lr=0.1,
+        evals_per_epoch=4,
+        patience=100,
+        warmup_fraction=0.0,
+        min_lr_ratio=1.0,
+        precondition=False,  # a setting known to overfit this tiny layer
     )
     result = distill_layer(layer, x, x_s, y, kwargs, cfg, seed=0)
     helds = [point["holdout_loss"] for point in result.curve]
@@ -132,3 +152,57 @@ def test_the_installed_factors_are_the_best_held_out_ones(layer_setup) -> None:
     with torch.no_grad():
         losses = [distill_loss(y[i : i + 1], layer(x[i : i + 1], **kwargs)) for i in hold.tolist()]
     assert float(sum(losses) / len(losses)) == pytest.approx(result.best_holdout, rel=1e-5)
+
+
+def test_inverse_sqrt_whitens_the_damped_gram_matrix() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g) @ torch.randn(6, 6, generator=g)  # correlated features
+    gram = x.T @ x
+    P, P_inv = inverse_sqrt(gram, 1e-2)
+    eye = torch.eye(6, dtype=torch.float64)
+    damped = gram.double() + 1e-2 * gram.diagonal().mean().double() * eye
+    torch.testing.assert_close(P.double() @ damped @ P.double(), eye, atol=1e-4, rtol=0)
+    torch.testing.assert_close(P @ P_inv, eye.float(), atol=1e-4, rtol=0)
+    P2, P2_inv = inverse_sqrt(torch.stack([gram, torch.zeros(6, 6)]), 1e-2)  # per expert; one saw no token
+    torch.testing.assert_close(P2[0], P)
+    assert torch.equal(P2[1], eye.float()) and torch.equal(P2_inv[1], eye.float())
+
+
+def test_preconditioning_keeps_the_layer_and_leaves_plain_factors(layer_setup) -> None:
+    layer, x, _, _, kwargs = layer_setup
+    modules = factor_modules(layer)
+    keys = set(layer.state_dict())
+    before = run_layer(layer, x, kwargs, 8)
+    grams = factor_grams(layer, modules, [x[:8], x[8:16]], kwargs, nullcontext(), max_features=8192)
+    assert set(grams) == set(modules)
+    assert grams["self_attn.q_proj"] is grams["self_attn.v_proj"]  # q/k/v read one tensor: one matrix
+    normed = layer.input_layernorm(x[:16].reshape(-1, x.shape[-1]))
+    torch.testing.assert_close(grams["self_attn.q_proj"], normed.T @ normed, rtol=1e-4, atol=1e-3)
+    bf16 = factor_grams(layer, modules, [x[:8], x[8:16]], kwargs, torch.autocast("cpu", dtype=torch.bfloat16), 8192)
+    assert bf16["mlp.down_proj"].dtype == torch.float32  # summed in float32 under the GPU's training autocast
+    reference = grams["mlp.down_proj"]
+    torch.testing.assert_close(bf16["mlp.down_proj"], reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+    with preconditioned(modules, grams, 1e-2, {}):
+        assert all(parametrize.is_parametrized(m.A) and not parametrize.is_parametrized(m.B) for m in modules.values())
+        torch.testing.assert_close(run_layer(layer, x, kwargs, 8), before, rtol=1e-4, atol=1e-4)
+    assert not any(parametrize.is_parametrized(m) for m in layer.modules()) and set(layer.state_dict()) == keys
+    hidden = x.shape[-1]
+    narrow = factor_grams(layer, modules, [x[:8]], kwargs, nullcontext(), max_features=hidden)
+    assert set(narrow) == {n for n, m in modules.items() if m.in_features <= hidden} != set(modules)  # not down_proj
+
+
+def test_expert_grams_are_per_expert_and_frozen_experts_stay_exact() -> None:
+    torch.manual_seed(0)
+    experts = ExpertLinears(3, 8, 6, rank=2)
+    torch.nn.init.normal_(experts.A)
+    torch.nn.init.normal_(experts.B)
+    x = torch.randn(3, 5, 8)
+    x[1] = 0.0  # expert 1 was routed no token: every row is padding
+    modules = {"mlp.experts.down_proj": experts}
+    grams = factor_grams(experts, modules, [x], {}, nullcontext(), max_features=8192)
+    torch.testing.assert_close(grams["mlp.experts.down_proj"], torch.bmm(x.mT, x))
+    init, before = experts.A.detach().clone(), experts(x).detach()
+    with preconditioned(modules, grams, 1e-2, {"mlp.experts": [2]}):
+        torch.testing.assert_close(experts(x), before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(experts.A[2], init[2]) and torch.equal(experts.A[1], init[1])  # frozen; no tokens: identity
+    torch.testing.assert_close(experts.A, init, rtol=1e-4, atol=1e-5)
