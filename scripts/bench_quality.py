@@ -26,7 +26,8 @@ METHODS = {
     "svd": ["method=svd"],
     "pca": ["method=pca"],
     "whiten": ["method=whiten"],
-    "distill-svd": ["method=distill", "init=svd", "train.lr=3e-2"],
+    # Preconditioned training (train.precondition) hurts from the plain SVD init at this lr: 139.1 vs 92.73 at 20% removed.
+    "distill-svd": ["method=distill", "init=svd", "train.lr=3e-2", "train.precondition=false"],
     "distill-whiten": ["method=distill", "init=whiten", "train.lr=1e-2"],
 }
 # Trained on the student stack's inputs only: on this model it beats teacher+student at equal time
