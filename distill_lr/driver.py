@@ -38,7 +38,7 @@ from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import UserInputError
 from distill_lr.hf_modeling import apply_low_rank_
 from distill_lr.init import Moments, records_outputs
-from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, layer_device, run_layer
+from distill_lr.layerwise import LayerKwargs, SharedInputs, capture_inputs, embed, head_nll, layer_device, run_layer
 from distill_lr.lowrank import LowRankExperts, LowRankLinear, replace_linears_
 from distill_lr.ranks import RankPlan, layer_ranks, plan_ranks
 from distill_lr.train import distill_layer
@@ -94,7 +94,7 @@ def collect_stats(
     device = layer_device(layer)  # the statistics live where the layer computes, wherever the caches are
     linears = [n for n in names if isinstance(modules[n], nn.Linear)]
     stats: dict[str, Any] = {}
-    batch_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's linear inputs, by identity
+    shared = SharedInputs(layer)
 
     def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         module = modules[name]
@@ -102,15 +102,14 @@ def collect_stats(
             product = y if module.bias is None else y - module.bias  # the moments of W x
             stats.setdefault(name, Moments.empty(module.out_features, device, of_outputs=True)).update(product)
             return
-        first = batch_inputs.get(id(x))
-        if first is not None and first[0] is x:  # q/k/v (gate/up) read one tensor: one set of moments, computed once
-            stats[name] = stats[first[1]]
+        first = shared.first_reader(name, x)
+        if first is not None:  # q/k/v (gate/up) read one tensor: one set of moments, computed once
+            stats[name] = stats[first]
             return
-        batch_inputs[id(x)] = (x, name)
         stats.setdefault(name, Moments.empty(module.in_features, device)).update(x)
 
     hooks = [modules[n].register_forward_hook(lambda _m, args, out, n=n: record(n, args[0], out)) for n in linears]
-    hooks.append(layer.register_forward_pre_hook(lambda *_: batch_inputs.clear()))
+    hooks.append(shared.hook)
     experts = [n for n in names if n not in linears]
     try:
         with moe.record_routing(layer, experts, device) as routing:

@@ -119,6 +119,24 @@ def run_layer(
     return result
 
 
+class SharedInputs:
+    """Which module first read a tensor during the current forward of ``layer``, so that linears reading one
+    tensor (q/k/v, gate/up) share one statistic of it, computed once. ``hook`` forgets at each forward; remove it after.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # by identity; the tensor is kept so its id stays unique
+        self.hook = layer.register_forward_pre_hook(lambda *_: self._seen.clear())
+
+    def first_reader(self, name: str, x: torch.Tensor) -> str | None:
+        """The module that already read ``x`` in this forward, or None (``name`` is then recorded as its reader)."""
+        first = self._seen.get(id(x))
+        if first is not None and first[0] is x:
+            return first[1]
+        self._seen[id(x)] = (x, name)
+        return None
+
+
 def layer_device(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
 

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from distill_lr.config import TrainConfig
-from distill_lr.layerwise import LayerKwargs, call_layer, layer_device
+from distill_lr.layerwise import LayerKwargs, SharedInputs, call_layer, layer_device
 from distill_lr.lowrank import ExpertLinears, LowRankLinear
 
 MIN_LOSS = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1): the loss of a perfect student
@@ -151,23 +151,22 @@ def factor_grams(
     """
     device = layer_device(layer)
     grams: dict[str, torch.Tensor] = {}
-    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's inputs by identity
+    shared = SharedInputs(layer)
 
     def record(name: str, x: torch.Tensor) -> None:
         if x.shape[-1] > max_features:
             return
-        first = seen.get(id(x))
-        if first is not None and first[0] is x:
-            grams[name] = grams[first[1]]
+        first = shared.first_reader(name, x)
+        if first is not None:
+            grams[name] = grams[first]
             return
-        seen[id(x)] = (x, name)
         t = x.float() if isinstance(modules[name], ExpertLinears) else x.reshape(-1, x.shape[-1]).float()
         with torch.autocast(t.device.type, enabled=False):  # a float32 sum, not bf16, under the training's autocast
             gram = t.mT @ t
         grams[name] = grams[name] + gram if name in grams else gram
 
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in modules.items()]
-    hooks.append(layer.register_forward_pre_hook(lambda *_: seen.clear()))
+    hooks.append(shared.hook)
     try:
         for batch in batches:
             with autocast:
