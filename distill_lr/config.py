@@ -23,6 +23,7 @@ from distill_lr.init import INITS
 
 METHODS = ("svd", "pca", "whiten", "distill")
 TRAIN_INPUTS = ("teacher", "student", "teacher+student")
+AUTOCASTS = ("auto", "bfloat16", "float32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that change how a run is carried out or reported, not the layer files it writes:
@@ -114,6 +115,9 @@ class TrainConfig:
     # first evaluations worse than the init, then better: with 2 three layers of SmolLM2 stopped there.
     patience: int = 4
     divergence_factor: float = 10.0  # roll back when the loss exceeds this multiple of the initial loss
+    # Compute dtype of the training steps (the factors stay float32): auto = bfloat16 on a GPU, float32 on a CPU;
+    # bfloat16 also on a CPU pays where it has native bf16 matmuls (AVX512-BF16, AMX; emulated elsewhere, slower).
+    autocast: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.inputs in TRAIN_INPUTS, f"train.inputs '{self.inputs}' is unknown: use one of {TRAIN_INPUTS}")
@@ -130,6 +134,7 @@ class TrainConfig:
         _check(self.patience > 0, f"train.patience must be > 0, got {self.patience}")
         _check(self.precondition_damping > 0, f"train.precondition_damping must be > 0, got {self.precondition_damping}")
         _check(self.precondition_max_features > 0, f"train.precondition_max_features must be > 0, got {self.precondition_max_features}")
+        _check(self.autocast in AUTOCASTS, f"train.autocast '{self.autocast}' is unknown: use one of {AUTOCASTS}")
         _check(self.divergence_factor > 1.0, f"train.divergence_factor must be > 1, got {self.divergence_factor}")
 
 

@@ -126,6 +126,12 @@ class Whitened(nn.Module):
             return factor @ self.P
 
 
+def training_autocast(device: torch.device, mode: str) -> torch.autocast:
+    """bfloat16 autocast for the training steps on a GPU (``auto``) or wherever asked (``bfloat16``); float32 with ``float32``."""
+    enabled = mode == "bfloat16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def _input_factor(module: nn.Module) -> tuple[nn.Module, str]:
     """(owner, tensor name) of the factor that reads the input: A of a low-rank linear or expert projection."""
     return (module.A, "weight") if isinstance(module, LowRankLinear) else (module, "A")
@@ -240,7 +246,7 @@ def distill_layer(
     work_dtype = next(p.dtype for m in modules.values() for p in m.parameters())
     layer.requires_grad_(False)
     for module in modules.values():
-        module.float().requires_grad_(True)  # float32 master weights; bf16 compute under autocast on GPU
+        module.float().requires_grad_(True)  # float32 master weights; bf16 compute under train.autocast
     slots = [(owner, name) for m in modules.values() for owner in m.modules() for name, _ in owner.named_parameters(recurse=False)]
     params = [getattr(owner, name) for owner, name in slots]  # the same Parameter objects once preconditioned (F' in F = F' P)
     freeze_hooks = _freeze_experts(modules, frozen_experts or {})
@@ -251,7 +257,7 @@ def distill_layer(
         if cfg.inputs == "student"
         else [x_teacher, x_student]
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = training_autocast(device, cfg.autocast)
 
     n = len(y)
     order = torch.randperm(n, generator=generator)

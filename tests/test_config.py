@@ -30,6 +30,7 @@ def test_defaults_and_overrides() -> None:
         (["init=qr"], "init 'qr' is unknown"),
         (["method=prune"], "method 'prune' is unknown"),
         (["train.inputs=both"], "train.inputs 'both' is unknown"),
+        (["train.autocast=fp16"], "train.autocast 'fp16' is unknown"),
         (["ranks.target=1.5"], "ranks.target must be in (0, 1)"),
         (["ranks.rules={layers.*.mlp.up_proj: 0}"], "use a rank > 0"),
         (["data.seq_len=abc"], "bad config value for 'data.seq_len'"),

@@ -25,6 +25,7 @@ from distill_lr.train import (
     lr_factor,
     param_groups,
     preconditioned,
+    training_autocast,
 )
 
 
@@ -105,6 +106,27 @@ def test_micro_batches_give_the_same_training(layer_setup) -> None:
     assert b.best_holdout == pytest.approx(a.best_holdout, rel=1e-4)
     for k, v in layer.state_dict().items():
         assert torch.allclose(v, trained_a[k], atol=1e-5), k
+
+
+def test_bfloat16_autocast_trains_float32_factors_on_a_cpu(layer_setup) -> None:
+    layer, x, x_s, y, kwargs = layer_setup
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    full = distill_layer(layer, x, x_s, y, kwargs, TrainConfig(epochs=2, batch_size=4), seed=1)
+    layer.load_state_dict(state)
+    half = distill_layer(layer, x, x_s, y, kwargs, TrainConfig(epochs=2, batch_size=4, autocast="bfloat16"), seed=1)
+    assert half.best_holdout < half.init_holdout
+    assert half.best_holdout != full.best_holdout  # the steps really ran in bfloat16
+    assert half.best_holdout == pytest.approx(full.best_holdout, rel=2e-2)
+    assert all(v.dtype == state[k].dtype for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("device", "mode", "enabled"),
+    [("cpu", "auto", False), ("cpu", "bfloat16", True), ("cpu", "float32", False), ("cuda", "float32", False)],
+)
+def test_training_autocast_is_bfloat16_on_a_gpu_or_when_asked(device: str, mode: str, enabled: bool) -> None:
+    autocast = training_autocast(torch.device(device), mode)
+    assert autocast._enabled is enabled and autocast.fast_dtype == torch.bfloat16
 
 
 def test_divergence_rolls_back_to_the_initialisation(layer_setup) -> None:
