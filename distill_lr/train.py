@@ -225,6 +225,85 @@ def _freeze_experts(modules: dict[str, nn.Module], frozen: dict[str, list[int]])
     return hooks
 
 
+@dataclass
+class LayerObjective:
+    """The distillation loss of one layer's student on calibration sequences, against the dense outputs Y."""
+
+    layer: nn.Module
+    sources: list[torch.Tensor]  # the inputs the student sees (X_t, X_s or both): their losses add up
+    y: torch.Tensor
+    kwargs: LayerKwargs
+    autocast: torch.autocast
+    micro_batch: int
+
+    def batch(self, idx: torch.Tensor, backward: bool) -> tuple[float, float]:
+        """Summed loss over the input sources and mean cosine of the sequences ``idx``.
+
+        With ``backward`` the gradients are accumulated one micro-batch and one source at a time,
+        so only one forward graph is alive at once (the same gradients as one big backward).
+        """
+        device = layer_device(self.layer)
+        loss, cos = 0.0, 0.0
+        for start in range(0, len(idx), self.micro_batch):
+            part = idx[start : start + self.micro_batch]
+            weight = len(part) / len(idx)
+            target = self.y[part].to(device, non_blocking=True)
+            for x in self.sources:
+                with self.autocast:
+                    pred = call_layer(self.layer, x[part].to(device, non_blocking=True), self.kwargs)
+                part_loss = distill_loss(target, pred) * weight
+                if backward:
+                    part_loss.backward()
+                loss += float(part_loss.detach())
+                cos += float(mean_cosine(target, pred.detach())) * weight / len(self.sources)
+        return loss, cos
+
+    @torch.no_grad()
+    def mean(self, idx: torch.Tensor, batch_size: int) -> tuple[float, float]:
+        """Mean loss and cosine over ``idx``, ``batch_size`` sequences at a time (the held-out evaluation)."""
+        losses, coses = [], []
+        with parametrize.cached():  # each factor's F' P once per evaluation, not once per batch
+            for start in range(0, len(idx), batch_size):
+                loss, cos = self.batch(idx[start : start + batch_size], backward=False)
+                losses.append(loss)
+                coses.append(cos)
+        return sum(losses) / len(losses), sum(coses) / len(coses)
+
+
+class FactorSlots:
+    """The trainable factors of a layer, read and written by (owner, name) so that a parametrization in between is seen."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.slots = [(owner, name) for m in modules.values() for owner in m.modules() for name, _ in owner.named_parameters(recurse=False)]
+        self.params = [getattr(owner, name) for owner, name in self.slots]  # the same objects once preconditioned (F' in F = F' P)
+
+    def snapshot(self, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The factors copied to host memory (the GPU keeps room for training), into ``into`` when given.
+
+        On a GPU the buffers are pinned and the copies asynchronous: they run in stream order, before the
+        next optimizer step, and a best-so-far buffer is reused at every improvement instead of allocated.
+        """
+        if into is None:
+            into = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda) for p in self.params]
+        for buffer, (owner, name) in zip(into, self.slots, strict=True):
+            buffer.copy_(getattr(owner, name).detach(), non_blocking=True)  # through the parametrization, when preconditioned
+        return into
+
+    @torch.no_grad()
+    def restore(self, state: list[torch.Tensor]) -> None:
+        """Install a snapshot; outside the parametrizations, where the parameters hold the factors' own values."""
+        for p, saved in zip(self.params, state, strict=True):
+            p.copy_(saved, non_blocking=True)
+
+
+def split_holdout(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out, training) sequence indices on the host: the caches may live on the host or on disk."""
+    order = torch.randperm(n, generator=generator)
+    n_hold = max(1, math.ceil(n * fraction))
+    hold, train = order[:n_hold], order[n_hold:]
+    return hold, train if len(train) else hold
+
+
 def distill_layer(
     layer: nn.Module,
     x_teacher: torch.Tensor,
@@ -240,148 +319,101 @@ def distill_layer(
     ``frozen_experts`` names, per experts module, experts whose factors keep their initialisation
     (with weight decay 0 they do not move at all).
     """
-    device = layer_device(layer)
     generator = torch.Generator().manual_seed(seed)
     modules = factor_modules(layer)
     work_dtype = next(p.dtype for m in modules.values() for p in m.parameters())
     layer.requires_grad_(False)
     for module in modules.values():
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under train.autocast
-    slots = [(owner, name) for m in modules.values() for owner in m.modules() for name, _ in owner.named_parameters(recurse=False)]
-    params = [getattr(owner, name) for owner, name in slots]  # the same Parameter objects once preconditioned (F' in F = F' P)
+    factors = FactorSlots(modules)
     freeze_hooks = _freeze_experts(modules, frozen_experts or {})
-    sources = (
-        [x_teacher]
-        if cfg.inputs == "teacher" or x_student is x_teacher
-        else [x_student]
-        if cfg.inputs == "student"
-        else [x_teacher, x_student]
-    )
-    autocast = training_autocast(device, cfg.autocast)
+    if cfg.inputs == "teacher" or x_student is x_teacher:
+        sources = [x_teacher]
+    else:
+        sources = [x_student] if cfg.inputs == "student" else [x_teacher, x_student]
+    autocast = training_autocast(layer_device(layer), cfg.autocast)
+    objective = LayerObjective(layer, sources, y, kwargs, autocast, cfg.micro_batch_size or cfg.batch_size)
+    hold, train = split_holdout(len(y), cfg.holdout_fraction, generator)
 
-    n = len(y)
-    order = torch.randperm(n, generator=generator)
-    n_hold = max(1, math.ceil(n * cfg.holdout_fraction))
-    hold, train = order[:n_hold], order[n_hold:]  # host indices: the caches may live on the host or on disk
-    if len(train) == 0:
-        train = hold
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
-
-    micro = cfg.micro_batch_size or cfg.batch_size
-
-    def batch_loss(idx: torch.Tensor, backward: bool) -> tuple[float, float]:
-        """Summed loss over the input sources and mean cosine of one batch.
-
-        With ``backward`` the gradients are accumulated one micro-batch and one source at a time,
-        so only one forward graph is alive at once (the same gradients as one big backward).
-        """
-        loss, cos = 0.0, 0.0
-        for start in range(0, len(idx), micro):
-            part = idx[start : start + micro]
-            weight = len(part) / len(idx)
-            target = y[part].to(device, non_blocking=True)
-            for x in sources:
-                with autocast:
-                    pred = call_layer(layer, x[part].to(device, non_blocking=True), kwargs)
-                part_loss = distill_loss(target, pred) * weight
-                if backward:
-                    part_loss.backward()
-                loss += float(part_loss.detach())
-                cos += float(mean_cosine(target, pred.detach())) * weight / len(sources)
-        return loss, cos
-
-    @torch.no_grad()
-    def holdout() -> tuple[float, float]:
-        losses, coses = [], []
-        with parametrize.cached():  # each factor's F' P once per evaluation, not once per batch
-            for start in range(0, len(hold), cfg.batch_size):
-                loss, cos = batch_loss(hold[start : start + cfg.batch_size], backward=False)
-                losses.append(loss)
-                coses.append(cos)
-        return sum(losses) / len(losses), sum(coses) / len(coses)
-
-    def snapshot(into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The factors copied to host memory (the GPU keeps room for training), into ``into`` when given.
-
-        On a GPU the buffers are pinned and the copies asynchronous: they run in stream order, before the
-        next optimizer step, and a best-so-far buffer is reused at every improvement instead of allocated.
-        """
-        if into is None:
-            into = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda) for p in params]
-        for buffer, (owner, name) in zip(into, slots, strict=True):
-            buffer.copy_(getattr(owner, name).detach(), non_blocking=True)  # through the parametrization, when preconditioned
-        return into
-
-    init_state = snapshot()
+    init_state = factors.snapshot()
     grams: dict[str, torch.Tensor] = {}
     if cfg.precondition:  # over the training sequences, as the steps will see them
+        micro = objective.micro_batch
         batches = (x[train[i : i + micro]] for x in sources for i in range(0, len(train), micro))
         grams = factor_grams(layer, modules, batches, kwargs, autocast, cfg.precondition_max_features)
     with preconditioned(modules, grams, cfg.precondition_damping, frozen_experts or {}):
         del grams  # only the whitening matrices are needed from here on
-        best_state = init_state
-        init_holdout, init_cos = holdout()
-        best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
-        optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
-        result = TrainResult(
-            init_loss=float("nan"),
-            final_loss=float("nan"),
-            init_holdout=init_holdout,
-            best_holdout=best,
-            holdout_cos=best_cos,
-            steps=0,
-            best_step=0,
-        )
-        running: list[float] = []
-        perm = torch.empty(0, dtype=torch.long)
-        bar = tqdm(range(total), desc="  train", unit="step", leave=False)
-        for step in bar:
-            pos = step % steps_per_epoch
-            if pos == 0:
-                perm = train[torch.randperm(len(train), generator=generator)]
-            optimizer.zero_grad(set_to_none=True)
-            value, _ = batch_loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
-            if step == 0:
-                result.init_loss = value
-            if not math.isfinite(value) or value > cfg.divergence_factor * result.init_loss:
-                result.rolled_back = f"loss {value:.4g} at step {step} (initial {result.init_loss:.4g})"
-                best_state, best, best_cos, best_step = init_state, init_holdout, init_cos, 0
-                warnings.warn(f"training diverged ({result.rolled_back}); the layer keeps its initialisation", stacklevel=2)
-                break
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            running.append(value)
-            result.steps = step + 1
-            bar.set_postfix(loss=f"{value:.4f}")
-            if (step + 1) % eval_every == 0 or step + 1 == total:
-                held, cos = holdout()
-                result.curve.append({"step": step + 1, "train_loss": sum(running) / len(running), "holdout_loss": held, "holdout_cos": cos})
-                running = []
-                if held < best:
-                    best, best_cos, best_step, bad = held, cos, step + 1, 0
-                    best_state = snapshot(None if best_state is init_state else best_state)
-                else:
-                    bad += 1
-                    if bad >= cfg.patience:
-                        result.stopped_early = True
-                        break
-        bar.close()
-    with torch.no_grad():
-        for p, saved in zip(params, best_state, strict=True):
-            p.copy_(saved, non_blocking=True)  # plain again: the snapshots hold the factors' own values
+        result, best_state = _optimise(objective, factors, init_state, hold, train, cfg, generator)
+    factors.restore(best_state)  # plain again: the snapshots hold the factors' own values
     for hook in freeze_hooks:
         hook.remove()
     for module in modules.values():
         module.to(work_dtype).requires_grad_(False)
+    return result
+
+
+def _optimise(
+    objective: LayerObjective,
+    factors: FactorSlots,
+    init_state: list[torch.Tensor],
+    hold: torch.Tensor,
+    train: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[TrainResult, list[torch.Tensor]]:
+    """AdamW with warm-up and cosine decay; held-out evaluations pick the best factors and stop early.
+
+    Returns what happened and the best snapshot (``init_state`` itself when nothing beat it or the loss diverged).
+    """
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    best_state = init_state
+    init_holdout, init_cos = objective.mean(hold, cfg.batch_size)
+    best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
+    params = factors.params
+    optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
+    nan = float("nan")
+    result = TrainResult(nan, nan, init_holdout=init_holdout, best_holdout=best, holdout_cos=best_cos, steps=0, best_step=0)
+    running: list[float] = []
+    perm = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(total), desc="  train", unit="step", leave=False)
+    for step in bar:
+        pos = step % steps_per_epoch
+        if pos == 0:
+            perm = train[torch.randperm(len(train), generator=generator)]
+        optimizer.zero_grad(set_to_none=True)
+        value, _ = objective.batch(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
+        if step == 0:
+            result.init_loss = value
+        if not math.isfinite(value) or value > cfg.divergence_factor * result.init_loss:
+            result.rolled_back = f"loss {value:.4g} at step {step} (initial {result.init_loss:.4g})"
+            best_state, best, best_cos, best_step = init_state, init_holdout, init_cos, 0
+            warnings.warn(f"training diverged ({result.rolled_back}); the layer keeps its initialisation", stacklevel=3)
+            break
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        running.append(value)
+        result.steps = step + 1
+        bar.set_postfix(loss=f"{value:.4f}")
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            held, cos = objective.mean(hold, cfg.batch_size)
+            result.curve.append({"step": step + 1, "train_loss": sum(running) / len(running), "holdout_loss": held, "holdout_cos": cos})
+            running = []
+            if held < best:
+                best, best_cos, best_step, bad = held, cos, step + 1, 0
+                best_state = factors.snapshot(None if best_state is init_state else best_state)
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    result.stopped_early = True
+                    break
+    bar.close()
     if running:
         result.final_loss = sum(running) / len(running)
-    elif result.curve:
-        result.final_loss = result.curve[-1]["train_loss"]
     else:
-        result.final_loss = result.init_loss
+        result.final_loss = result.curve[-1]["train_loss"] if result.curve else result.init_loss
     result.best_holdout, result.holdout_cos, result.best_step = best, best_cos, best_step
-    return result
+    return result, best_state

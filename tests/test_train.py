@@ -25,6 +25,7 @@ from distill_lr.train import (
     lr_factor,
     param_groups,
     preconditioned,
+    split_holdout,
     training_autocast,
 )
 
@@ -62,6 +63,16 @@ def test_relative_learning_rate_steps_by_a_share_of_each_factors_scale(relative:
     for p, b in zip((small, large), before, strict=True):
         expected = 0.1 * float(b.square().mean().sqrt()) if relative else 0.1
         assert torch.allclose((b - p.detach()).abs(), torch.full_like(b, expected), rtol=1e-3)
+
+
+@pytest.mark.parametrize(("n", "fraction", "held"), [(64, 0.125, 8), (10, 0.125, 2), (1, 0.5, 1)])
+def test_holdout_split_is_disjoint_and_covers_every_sequence(n: int, fraction: float, held: int) -> None:
+    hold, train = split_holdout(n, fraction, torch.Generator().manual_seed(0))
+    assert len(hold) == held
+    if n > held:
+        assert sorted(hold.tolist() + train.tolist()) == list(range(n))
+    else:  # a single sequence both trains and picks the best factors
+        assert torch.equal(train, hold)
 
 
 @pytest.fixture
