@@ -19,6 +19,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
+
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 
@@ -26,16 +28,21 @@ METHODS = {
     "svd": ["method=svd"],
     "pca": ["method=pca"],
     "whiten": ["method=whiten"],
-    # Preconditioned training at lr 3e-2 hurts from the plain SVD init (139.1 vs 92.73 at 20% removed); at the default
-    # lr 1e-2 it helps (87.92), measured after docs/quality.md was made: the next full run should drop these two overrides.
-    "distill-svd": ["method=distill", "init=svd", "train.lr=3e-2", "train.precondition=false"],
-    "distill-whiten": ["method=distill", "init=whiten", "train.lr=1e-2"],
+    # Both inits train with the defaults (preconditioned, lr 1e-2). From the plain SVD init that beat the best
+    # unpreconditioned lr, 3e-2 (87.92 vs 92.73 at 20% removed).
+    "distill-svd": ["method=distill", "init=svd"],
+    "distill-whiten": ["method=distill", "init=whiten"],
 }
 # Trained on the student stack's inputs only: on this model it beats teacher+student at equal time
 # (67.9 vs 70.4 at 20% removed, 64 x 256 tokens, 4 epochs) and each step costs half as much.
 TRAIN = ["train.inputs=student", "train.batch_size=4"]
 SMALL = ["data.num_sequences=128", "data.seq_len=256", "data.eval_sequences=64", "train.epochs=3", *TRAIN]
 LARGE = ["data.num_sequences=512", "data.seq_len=512", "data.eval_sequences=64", "train.epochs=4", *TRAIN]
+
+
+def native_cpu_bf16() -> bool:
+    """AVX512-BF16 or AMX: there bfloat16 training steps are 1.3x faster (scripts/bench_autocast.py); elsewhere emulated."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def run_one(method: str, ratio: float, base: list[str], extra: list[str], workdir: Path) -> dict:
@@ -110,12 +117,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where quality.md, quality.json and quality.png go")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    base = LARGE if args.large else SMALL
+    if not torch.cuda.is_available() and native_cpu_bf16():
+        base = [*base, "train.autocast=bfloat16"]  # on a GPU the default already is
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for ratio in args.ratios:
             for method in args.methods:
-                rows.append(run_one(method, ratio, LARGE if args.large else SMALL, args.set, Path(tmp)))
+                rows.append(run_one(method, ratio, base, args.set, Path(tmp)))
                 print(f"{method:>15} @ {ratio:.0%}: ppl {rows[-1]['ppl']:.4g} ({rows[-1]['seconds']:.0f} s)", flush=True)
                 (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive a stop
     table = markdown(rows)
