@@ -11,9 +11,12 @@ placement.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -75,3 +78,59 @@ class ActivationCache:
 
     def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.empty(tuple(tensor.shape), tensor.dtype)
+
+
+class TeacherStore:
+    """The dense layers' outputs on disk, for later runs over the same model, text and compute settings.
+
+    Every run of a sweep (methods, ranks, training settings) computes the same teacher outputs; with
+    a store the first run writes them and the others read them instead of running the dense layer
+    (``teacher_cache``). The values are the stored bytes of what was computed, so a run that reads
+    them gives the same result as one that computes them. The folder name hashes what the values
+    depend on; a file name adds a hash of its stream's token ids. Files are raw tensors written under
+    a temporary name and renamed, so a file that exists is complete.
+    """
+
+    CHUNK = 8  # sequences moved per copy: no second full-size copy of a stream in host memory
+
+    def __init__(self, root: Path, key: dict[str, Any], tokens: dict[str, torch.Tensor]) -> None:
+        self.folder = root / _digest(json.dumps(key, sort_keys=True).encode())
+        self._tags = {stream: _digest(t.cpu().contiguous().numpy().tobytes()) for stream, t in tokens.items()}
+        self.read = self.written = 0
+
+    def path(self, index: int, stream: str) -> Path:
+        return self.folder / f"layer-{index:05d}-{stream}-{self._tags[stream]}.bin"
+
+    def load_into(self, index: int, stream: str, out: torch.Tensor) -> bool:
+        """Fill ``out`` with the stored outputs of layer ``index``; False (``out`` untouched) when there are none."""
+        path = self.path(index, stream)
+        if not path.is_file() or path.stat().st_size != out.numel() * out.element_size():
+            return False
+        stored = torch.from_file(str(path), shared=False, size=out.numel(), dtype=out.dtype).view(out.shape)
+        for start in range(0, len(out), self.CHUNK):
+            out[start : start + self.CHUNK].copy_(stored[start : start + self.CHUNK])
+        self.read += 1
+        return True
+
+    def save(self, index: int, stream: str, tensor: torch.Tensor) -> None:
+        path = self.path(index, stream)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}-", suffix=".tmp")  # concurrent runs never share one
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as fh:
+            for start in range(0, len(tensor), self.CHUNK):
+                chunk = tensor[start : start + self.CHUNK].detach().cpu().contiguous()
+                fh.write(memoryview(chunk.view(torch.uint8).numpy()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self.written += 1
+
+    def missing_bytes(self, layers: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+        """Bytes the files not stored yet will take (``shapes``: each stream's outputs, the same at every layer)."""
+        size = {stream: int(torch.Size(shape).numel()) * dtype.itemsize for stream, shape in shapes.items()}
+        return sum(n for i in range(layers) for stream, n in size.items() if not self.path(i, stream).is_file())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

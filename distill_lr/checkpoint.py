@@ -343,24 +343,24 @@ def load_non_layer_(model: PreTrainedModel, reader: CheckpointReader, layer_pref
     model.requires_grad_(False)
 
 
-def check_disk_space(needs: dict[Path, int]) -> None:
-    """Refuse to start when a file system lacks room for what the run will write to these folders (bytes).
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (0 when it does not exist): what a resumed run has already written."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
 
-    Files already in a folder (a run being resumed) count as written.
-    """
+
+def check_disk_space(needs: dict[Path, int]) -> None:
+    """Refuse to start when a file system lacks room for what the run will still write to these folders (bytes)."""
     per_fs: dict[int, list[Any]] = {}  # file system -> [a folder on it, bytes]
     for folder, size in needs.items():
         anchor = next(p for p in (folder, *folder.parents) if p.exists())
-        if folder.is_dir():
-            size -= sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         per_fs.setdefault(anchor.stat().st_dev, [anchor, 0])[1] += max(size, 0)
     for anchor, size in per_fs.values():
         free = shutil.disk_usage(anchor).free
         if size > free:
             raise UserInputError(
-                f"not enough disk space at {anchor}: this run writes about {size / 2**30:.2f} GiB there (compressed checkpoint"
-                f" and any on-disk activation caches), {free / 2**30:.2f} GiB is free: free some space or choose another output="
-                " (or cache_dir=, cache=host)"
+                f"not enough disk space at {anchor}: this run writes about {size / 2**30:.2f} GiB there (compressed checkpoint,"
+                f" on-disk activation caches, teacher cache), {free / 2**30:.2f} GiB is free: free some space or choose another"
+                " output= (or cache_dir=, cache=host, teacher_cache=)"
             )
 
 

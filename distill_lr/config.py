@@ -28,7 +28,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that change how a run is carried out or reported, not the layer files it writes:
 # a resumed run may change them freely.
-RUN_ONLY_FIELDS = ("output", "overwrite", "evaluate", "export_dense", "device", "data.eval_sequences", "cache", "cache_dir", "read_ahead")
+RUN_ONLY_FIELDS = (
+    "output",
+    "overwrite",
+    "evaluate",
+    "export_dense",
+    "device",
+    "data.eval_sequences",
+    "cache",
+    "cache_dir",
+    "teacher_cache",
+    "read_ahead",
+)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -156,6 +167,9 @@ class CompressConfig:
     batch_size: int = 8  # sequences per forward pass when filling the activation caches
     cache: str = "auto"  # where activation caches live: auto (from free memory) | device | host | disk
     cache_dir: str | None = None  # folder of the memory-mapped caches of cache=disk; default: the output folder (files unlinked at once)
+    # Folder that keeps the dense layers' outputs for later runs over the same model, text, dtype and device
+    # (sweeps over methods, ranks or training settings skip the teacher pass); null: computed in every run.
+    teacher_cache: str | None = None
     read_ahead: bool = True  # read the next layer's weights while this one computes (one more layer in host memory)
     seed: int = 0
     overwrite: bool = False  # replace an output folder that holds another run

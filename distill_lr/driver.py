@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ from transformers import AutoTokenizer
 from distill_lr import checkpoint as ckpt
 from distill_lr import moe
 from distill_lr.builtin import resolve_model_dir
-from distill_lr.cache import ActivationCache, cache_bytes, choose_placement
+from distill_lr.cache import ActivationCache, TeacherStore, cache_bytes, choose_placement
 from distill_lr.config import CompressConfig
 from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import UserInputError
@@ -183,6 +184,18 @@ class Run:
     manifest: ckpt.RunManifest
     cache: ActivationCache
     writer: ckpt.BackgroundWriter
+    teacher: TeacherStore | None  # dense outputs kept across runs (``teacher_cache``)
+
+
+def teacher_pass(run: Run, layer: nn.Module, index: int, stream: str, x: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+    """The dense layer's outputs on one stream, in a fresh cache tensor: read from the teacher store when it has them."""
+    out = run.cache.empty_like(x)
+    if run.teacher is not None and run.teacher.load_into(index, stream, out):
+        return out
+    run_layer(layer, x, kwargs, run.cfg.batch_size, out=out)
+    if run.teacher is not None:  # read-only from here on: the writer may copy it while the next steps run
+        run.writer.submit(partial(run.teacher.save, index, stream, out))
+    return out
 
 
 def compress_layer(
@@ -194,15 +207,14 @@ def compress_layer(
     kwargs = s.kwargs[index]
     done = manifest.done(index)
     cache = run.cache
-    y = run_layer(layer, s.x_teacher, kwargs, cfg.batch_size, out=cache.empty_like(s.x_teacher))
-    eval_y = None
-    if s.eval_teacher is not None:
-        eval_y = run_layer(layer, s.eval_teacher, kwargs, cfg.batch_size, out=cache.empty_like(s.eval_teacher))
+    y = teacher_pass(run, layer, index, "calibration", s.x_teacher, kwargs)
+    eval_y = None if s.eval_teacher is None else teacher_pass(run, layer, index, "evaluation", s.eval_teacher, kwargs)
     t = _timed(times, "teacher", t)
     if done is not None:
         apply_low_rank_(layer, ranks)
         state = load_file(out / done["file"])
         report = dict(done["report"], resumed=True)
+        run.writer.drain()  # the teacher outputs being stored, if any: no stream is held past its layer
     else:
         moe.unfuse_experts_(layer, ranks)
         needs_stats = cfg.factor_init in ("pca", "whiten")
@@ -294,8 +306,14 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     cache = plan_cache(
         cfg, (len(tokens.calibration) + len(tokens.evaluation), tokens.calibration.shape[1], hidden), layers, device, dtype, out
     )
-    needs = Counter({out: params["model_after"] * save_dtype.itemsize})
+    needs = Counter({out: params["model_after"] * save_dtype.itemsize - ckpt.folder_bytes(out)})  # a resumed run wrote some
     needs[cache.folder] += cache.disk_bytes  # the same folder by default
+    teacher = None
+    if cfg.teacher_cache:
+        streams = {"calibration": tokens.calibration, "evaluation": tokens.evaluation}
+        streams = {name: ids for name, ids in streams.items() if len(ids)}
+        teacher = TeacherStore(Path(cfg.teacher_cache).expanduser(), teacher_key(reader, device, dtype, cfg.batch_size), streams)
+        needs[teacher.folder] += teacher.missing_bytes(len(layers), {k: (*v.shape, hidden) for k, v in streams.items()}, dtype)
     ckpt.check_disk_space(needs)
     manifest = ckpt.RunManifest(out, cfg.result_fingerprint(), reader.fingerprint(), cfg.overwrite)
 
@@ -311,7 +329,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 
     reports = []
     bar = tqdm(range(len(layers)), desc="layers", unit="layer")
-    run = Run(cfg, device, dtype, save_dtype, out, manifest, cache, ckpt.BackgroundWriter())
+    run = Run(cfg, device, dtype, save_dtype, out, manifest, cache, ckpt.BackgroundWriter(), teacher)
     loader = ckpt.LayerLoader(reader, layers, prefix, read_ahead=cfg.read_ahead)
     try:
         for i in bar:
@@ -344,6 +362,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         "layers": reports,
         "seconds": round(time.perf_counter() - start, 1),
     }
+    if teacher is not None:
+        result["teacher_cache"] = {"folder": str(teacher.folder), "files_read": teacher.read, "files_written": teacher.written}
     if s.eval_teacher is not None:
         dense = head_nll(model, layers, s.eval_teacher, evaluation)
         student = head_nll(model, layers, s.eval_student, evaluation)
@@ -360,6 +380,20 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         result["dense_export"] = str(dense_dir)
     ckpt.write_json_atomic(result, out / "report.json")
     return result
+
+
+def teacher_key(reader: ckpt.CheckpointReader, device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
+    """What the dense layers' outputs depend on besides the token ids: the weights and the kernels that compute them."""
+    kernels = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+    return {
+        "model": reader.fingerprint(),
+        "dtype": str(dtype),
+        "device": device.type,
+        "kernels": kernels,
+        "batch_size": batch_size,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _ppl(nll: tuple[float, int]) -> float:

@@ -9,7 +9,7 @@ import torch
 from conftest import overrides_for
 from test_pipeline import layer_bytes
 
-from distill_lr.cache import ActivationCache, choose_placement
+from distill_lr.cache import ActivationCache, TeacherStore, choose_placement
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 
@@ -42,3 +42,35 @@ def test_every_placement_gives_the_same_files(tmp_path: Path, tiny_llama: Path, 
     files = {p: layer_bytes(tmp_path / p) for p in reports}
     assert files["device"] == files["host"] == files["disk"]
     assert reports["device"]["perplexity"] == reports["host"]["perplexity"] == reports["disk"]["perplexity"]
+
+
+def test_teacher_store_round_trips_and_misses_on_other_tokens(tmp_path: Path) -> None:
+    ids = {"calibration": torch.arange(12).view(3, 4)}
+    store = TeacherStore(tmp_path, {"model": "m"}, ids)
+    y = torch.randn(3, 4, 5).to(torch.bfloat16)
+    out = torch.zeros_like(y)
+    assert not store.load_into(0, "calibration", out) and not out.any()
+    store.save(0, "calibration", y)
+    assert store.load_into(0, "calibration", out) and torch.equal(out, y)
+    assert [p.name for p in store.folder.iterdir()] == [store.path(0, "calibration").name]  # no temporary file left
+    other_tokens = TeacherStore(tmp_path, {"model": "m"}, {"calibration": ids["calibration"] + 1})
+    other_model = TeacherStore(tmp_path, {"model": "n"}, ids)
+    assert not other_tokens.load_into(0, "calibration", out) and not other_model.load_into(0, "calibration", out)
+    assert not store.load_into(0, "calibration", torch.zeros(3, 4, 6, dtype=torch.bfloat16))  # another width
+    shapes = {"calibration": (3, 4, 5)}
+    assert store.missing_bytes(2, shapes, torch.bfloat16) == other_tokens.missing_bytes(2, shapes, torch.bfloat16) // 2 == 120
+
+
+@pytest.mark.parametrize("method", ["whiten", "distill"])
+def test_a_run_reading_the_teacher_cache_equals_one_computing_it(tmp_path: Path, tiny_llama: Path, corpus: Path, method: str) -> None:
+    def run(name: str, **extra) -> dict:
+        return compress(load_config(None, overrides_for(tiny_llama, corpus, tmp_path / name, method=method, **extra)))
+
+    plain = run("plain")
+    cold = run("cold", teacher_cache=str(tmp_path / "teacher"))
+    warm = run("warm", teacher_cache=str(tmp_path / "teacher"))
+    layers = len(plain["layers"])
+    assert cold["teacher_cache"]["files_written"] == 2 * layers and cold["teacher_cache"]["files_read"] == 0
+    assert warm["teacher_cache"]["files_read"] == 2 * layers and warm["teacher_cache"]["files_written"] == 0
+    assert layer_bytes(tmp_path / "plain") == layer_bytes(tmp_path / "cold") == layer_bytes(tmp_path / "warm")
+    assert plain["perplexity"] == cold["perplexity"] == warm["perplexity"]

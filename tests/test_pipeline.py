@@ -124,10 +124,14 @@ def test_sharded_and_single_file_inputs_give_identical_files(tmp_path: Path, cor
     assert layer_bytes(Path(a["output"])) == layer_bytes(Path(b["output"]))
 
 
-@pytest.mark.parametrize(("kind", "method"), [("llama", "whiten"), ("llama", "distill"), ("mixtral", "distill")])
-def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str, method: str, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("kind", "method", "teacher_cache"),
+    [("llama", "whiten", False), ("llama", "distill", False), ("llama", "distill", True), ("mixtral", "distill", False)],
+)
+def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str, method: str, teacher_cache: bool, monkeypatch) -> None:
     model = save_tiny(tmp_path / kind, kind)
     unbroken = run(model, corpus, tmp_path / "unbroken", method=method)
+    extra = {"teacher_cache": str(tmp_path / "teacher")} if teacher_cache else {}
     real = driver.compress_layer
 
     def crash_at_layer_2(index, *args, **kwargs):
@@ -137,13 +141,15 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str
 
     monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
     with pytest.raises(KeyboardInterrupt):
-        run(model, corpus, tmp_path / "resumed", method=method)
+        run(model, corpus, tmp_path / "resumed", method=method, **extra)
     assert not (tmp_path / "resumed" / "config.json").exists()  # an unfinished folder never looks complete
     monkeypatch.setattr(driver, "compress_layer", real)
-    resumed = run(model, corpus, tmp_path / "resumed", method=method)
+    resumed = run(model, corpus, tmp_path / "resumed", method=method, **extra)
     assert [r.get("resumed", False) for r in resumed["layers"]] == [True, True, False]
     assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
     assert resumed["perplexity"] == unbroken["perplexity"]
+    if teacher_cache:  # the two finished layers' outputs were stored before the crash and read back
+        assert resumed["teacher_cache"]["files_read"] == 4
 
 
 def test_activation_aware_inits_beat_svd(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
