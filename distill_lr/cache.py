@@ -21,6 +21,8 @@ from typing import Any
 import psutil
 import torch
 
+from distill_lr.errors import UserInputError
+
 PLACEMENTS = ("auto", "device", "host", "disk")
 STREAMS = 3  # teacher input, student input and teacher output are alive at once
 # GPU memory kept free for the layer being compressed, as a multiple of its weights: the dense
@@ -95,6 +97,10 @@ class TeacherStore:
 
     def __init__(self, root: Path, key: dict[str, Any], tokens: dict[str, torch.Tensor]) -> None:
         self.folder = root / _digest(json.dumps(key, sort_keys=True).encode())
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserInputError(f"teacher_cache folder {root} cannot be used ({err.strerror}): choose another teacher_cache=") from err
         self._tags = {stream: _digest(t.cpu().contiguous().numpy().tobytes()) for stream, t in tokens.items()}
         self.read = self.written = 0
 
@@ -114,7 +120,6 @@ class TeacherStore:
 
     def save(self, index: int, stream: str, tensor: torch.Tensor) -> None:
         path = self.path(index, stream)
-        self.folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}-", suffix=".tmp")  # concurrent runs never share one
         tmp = Path(name)
         with os.fdopen(fd, "wb") as fh:

@@ -106,3 +106,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys) -> None:
     assert main([f"model={tmp_path / 'nope'}", f"output={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model folder") and "\n" not in err
+
+
+def test_teacher_cache_that_is_a_file(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    fails(tiny_llama, corpus, tmp_path / "out", "teacher_cache folder", teacher_cache=str(tmp_path / "file"))
