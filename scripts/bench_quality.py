@@ -3,7 +3,7 @@
 Compresses at each ratio with every method in one run and prints one table (held-out perplexity,
 its multiple of dense, parameters kept, wall time), written as Markdown with a PNG plot::
 
-    python scripts/bench_quality.py                      # 2-core CPU defaults, about an hour
+    python scripts/bench_quality.py                      # 2-core CPU defaults, about an hour (65 min)
     python scripts/bench_quality.py --large              # more calibration text and epochs, for a GPU
     python scripts/bench_quality.py --methods whiten distill-whiten --ratios 0.2 --set train.lr=2e-2
 
