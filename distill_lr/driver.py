@@ -308,14 +308,15 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     )
     needs = Counter({out: params["model_after"] * save_dtype.itemsize - ckpt.folder_bytes(out)})  # a resumed run wrote some
     needs[cache.folder] += cache.disk_bytes  # the same folder by default
+    model_fingerprint = reader.fingerprint()  # one stat per tensor: computed once for the manifest and the teacher cache
     teacher = None
     if cfg.teacher_cache:
         streams = {"calibration": tokens.calibration, "evaluation": tokens.evaluation}
         streams = {name: ids for name, ids in streams.items() if len(ids)}
-        teacher = TeacherStore(Path(cfg.teacher_cache).expanduser(), teacher_key(reader, device, dtype, cfg.batch_size), streams)
+        teacher = TeacherStore(Path(cfg.teacher_cache).expanduser(), teacher_key(model_fingerprint, device, dtype, cfg.batch_size), streams)
         needs[teacher.folder] += teacher.missing_bytes(len(layers), {k: (*v.shape, hidden) for k, v in streams.items()}, dtype)
     ckpt.check_disk_space(needs)
-    manifest = ckpt.RunManifest(out, cfg.result_fingerprint(), reader.fingerprint(), cfg.overwrite)
+    manifest = ckpt.RunManifest(out, cfg.result_fingerprint(), model_fingerprint, cfg.overwrite)
 
     ckpt.load_non_layer_(model, reader, prefix, device, dtype)
     other = ckpt.non_layer_state(model, prefix)
@@ -382,11 +383,11 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     return result
 
 
-def teacher_key(reader: ckpt.CheckpointReader, device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
+def teacher_key(model_fingerprint: str, device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
     """What the dense layers' outputs depend on besides the token ids: the weights and the kernels that compute them."""
     kernels = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
     return {
-        "model": reader.fingerprint(),
+        "model": model_fingerprint,
         "dtype": str(dtype),
         "device": device.type,
         "kernels": kernels,
