@@ -1,6 +1,6 @@
 """distill_lr: compress Hugging Face causal LMs by layer-wise low-rank feature distillation.
 
-The public names are imported on first use, so ``import distill_lr.lowrank`` stays light.
+The public names are imported on first use, so ``import distill_lr.modeling.lowrank`` stays light.
 """
 
 from importlib import import_module
@@ -9,10 +9,10 @@ from typing import Any
 __version__ = "0.1.0"
 _EXPORTS = {
     "compress": "distill_lr.driver",
-    "load_compressed": "distill_lr.checkpoint",
-    "export_dense": "distill_lr.checkpoint",
+    "load_compressed": "distill_lr.checkpoint.compressed",
+    "export_dense": "distill_lr.checkpoint.compressed",
     "load_config": "distill_lr.config",
-    "CompressConfig": "distill_lr.config",
+    "CompressConfig": "distill_lr.schema",
     "UserInputError": "distill_lr.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import torch
 
+from distill_lr.checkpoint.files import atomic_writer
 from distill_lr.errors import UserInputError
 
 PLACEMENTS = ("auto", "device", "host", "disk")
@@ -89,8 +90,8 @@ class TeacherStore:
     a store the first run writes them and the others read them instead of running the dense layer
     (``teacher_cache``). The values are the stored bytes of what was computed, so a run that reads
     them gives the same result as one that computes them. The folder name hashes what the values
-    depend on; a file name adds a hash of its stream's token ids. Files are raw tensors written under
-    a temporary name and renamed, so a file that exists is complete.
+    depend on; a file name adds a hash of its stream's token ids. Files are raw tensors written
+    atomically (``checkpoint.files.atomic_writer``), so a file that exists is complete.
     """
 
     CHUNK = 8  # sequences written per copy: no second full-size host copy of a stream that lives on the GPU
@@ -117,16 +118,10 @@ class TeacherStore:
         return True
 
     def save(self, index: int, stream: str, tensor: torch.Tensor) -> None:
-        path = self.path(index, stream)
-        fd, name = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}-", suffix=".tmp")  # concurrent runs never share one
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_writer(self.path(index, stream)) as fh:
             for start in range(0, len(tensor), self.CHUNK):
                 chunk = tensor[start : start + self.CHUNK].detach().cpu().contiguous()
                 fh.write(memoryview(chunk.view(torch.uint8).numpy()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
         self.written += 1
 
     def missing_bytes(self, layers: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:

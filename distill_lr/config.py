@@ -1,213 +1,21 @@
-"""Run configuration: a typed dataclass schema merged with YAML files and ``key=value`` overrides.
+"""Loading a run configuration: the schema's defaults merged with a YAML file and ``key=value`` overrides.
 
-Unknown keys and wrongly typed values are errors (OmegaConf structured configs), and
-``__post_init__`` checks the values, so a bad setting fails before any weight is read::
+Unknown keys and wrongly typed values are errors (OmegaConf structured configs), the schema checks
+its values and the method must be registered, so a bad setting fails before any weight is read::
 
     cfg = load_config("configs/smollm2_distill.yaml", ["ranks.target=0.4", "train.lr=3e-2"])
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT
-from distill_lr.cache import PLACEMENTS
 from distill_lr.errors import UserInputError
-from distill_lr.init import INITS
-
-METHODS = ("svd", "pca", "whiten", "distill")
-TRAIN_INPUTS = ("teacher", "student", "teacher+student")
-AUTOCASTS = ("auto", "bfloat16", "float32")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-# Fields that change how a run is carried out or reported, not the layer files it writes:
-# a resumed run may change them freely.
-RUN_ONLY_FIELDS = (
-    "output",
-    "overwrite",
-    "evaluate",
-    "export_dense",
-    "device",
-    "data.eval_sequences",
-    "cache",
-    "cache_dir",
-    "teacher_cache",
-    "read_ahead",
-)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserInputError(message)
-
-
-@dataclass
-class DataConfig:
-    """Calibration and held-out text (see ``distill_lr.data``)."""
-
-    source: str = BUILTIN_TEXT  # builtin:wikipedia, a .txt/.json/.jsonl/.parquet file or folder, or a dataset name
-    text_column: str = "text"
-    split: str = "train"
-    subset: str | None = None
-    num_sequences: int = 64
-    seq_len: int = 512
-    eval_sequences: int = 64
-    eval_fraction: float = 0.1  # share of documents held out for evaluation, never used to calibrate
-
-    def __post_init__(self) -> None:
-        _check(self.num_sequences > 0, f"data.num_sequences must be > 0, got {self.num_sequences}")
-        _check(self.seq_len > 1, f"data.seq_len must be > 1, got {self.seq_len}")
-        _check(self.eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {self.eval_sequences}")
-        _check(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-
-
-@dataclass
-class RankConfig:
-    """Which linears become low-rank, and at which rank (see ``distill_lr.ranks``)."""
-
-    # Fraction of the decoder layers' linear parameters to remove, spread uniformly over the
-    # modules that no rule sets; null: only the rules apply.
-    target: float | None = 0.2
-    # pattern -> int rank | float fraction of the matrix's parameters to keep | "skip".
-    # Patterns match dotted module names segment by segment: "*" one segment, "**" any number,
-    # "0-3" a layer range. When several rules match, the last one wins.
-    rules: dict[str, Any] = field(default_factory=dict)
-    # Linears that are never compressed (MoE routers).
-    exclude: list[str] = field(default_factory=lambda: ["**.gate", "**.router", "**.shared_expert_gate"])
-    rank_multiple: int = 1  # round ranks down to a multiple (8 suits tensor cores)
-    # MoE: an expert routed fewer calibration tokens than this keeps its SVD init (no pca/whiten statistics)
-    # and is not trained.
-    min_expert_tokens: int = 16
-
-    def __post_init__(self) -> None:
-        if self.target is not None:
-            _check(0.0 < self.target < 1.0, f"ranks.target must be in (0, 1) or null, got {self.target}")
-        _check(self.rank_multiple >= 1, f"ranks.rank_multiple must be >= 1, got {self.rank_multiple}")
-        _check(self.min_expert_tokens >= 1, f"ranks.min_expert_tokens must be >= 1, got {self.min_expert_tokens}")
-        for pattern, value in self.rules.items():
-            ok = value == "skip" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
-            ok = ok or (isinstance(value, float) and 0.0 < value <= 1.0)
-            _check(ok, f"ranks.rules['{pattern}'] = {value!r}: use a rank > 0, a fraction in (0, 1], or 'skip'")
-
-
-@dataclass
-class TrainConfig:
-    """Feature distillation of each decoder layer (``method: distill``, see ``distill_lr.train``)."""
-
-    inputs: str = "teacher+student"
-    epochs: int = 2
-    max_steps: int | None = None  # per layer; caps epochs
-    batch_size: int = 4
-    micro_batch_size: int | None = None  # sequences per forward/backward (gradients accumulate); null: batch_size
-    # With relative_lr (default) each factor's step size is lr times its RMS at init, so one lr means the same
-    # for every model's weight scale. 1e-2 suits the balanced whitened init on SmolLM2 (as good as an absolute
-    # 1e-3: 63.5 vs 63.2 perplexity at 20% removed); unpreconditioned plain-SVD inits take about 3e-2.
-    lr: float = 1e-2
-    relative_lr: bool = True
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.1
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    grad_clip: float = 1.0
-    # Train each factor in coordinates where its input is white (train.Whitened): the same steps fit more from the
-    # whiten init (60 vs 63.5 perplexity on SmolLM2 at 20% removed), and from the plain svd init at lr 1e-2 (87.9 vs
-    # 92.7 unpreconditioned at its best lr, 3e-2; preconditioned at 3e-2 it gives 139).
-    precondition: bool = True
-    precondition_damping: float = 1e-2  # added to the input Gram matrix, times its mean eigenvalue
-    precondition_max_features: int = 8192  # wider inputs (e.g. Mixtral's expert down projections) train unpreconditioned
-    holdout_fraction: float = 0.125  # calibration sequences held out per layer to pick the best factors
-    evals_per_epoch: int = 2
-    # Held-out evaluations without improvement before stopping early. Preconditioned steps sometimes make the
-    # first evaluations worse than the init, then better: with 2 three layers of SmolLM2 stopped there.
-    patience: int = 4
-    divergence_factor: float = 10.0  # roll back when the loss exceeds this multiple of the initial loss
-    # Compute dtype of the training steps (the factors stay float32): auto = bfloat16 on a GPU, float32 on a CPU;
-    # bfloat16 also on a CPU pays where it has native bf16 matmuls (AVX512-BF16, AMX; emulated elsewhere, slower).
-    autocast: str = "auto"
-
-    def __post_init__(self) -> None:
-        _check(self.inputs in TRAIN_INPUTS, f"train.inputs '{self.inputs}' is unknown: use one of {TRAIN_INPUTS}")
-        _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0 or null, got {self.max_steps}")
-        _check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
-        micro_ok = self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size
-        _check(micro_ok, f"train.micro_batch_size must be in [1, train.batch_size] or null, got {self.micro_batch_size}")
-        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _check(0.0 <= self.warmup_fraction < 1.0, f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(0.0 < self.holdout_fraction < 1.0, f"train.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        _check(self.evals_per_epoch > 0, f"train.evals_per_epoch must be > 0, got {self.evals_per_epoch}")
-        _check(self.patience > 0, f"train.patience must be > 0, got {self.patience}")
-        _check(self.precondition_damping > 0, f"train.precondition_damping must be > 0, got {self.precondition_damping}")
-        _check(self.precondition_max_features > 0, f"train.precondition_max_features must be > 0, got {self.precondition_max_features}")
-        _check(self.autocast in AUTOCASTS, f"train.autocast '{self.autocast}' is unknown: use one of {AUTOCASTS}")
-        _check(self.divergence_factor > 1.0, f"train.divergence_factor must be > 1, got {self.divergence_factor}")
-
-
-@dataclass
-class CompressConfig:
-    """One compression run: input checkpoint, output folder, method, ranks, data, training."""
-
-    model: str = BUILTIN_MODEL  # a Hugging Face checkpoint folder (config.json + safetensors)
-    tokenizer: str | None = None  # tokenizer folder; default: the model folder
-    output: str = "runs/SmolLM2-135M-Instruct-lowrank"
-    method: str = "distill"  # svd | pca | whiten (training-free) | distill (trained, from `init`)
-    init: str = "whiten"  # initialisation of the factors for method=distill
-    ranks: RankConfig = field(default_factory=RankConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU
-    save_dtype: str = "auto"  # dtype of the saved tensors: auto = the input checkpoint's
-    batch_size: int = 8  # sequences per forward pass when filling the activation caches
-    cache: str = "auto"  # where activation caches live: auto (from free memory) | device | host | disk
-    cache_dir: str | None = None  # folder of the memory-mapped caches of cache=disk; default: the output folder (files unlinked at once)
-    # Folder that keeps the dense layers' outputs for later runs over the same model, text, dtype and device
-    # (sweeps over methods, ranks or training settings skip the teacher pass); null: computed in every run.
-    teacher_cache: str | None = None
-    read_ahead: bool = True  # read the next layer's weights while this one computes (one more layer in host memory)
-    seed: int = 0
-    overwrite: bool = False  # replace an output folder that holds another run
-    evaluate: bool = True  # perplexity of the dense and the compressed model on held-out text
-    export_dense: bool = False  # also write a dense checkpoint (factors multiplied out) to <output>-dense
-
-    def __post_init__(self) -> None:
-        _check(self.method in METHODS, f"method '{self.method}' is unknown: use one of {METHODS}")
-        _check(self.init in INITS, f"init '{self.init}' is unknown: use one of {INITS}")
-        _check(self.dtype in DTYPES, f"dtype '{self.dtype}' is unknown: use one of {DTYPES}")
-        _check(self.save_dtype in DTYPES, f"save_dtype '{self.save_dtype}' is unknown: use one of {DTYPES}")
-        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        _check(self.cache in PLACEMENTS, f"cache '{self.cache}' is unknown: use one of {PLACEMENTS}")
-        _check(bool(self.output), "output is empty: give the folder to write the compressed checkpoint to")
-
-    @property
-    def factor_init(self) -> str:
-        """The training-free factorisation this run starts from."""
-        return self.init if self.method == "distill" else self.method
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def result_fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the layer files; a resumed run must match them."""
-        flat = _flatten(self.to_dict())
-        return {k: v for k, v in flat.items() if k not in RUN_ONLY_FIELDS}
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "rules":
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = json.loads(json.dumps(value))
-    return out
+from distill_lr.methods import get_method
+from distill_lr.schema import CompressConfig
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CompressConfig:
@@ -224,9 +32,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise UserInputError(f"override '{bad[0]}' is not key=value: write e.g. ranks.target=0.3")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg: CompressConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise UserInputError(_config_error_line(err, path)) from None
+    get_method(cfg)  # an unknown method fails here, with the others
+    return cfg
 
 
 def _config_error_line(err: OmegaConfBaseException, path: str | Path | None) -> str:
@@ -234,5 +44,5 @@ def _config_error_line(err: OmegaConfBaseException, path: str | Path | None) -> 
     key = getattr(err, "full_key", None)
     first = str(err).splitlines()[0]
     if "not in struct" in first or "Key '" in first and "not" in first:
-        return f"unknown config key '{key}'{where}: check the spelling against distill_lr/config.py"
+        return f"unknown config key '{key}'{where}: check the spelling against distill_lr/schema.py"
     return f"bad config value for '{key}'{where}: {first}"

@@ -22,7 +22,7 @@ import datasets
 import torch
 
 from distill_lr.builtin import BUILTIN_TEXT, builtin_wikipedia_documents
-from distill_lr.errors import UserInputError
+from distill_lr.errors import UserInputError, check, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,7 +59,7 @@ def load_documents(source: str, text_column: str = "text", split: str = "train",
             ds = datasets.load_dataset(source, subset, split=split)
         except Exception as exc:  # any failure to load a user-named dataset is reported as one line
             raise UserInputError(
-                f"could not load dataset {source!r}: {_reason(exc)}; "
+                f"could not load dataset {source!r}: {first_line(exc)}; "
                 "give a local .txt/.jsonl/.parquet file or a dataset cached on this machine"
             ) from exc
         ds = _text_only(ds, text_column, source)
@@ -91,17 +91,11 @@ def _load_local(path: Path, text_column: str) -> datasets.Dataset:
         try:
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", **options)
         except Exception as exc:  # malformed files surface as many exception types
-            raise UserInputError(f"could not read {path} as {builder}: {_reason(exc)}; fix or remove the bad file") from exc
+            raise UserInputError(f"could not read {path} as {builder}: {first_line(exc)}; fix or remove the bad file") from exc
         if builder == "text" and text_column != "text":
             ds = ds.rename_column("text", text_column)  # plain text has no columns: it goes wherever the user said
         parts.append(_text_only(ds, text_column, str(path)))
     return datasets.concatenate_datasets(parts)
-
-
-def _reason(exc: Exception) -> str:
-    """The first line of an exception, short enough for a one-line error."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _text_only(ds: datasets.Dataset, text_column: str, source: str) -> datasets.Dataset:
@@ -137,15 +131,15 @@ def build_token_sets(
     texts with BOS, every window starts with BOS too, as the model's inputs do. Calibration takes
     ``num_sequences`` windows in a seeded random order, evaluation its first ``eval_sequences``.
     """
-    _check(num_sequences > 0, f"data.num_sequences must be > 0, got {num_sequences}: set the number of calibration windows")
-    _check(seq_len > 1, f"data.seq_len must be > 1, got {seq_len}: set the window length in tokens")
-    _check(eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {eval_sequences}: use 0 to skip evaluation")
-    _check(
+    check(num_sequences > 0, f"data.num_sequences must be > 0, got {num_sequences}: set the number of calibration windows")
+    check(seq_len > 1, f"data.seq_len must be > 1, got {seq_len}: set the window length in tokens")
+    check(eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {eval_sequences}: use 0 to skip evaluation")
+    check(
         max_positions is None or seq_len <= max_positions,
         f"seq_len {seq_len} is above the model's context ({max_positions}): lower data.seq_len",
     )
     n_docs = len(documents)
-    _check(n_docs > 0, "no documents to calibrate on: give a data.source with text")
+    check(n_docs > 0, "no documents to calibrate on: give a data.source with text")
 
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_docs, generator=generator).tolist()
@@ -156,7 +150,7 @@ def build_token_sets(
 
     stream = _token_stream(documents, calib_docs, tokenizer, text_column, POOL_FACTOR * num_sequences * body)
     pool = _windows(stream, body, prefix)
-    _check(
+    check(
         len(pool) >= num_sequences,
         f"calibration text has {len(stream):,} tokens in {len(pool)} windows of {seq_len} "
         f"({len(calib_docs)} of {n_docs} documents, {n_eval} held out for evaluation); need num_sequences={num_sequences}: "
@@ -166,7 +160,7 @@ def build_token_sets(
 
     stream = _token_stream(documents, eval_docs, tokenizer, text_column, eval_sequences * body)
     evaluation = _windows(stream, body, prefix)[:eval_sequences]
-    _check(
+    check(
         eval_sequences == 0 or len(evaluation) > 0,
         f"evaluation text has {len(stream):,} tokens ({n_eval} held-out documents), less than one window of {seq_len}: "
         "raise data.eval_fraction, lower data.seq_len, or set data.eval_sequences=0",
@@ -178,11 +172,6 @@ def build_token_sets(
             stacklevel=2,
         )
     return TokenSets(calibration=calibration, evaluation=evaluation)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserInputError(message)
 
 
 def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -8,12 +8,13 @@ long as its layers are called ``layer(hidden_states, **kwargs)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 LayerKwargs = dict[str, Any]
 
@@ -135,6 +136,17 @@ class SharedInputs:
             return first[1]
         self._seen[id(x)] = (x, name)
         return None
+
+
+@contextmanager
+def hooks_removed(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keep the given module hooks while inside, and remove every one of them on the way out, error or not."""
+    handles = list(handles)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_device(layer: nn.Module) -> torch.device:

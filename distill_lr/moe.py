@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from distill_lr.errors import UserInputError
-from distill_lr.init import Moments, records_outputs
-from distill_lr.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankExperts, is_fused_experts, replace_experts_
+from distill_lr.layerwise import hooks_removed
+from distill_lr.modeling.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankExperts, is_fused_experts, replace_experts_
+from distill_lr.moments import Moments, records_outputs
 
 
 def fused_experts(module: nn.Module) -> dict[str, nn.Module]:
@@ -134,11 +135,8 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
         modules[n].register_forward_hook(lambda _m, args, out, n=n, on_out=on_out: collect(n, out if on_out else args[0]))
         for n, on_out in hooked.items()
     ]
-    try:
+    with hooks_removed(hooks):
         yield routing
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def drop_starved_(routing: Routing, min_tokens: int, where: str) -> dict[str, dict[str, Any]]:
@@ -162,8 +160,13 @@ def drop_starved_(routing: Routing, min_tokens: int, where: str) -> dict[str, di
     return report
 
 
-def factorize_experts_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
-    """Factor the dense expert projections named in ``ranks`` (after ``unfuse_experts_``), expert by expert."""
-    for name, module in list(layer.named_modules()):
-        if isinstance(module, ExpertLinears) and name in ranks:
-            layer.set_submodule(name, ExpertLinears.from_weights(module.weight, ranks[name], init, stats.get(name)))
+def freeze_experts(modules: dict[str, nn.Module], frozen: dict[str, list[int]]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero the gradients of the listed experts' factors (``{experts module: [expert, ...]}``), so they keep their init."""
+    hooks = []
+    for name, module in modules.items():
+        experts = frozen.get(name.rpartition(".")[0])
+        if isinstance(module, ExpertLinears) and experts:
+            mask = torch.ones(module.num_experts, 1, 1, device=module.A.device)
+            mask[experts] = 0.0
+            hooks += [p.register_hook(lambda grad, mask=mask: grad * mask) for p in (module.A, module.B)]
+    return hooks

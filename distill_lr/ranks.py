@@ -11,9 +11,9 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from distill_lr.config import RankConfig
 from distill_lr.errors import UserInputError
-from distill_lr.init import break_even_rank
+from distill_lr.factorize import break_even_rank
+from distill_lr.schema import RankConfig
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -74,7 +74,7 @@ def layer_ranks(ranks: dict[str, int], layer_prefix: str) -> dict[str, int]:
 
 
 def _rank_for_fraction(keep: float, out_f: int, in_f: int) -> int:
-    return max(1, round(keep * out_f * in_f / (out_f + in_f)))
+    return max(1, round(keep * break_even_rank(out_f, in_f)))
 
 
 def plan_ranks(shapes: dict[str, tuple[int, int]], cfg: RankConfig, name_prefix: str = "") -> RankPlan:

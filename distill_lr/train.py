@@ -22,9 +22,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from distill_lr.config import TrainConfig
-from distill_lr.layerwise import LayerKwargs, SharedInputs, call_layer, layer_device
-from distill_lr.lowrank import ExpertLinears, LowRankLinear
+from distill_lr import moe
+from distill_lr.layerwise import LayerKwargs, SharedInputs, call_layer, hooks_removed, layer_device
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.schema import TrainConfig
 
 MIN_LOSS = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1): the loss of a perfect student
 
@@ -170,14 +171,10 @@ def factor_grams(
         grams[name] = grams[name] + gram if name in grams else gram
 
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in modules.items()]
-    hooks.append(shared.hook)
-    try:
+    with hooks_removed([*hooks, shared.hook]):
         for batch in batches:
             with autocast:
                 call_layer(layer, batch.to(device, non_blocking=True), kwargs)
-    finally:
-        for hook in hooks:
-            hook.remove()
     return grams
 
 
@@ -212,18 +209,6 @@ def preconditioned(
     finally:
         for owner, tensor_name in registered:
             parametrize.remove_parametrizations(owner, tensor_name, leave_parametrized=True)
-
-
-def _freeze_experts(modules: dict[str, nn.Module], frozen: dict[str, list[int]]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Zero the gradients of the listed experts' factors (``{experts module: [expert, ...]}``), so they keep their init."""
-    hooks = []
-    for name, module in modules.items():
-        experts = frozen.get(name.rpartition(".")[0])
-        if isinstance(module, ExpertLinears) and experts:
-            mask = torch.ones(module.num_experts, 1, 1, device=module.A.device)
-            mask[experts] = 0.0
-            hooks += [p.register_hook(lambda grad, mask=mask: grad * mask) for p in (module.A, module.B)]
-    return hooks
 
 
 @dataclass
@@ -327,7 +312,7 @@ def distill_layer(
     for module in modules.values():
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under train.autocast
     factors = FactorSlots(modules)
-    freeze_hooks = _freeze_experts(modules, frozen_experts or {})
+    freeze_hooks = moe.freeze_experts(modules, frozen_experts or {})
     if cfg.inputs == "teacher" or x_student is x_teacher:
         sources = [x_teacher]
     else:

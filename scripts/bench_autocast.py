@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from random_checkpoint import write_random_checkpoint  # noqa: E402
 
 from distill_lr.builtin import resolve_model_dir  # noqa: E402
-from distill_lr.config import AUTOCASTS, load_config  # noqa: E402
+from distill_lr.config import load_config  # noqa: E402
 from distill_lr.driver import compress  # noqa: E402
+from distill_lr.schema import AUTOCASTS  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from functools import partial
 
 import torch
 
-from distill_lr.init import Moments, break_even_rank, truncated_svd, whiten_factors
+from distill_lr.factorize import break_even_rank, truncated_svd, whiten_factors
+from distill_lr.moments import Moments
 
 SOLVERS = ("exact", "gram", "randomized")
 

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, MixtralConfig
 sys.path.insert(0, str(Path(__file__).parent))
 from random_checkpoint import write_random_checkpoint  # noqa: E402
 
-from distill_lr.checkpoint import load_compressed  # noqa: E402
+from distill_lr.checkpoint.compressed import load_compressed  # noqa: E402
 from distill_lr.config import load_config  # noqa: E402
 from distill_lr.driver import compress  # noqa: E402
 from distill_lr.train import factor_modules  # noqa: E402

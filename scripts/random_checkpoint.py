@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from distill_lr.checkpoint import build_skeleton, decoder_layers, save_tensors_atomic, write_index
+from distill_lr.checkpoint.compressed import write_index
+from distill_lr.checkpoint.files import save_tensors_atomic
+from distill_lr.checkpoint.reader import build_skeleton, decoder_layers
 
 
 def write_random_checkpoint(

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import overrides_for
-from test_pipeline import layer_bytes
+from conftest import layer_bytes, run
 
 from distill_lr.cache import ActivationCache, TeacherStore, choose_placement
-from distill_lr.config import load_config
-from distill_lr.driver import compress
 
 
 def test_disk_cache_round_trips_and_leaves_no_file(tmp_path: Path) -> None:
@@ -36,12 +33,12 @@ def test_every_placement_gives_the_same_files(tmp_path: Path, tiny_llama: Path, 
     reports = {}
     for placement in ("device", "host", "disk"):
         out = tmp_path / placement
-        reports[placement] = compress(load_config(None, overrides_for(tiny_llama, corpus, out, method=method, cache=placement)))
-        assert reports[placement]["activation_cache"]["placement"] == placement
+        reports[placement] = run(tiny_llama, corpus, out, method=method, cache=placement)
+        assert reports[placement].activation_cache["placement"] == placement
         assert not list(out.glob(".activations-*"))
     files = {p: layer_bytes(tmp_path / p) for p in reports}
     assert files["device"] == files["host"] == files["disk"]
-    assert reports["device"]["perplexity"] == reports["host"]["perplexity"] == reports["disk"]["perplexity"]
+    assert reports["device"].perplexity == reports["host"].perplexity == reports["disk"].perplexity
 
 
 def test_teacher_store_round_trips_and_misses_on_other_tokens(tmp_path: Path) -> None:
@@ -63,14 +60,11 @@ def test_teacher_store_round_trips_and_misses_on_other_tokens(tmp_path: Path) ->
 
 @pytest.mark.parametrize("method", ["whiten", "distill"])
 def test_a_run_reading_the_teacher_cache_equals_one_computing_it(tmp_path: Path, tiny_llama: Path, corpus: Path, method: str) -> None:
-    def run(name: str, **extra) -> dict:
-        return compress(load_config(None, overrides_for(tiny_llama, corpus, tmp_path / name, method=method, **extra)))
-
-    plain = run("plain")
-    cold = run("cold", teacher_cache=str(tmp_path / "teacher"))
-    warm = run("warm", teacher_cache=str(tmp_path / "teacher"))
-    layers = len(plain["layers"])
-    assert cold["teacher_cache"]["files_written"] == 2 * layers and cold["teacher_cache"]["files_read"] == 0
-    assert warm["teacher_cache"]["files_read"] == 2 * layers and warm["teacher_cache"]["files_written"] == 0
+    plain = run(tiny_llama, corpus, tmp_path / "plain", method=method)
+    cold = run(tiny_llama, corpus, tmp_path / "cold", method=method, teacher_cache=str(tmp_path / "teacher"))
+    warm = run(tiny_llama, corpus, tmp_path / "warm", method=method, teacher_cache=str(tmp_path / "teacher"))
+    layers = len(plain.layers)
+    assert cold.teacher_cache["files_written"] == 2 * layers and cold.teacher_cache["files_read"] == 0
+    assert warm.teacher_cache["files_read"] == 2 * layers and warm.teacher_cache["files_written"] == 0
     assert layer_bytes(tmp_path / "plain") == layer_bytes(tmp_path / "cold") == layer_bytes(tmp_path / "warm")
-    assert plain["perplexity"] == cold["perplexity"] == warm["perplexity"]
+    assert plain.perplexity == cold.perplexity == warm.perplexity

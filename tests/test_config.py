@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from distill_lr.config import CompressConfig, load_config
+from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
+from distill_lr.schema import CompressConfig
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import word_tokenizer
 from tokenizers import processors
 from transformers import AutoTokenizer
 
@@ -18,6 +17,7 @@ from distill_lr import builtin
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, builtin_model_dir, builtin_wikipedia_documents, resolve_model_dir, wiki_to_text
 from distill_lr.data import TokenSets, build_token_sets, load_documents
 from distill_lr.errors import UserInputError
+from distill_lr.testing import word_tokenizer
 
 EOS = 2  # word_tokenizer's </s>
 

@@ -6,21 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-from conftest import overrides_for
+from conftest import fails, run
 
 from distill_lr.cli import main
-from distill_lr.config import load_config
-from distill_lr.driver import compress
-from distill_lr.errors import UserInputError
-
-
-def fails(model: Path, corpus: Path, output: Path, needle: str, **extra) -> None:
-    with pytest.raises(UserInputError) as err:
-        compress(load_config(None, overrides_for(model, corpus, output, **extra)))
-    message = str(err.value)
-    assert needle in message, message
-    assert "\n" not in message
 
 
 def test_missing_model_folder(tmp_path: Path, corpus: Path) -> None:
@@ -90,10 +78,10 @@ def test_output_folder_with_other_files(tmp_path: Path, tiny_llama: Path, corpus
 
 
 def test_output_folder_with_another_config(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
-    compress(load_config(None, overrides_for(tiny_llama, corpus, tmp_path / "out")))
+    run(tiny_llama, corpus, tmp_path / "out")
     fails(tiny_llama, corpus, tmp_path / "out", "changed: ranks.target", **{"ranks.target": 0.5})
-    report = compress(load_config(None, overrides_for(tiny_llama, corpus, tmp_path / "out", overwrite=True, **{"ranks.target": 0.5})))
-    assert report["params"]["removed_fraction"] > 0.45
+    report = run(tiny_llama, corpus, tmp_path / "out", overwrite=True, **{"ranks.target": 0.5})
+    assert report.params.removed_fraction > 0.45
 
 
 def test_disk_without_room_is_refused_before_work(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:

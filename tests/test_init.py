@@ -3,16 +3,8 @@ import torch
 from torch import Tensor
 
 from distill_lr.errors import UserInputError
-from distill_lr.init import (
-    INITS,
-    Moments,
-    balance_factors,
-    break_even_rank,
-    factorize,
-    pca_factors,
-    svd_factors,
-    whiten_factors,
-)
+from distill_lr.factorize import INITS, balance_factors, break_even_rank, factorize, pca_factors, svd_factors, whiten_factors
+from distill_lr.moments import Moments
 
 
 def correlated_inputs(tokens: int, features: int, seed: int, offset: float = 0.0) -> Tensor:
@@ -197,7 +189,7 @@ def test_break_even_rank() -> None:
 @pytest.mark.parametrize("shape", [(512, 384), (384, 512)])
 def test_fast_svd_solvers_are_close_to_exact(shape: tuple[int, int], dtype: torch.dtype) -> None:
     """The GPU fast paths (Gram eigen-decomposition, subspace iteration) lose well under 1% against the optimal rank-r error."""
-    from distill_lr.init import truncated_svd
+    from distill_lr.factorize import truncated_svd
 
     g = torch.Generator().manual_seed(0)
     spectrum = torch.logspace(0, -4, 256, dtype=torch.float64)

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from transformers.dynamic_module_utils import get_imports
 
-from distill_lr.init import Moments
-from distill_lr.lowrank import LowRankLinear, replace_linears_
+from distill_lr.factorize import from_linear
+from distill_lr.modeling.lowrank import LowRankLinear, replace_linears_
+from distill_lr.moments import Moments
 
 
 def linear(in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -19,7 +20,7 @@ def linear(in_features: int, out_features: int, bias: bool = True, dtype: torch.
 @pytest.mark.parametrize("bias", [True, False])
 def test_full_rank_svd_reproduces_linear(bias: bool) -> None:
     dense = linear(10, 6, bias=bias)
-    low = LowRankLinear.from_linear(dense, rank=6)
+    low = from_linear(dense, rank=6)
     x = torch.randn(4, 3, 10)
     torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
     back = low.to_dense()
@@ -36,7 +37,7 @@ def test_to_dense_round_trip() -> None:
     dense = low.to_dense()
     x = torch.randn(5, 12)
     torch.testing.assert_close(dense(x), low(x), atol=1e-5, rtol=1e-5)
-    again = LowRankLinear.from_linear(dense, rank=3)
+    again = from_linear(dense, rank=3)
     torch.testing.assert_close(again(x), low(x), atol=1e-5, rtol=1e-5)
 
 
@@ -45,7 +46,7 @@ def test_from_linear_keeps_dtype_and_activation_aware_inits_run() -> None:
     stats = Moments.empty(16)
     stats.update(torch.randn(64, 16))
     for init in ("svd", "pca", "whiten"):
-        low = LowRankLinear.from_linear(dense, rank=4, init=init, stats=stats)
+        low = from_linear(dense, rank=4, init=init, stats=stats)
         assert low.A.weight.dtype == low.B.weight.dtype == low.B.bias.dtype == torch.bfloat16
         assert (low.in_features, low.out_features, low.rank) == (16, 8, 4)
     assert "rank=4" in repr(low)
@@ -68,12 +69,12 @@ def test_invalid_rank_is_rejected(rank: int) -> None:
     with pytest.raises(ValueError, match="rank must be"):
         LowRankLinear(10, 6, rank, bias=False)
     with pytest.raises(ValueError, match="rank must be"):
-        LowRankLinear.from_linear(linear(10, 6), rank)
+        from_linear(linear(10, 6), rank)
 
 
 def test_unknown_init_is_rejected() -> None:
     with pytest.raises(ValueError, match="use one of"):
-        LowRankLinear.from_linear(linear(10, 6), 3, init="qr")
+        from_linear(linear(10, 6), 3, init="qr")
 
 
 class Block(nn.Module):
@@ -96,7 +97,7 @@ def test_replace_linears_swaps_matching_linears_only() -> None:
     def factory(name: str, module: nn.Linear) -> nn.Module | None:
         if name == "1.x":
             return None  # the factory may decline
-        return LowRankLinear.from_linear(module.float(), rank=2)  # float32: must be cast back
+        return from_linear(module.float(), rank=2)  # float32: must be cast back
 
     swapped = replace_linears_(model, factory, predicate)
     assert sorted(swapped) == ["0.mlp.up", "0.x", "1.mlp.up"]
@@ -116,7 +117,7 @@ def test_replace_linears_keeps_device() -> None:
 
 def test_lowrank_module_loads_without_distill_lr(monkeypatch: pytest.MonkeyPatch) -> None:
     """lowrank.py is shipped as remote code: it must import, and look to transformers' scan, like torch-only code."""
-    path = Path(__file__).parents[1] / "distill_lr" / "lowrank.py"
+    path = Path(__file__).parents[1] / "distill_lr" / "modeling" / "lowrank.py"
     assert set(get_imports(path)) <= {"torch"} | sys.stdlib_module_names
     for name in [n for n in sys.modules if n == "distill_lr" or n.startswith("distill_lr.")]:
         monkeypatch.setitem(sys.modules, name, None)

@@ -8,23 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import overrides_for, save_tiny, tiny_config, word_tokenizer
+from conftest import fails, layer_bytes, run
 from safetensors.torch import load_file, save_file
-from test_errors import fails
-from test_pipeline import layer_bytes
 from transformers import AutoModelForCausalLM
 
-from distill_lr import checkpoint as ckpt
-from distill_lr.config import load_config
-from distill_lr.driver import compress
-from distill_lr.init import svd_factors
-from distill_lr.lowrank import LowRankExperts, is_fused_experts
+from distill_lr.checkpoint import compressed
+from distill_lr.checkpoint.reader import INDEX_NAME, CheckpointReader, LayerLoader, build_skeleton, decoder_layers
+from distill_lr.factorize import svd_factors
+from distill_lr.modeling.lowrank import LowRankExperts, is_fused_experts
+from distill_lr.testing import save_tiny, tiny_config, word_tokenizer
 
 KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
-
-
-def run(model: Path, corpus: Path, output: Path, **extra):
-    return compress(load_config(None, overrides_for(model, corpus, output, **extra)))
 
 
 def single_file(folder: Path) -> dict[str, torch.Tensor]:
@@ -69,7 +63,7 @@ def test_low_rank_experts_compute_what_the_fused_module_does(implementation: str
 
 def test_save_pretrained_writes_per_expert_tensors(tiny_mixtral: Path) -> None:
     """What the per-expert loading path is for: transformers 5 saves Mixtral in the original layout."""
-    names = json.loads((tiny_mixtral / ckpt.INDEX_NAME).read_text())["weight_map"]
+    names = json.loads((tiny_mixtral / INDEX_NAME).read_text())["weight_map"]
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in names
     assert not any("gate_up_proj" in n for n in names)
 
@@ -78,9 +72,9 @@ def test_per_expert_and_fused_checkpoints_load_alike(tmp_path: Path, tiny_mixtra
     fused = save_fused(tiny_mixtral, tmp_path / "fused")
     reference = AutoModelForCausalLM.from_pretrained(tiny_mixtral).model.layers
     for folder in (tiny_mixtral, fused):
-        reader = ckpt.CheckpointReader(folder)
-        prefix, layers = ckpt.decoder_layers(ckpt.build_skeleton(reader.config))
-        loader = ckpt.LayerLoader(reader, layers, prefix)  # reading ahead: the expert merges run on the worker thread
+        reader = CheckpointReader(folder)
+        prefix, layers = decoder_layers(build_skeleton(reader.config))
+        loader = LayerLoader(reader, layers, prefix)  # reading ahead: the expert merges run on the worker thread
         for i in range(len(layers)):
             state, expected = loader.load(i, "cpu", torch.float32).state_dict(), reference[i].state_dict()
             assert state.keys() == expected.keys()
@@ -102,28 +96,28 @@ def test_per_expert_and_fused_checkpoints_load_alike(tmp_path: Path, tiny_mixtra
 def test_compress_load_generate_and_export(tmp_path: Path, corpus: Path, kind: str, rules: dict) -> None:
     model = save_tiny(tmp_path / kind, kind)
     report = run(model, corpus, tmp_path / "out", export_dense=True, save_dtype="float32", **{"ranks.rules": json.dumps(rules)})
-    out = Path(report["output"])
+    out = Path(report.output)
     ranks = json.loads((out / "config.json").read_text())["distill_lr"]["ranks"]
     assert "model.layers.0.mlp.experts.up_proj" in ranks and not any(".experts.0." in n for n in ranks)
     assert ("model.layers.0.mlp.experts.down_proj" in ranks) == ("qwen2" not in kind)
-    saved = json.loads((out / ckpt.INDEX_NAME).read_text())["weight_map"]
+    saved = json.loads((out / INDEX_NAME).read_text())["weight_map"]
     assert "model.layers.0.mlp.experts.up_proj.A" in saved and "model.layers.0.mlp.gate.weight" in saved  # the router stays dense
-    loaded = ckpt.load_compressed(out)
+    loaded = compressed.load_compressed(out)
     assert isinstance(loaded.model.layers[0].mlp.experts, LowRankExperts)
     ids = torch.randint(3, 200, (2, 12))
     assert loaded.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 16)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    dense = AutoModelForCausalLM.from_pretrained(report["dense_export"]).eval()
+    dense = AutoModelForCausalLM.from_pretrained(report.dense_export).eval()
     assert is_fused_experts(dense.model.layers[0].mlp.experts)
     with torch.no_grad():
         logits = loaded(ids).logits
         assert torch.equal(remote(ids).logits, logits)
         torch.testing.assert_close(dense(ids).logits, logits, atol=1e-4, rtol=1e-4)
-    per_layer = report["layers"][0]["experts"]["mlp.experts"]
+    per_layer = report.layers[0].experts["mlp.experts"]
     assert sum(per_layer["tokens"]) == 16 * 32 * 2 and per_layer["starved"] == []  # every calibration token, top-2
     if kind == "qwen2_moe":  # a shared expert (a plain MLP) and the router's gate of it; layer 1 a plain MLP
         assert {"model.layers.0.mlp.shared_expert.down_proj", "model.layers.1.mlp.down_proj"} <= set(ranks)
-        assert "model.layers.0.mlp.shared_expert_gate" not in ranks and "experts" not in report["layers"][1]
+        assert "model.layers.0.mlp.shared_expert_gate" not in ranks and report.layers[1].experts is None
 
 
 def copies_of_one_mlp(dense_dir: Path, folder: Path, top_k: int) -> Path:
@@ -154,13 +148,13 @@ def test_experts_that_copy_one_mlp_compress_like_the_dense_model(tmp_path: Path,
     dense_dir = save_tiny(tmp_path / "mistral", "mistral")
     moe_dir = copies_of_one_mlp(dense_dir, tmp_path / "mixtral", top_k)
     dense, moe = (run(d, corpus, tmp_path / f"out-{d.name}", method=method) for d in (dense_dir, moe_dir))
-    dense_ranks, moe_ranks = (json.loads((Path(r["output"]) / "config.json").read_text())["distill_lr"]["ranks"] for r in (dense, moe))
+    dense_ranks, moe_ranks = (json.loads((Path(r.output) / "config.json").read_text())["distill_lr"]["ranks"] for r in (dense, moe))
     assert moe_ranks == {n.replace(".mlp.", ".mlp.experts."): r for n, r in dense_ranks.items()}
-    for a, b in zip(dense["layers"], moe["layers"], strict=True):
-        assert a["err_teacher_input"] == pytest.approx(b["err_teacher_input"], rel=1e-4, abs=1e-6)
-        assert a["err_student_input"] == pytest.approx(b["err_student_input"], rel=1e-4, abs=1e-6)
-    assert moe["perplexity"]["dense"] == pytest.approx(dense["perplexity"]["dense"], rel=1e-5)
-    assert moe["perplexity"]["compressed"] == pytest.approx(dense["perplexity"]["compressed"], rel=1e-5)
+    for a, b in zip(dense.layers, moe.layers, strict=True):
+        assert a.err_teacher_input == pytest.approx(b.err_teacher_input, rel=1e-4, abs=1e-6)
+        assert a.err_student_input == pytest.approx(b.err_student_input, rel=1e-4, abs=1e-6)
+    assert moe.perplexity.dense == pytest.approx(dense.perplexity.dense, rel=1e-5)
+    assert moe.perplexity.compressed == pytest.approx(dense.perplexity.compressed, rel=1e-5)
 
 
 def starve(folder: Path, expert: int) -> Path:
@@ -179,11 +173,11 @@ def test_an_expert_without_tokens_keeps_its_svd_init(tmp_path: Path, corpus: Pat
     model = starve(save_tiny(tmp_path / "m", "mixtral", shard_size=None), expert=3)
     with pytest.warns(UserWarning, match=r"experts \[3\] received fewer than 16 calibration tokens \(0\)"):
         report = run(model, corpus, tmp_path / "out", method="distill", init="whiten", save_dtype="float32")
-    for layer in report["layers"]:
-        assert layer["experts"]["mlp.experts"]["tokens"][3] == 0 and layer["experts"]["mlp.experts"]["starved"] == [3]
-    rank = json.loads((Path(report["output"]) / "config.json").read_text())["distill_lr"]["ranks"]["model.layers.1.mlp.experts.down_proj"]
+    for layer in report.layers:
+        assert layer.experts["mlp.experts"]["tokens"][3] == 0 and layer.experts["mlp.experts"]["starved"] == [3]
+    rank = json.loads((Path(report.output) / "config.json").read_text())["distill_lr"]["ranks"]["model.layers.1.mlp.experts.down_proj"]
     A, B = svd_factors(AutoModelForCausalLM.from_pretrained(model).model.layers[1].mlp.experts.down_proj[3], rank)
-    saved = load_file(Path(report["output"]) / ckpt.layer_file(1))
+    saved = load_file(Path(report.output) / compressed.layer_file(1))
     torch.testing.assert_close(saved["model.layers.1.mlp.experts.down_proj.A"][3], A)
     torch.testing.assert_close(saved["model.layers.1.mlp.experts.down_proj.B"][3], B)
 
@@ -191,7 +185,7 @@ def test_an_expert_without_tokens_keeps_its_svd_init(tmp_path: Path, corpus: Pat
 def test_too_few_tokens_is_a_knob(tmp_path: Path, tiny_mixtral: Path, corpus: Path) -> None:
     with pytest.warns(UserWarning, match="lower ranks.min_expert_tokens"):
         report = run(tiny_mixtral, corpus, tmp_path / "out", method="svd", **{"ranks.min_expert_tokens": 1000})
-    assert report["layers"][0]["experts"]["mlp.experts"]["starved"] == [0, 1, 2, 3]
+    assert report.layers[0].experts["mlp.experts"]["starved"] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(

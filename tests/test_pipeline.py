@@ -7,23 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import materialised_layer, overrides_for, save_tiny
+from conftest import layer_bytes, materialised_layer, overrides_for, run
 from transformers import AutoModelForCausalLM
 
-from distill_lr import checkpoint as ckpt
 from distill_lr import driver
+from distill_lr.checkpoint import compressed, files, reader
+from distill_lr.checkpoint.manifest import MANIFEST_NAME
 from distill_lr.config import load_config
-from distill_lr.driver import compress, factorize_layer_
-from distill_lr.init import Moments
+from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import capture_inputs, run_layer
-
-
-def run(model: Path, corpus: Path, output: Path, **extra):
-    return compress(load_config(None, overrides_for(model, corpus, output, **extra)))
-
-
-def layer_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("model-*.safetensors"))}
+from distill_lr.moments import Moments
+from distill_lr.stats import collect_stats
+from distill_lr.testing import save_tiny
 
 
 def nll_of(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -57,7 +52,7 @@ def test_moments_are_recorded_on_each_linears_smaller_side_and_shared(tiny_llama
     run_layer(layer, hidden, kwargs[0], 4)
     for hook in hooks:
         hook.remove()
-    stats, _ = driver.collect_stats(layer, list(linears), hidden, kwargs[0], batch_size=4)
+    stats, _ = collect_stats(layer, list(linears), hidden, kwargs[0], batch_size=4)
     assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
     assert len({id(s) for s in stats.values()}) == len(linears) - 1
     for name, expected in own.items():
@@ -71,9 +66,9 @@ def test_architectures_compress_load_and_generate(tmp_path: Path, corpus: Path, 
     model_dir = save_tiny(tmp_path / kind, kind)
     tokenizer = save_tiny(tmp_path / "tok", "llama")  # the tiny word tokenizer, loaded as such
     report = run(model_dir, corpus, tmp_path / "out", tokenizer=tokenizer)
-    out = Path(report["output"])
-    assert 0.28 < report["params"]["removed_fraction"] < 0.32
-    loaded = ckpt.load_compressed(out)
+    out = Path(report.output)
+    assert 0.28 < report.params.removed_fraction < 0.32
+    loaded = compressed.load_compressed(out)
     ids = torch.randint(3, 200, (1, 8))
     assert loaded.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -84,7 +79,7 @@ def test_architectures_compress_load_and_generate(tmp_path: Path, corpus: Path, 
 def test_saved_then_loaded_equals_streamed_student(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     """The perplexity the driver computed from its in-memory student equals the reloaded model's."""
     report = run(tiny_llama, corpus, tmp_path / "out", save_dtype="float32")
-    loaded = ckpt.load_compressed(report["output"])
+    loaded = compressed.load_compressed(report.output)
     from transformers import AutoTokenizer
 
     from distill_lr.data import build_token_sets, load_documents
@@ -100,19 +95,19 @@ def test_saved_then_loaded_equals_streamed_student(tmp_path: Path, tiny_llama: P
         seed=cfg.seed,
     )
     ppl = torch.exp(torch.tensor(nll_of(loaded, tokens.evaluation))).item()
-    assert ppl == pytest.approx(report["perplexity"]["compressed"], rel=1e-4)
+    assert ppl == pytest.approx(report.perplexity.compressed, rel=1e-4)
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    assert torch.exp(torch.tensor(nll_of(dense, tokens.evaluation))).item() == pytest.approx(report["perplexity"]["dense"], rel=1e-4)
+    assert torch.exp(torch.tensor(nll_of(dense, tokens.evaluation))).item() == pytest.approx(report.perplexity.dense, rel=1e-4)
 
 
 def test_dense_export_matches_low_rank_model(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     report = run(tiny_llama, corpus, tmp_path / "out", export_dense=True, save_dtype="float32")
-    dense = AutoModelForCausalLM.from_pretrained(report["dense_export"]).eval()
-    low = ckpt.load_compressed(report["output"])
+    dense = AutoModelForCausalLM.from_pretrained(report.dense_export).eval()
+    low = compressed.load_compressed(report.output)
     ids = torch.randint(3, 200, (1, 12))
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, low(ids).logits, atol=1e-4)
-    assert "distill_lr" not in json.loads((Path(report["dense_export"]) / "config.json").read_text())
+    assert "distill_lr" not in json.loads((Path(report.dense_export) / "config.json").read_text())
 
 
 def test_sharded_and_single_file_inputs_give_identical_files(tmp_path: Path, corpus: Path) -> None:
@@ -121,7 +116,7 @@ def test_sharded_and_single_file_inputs_give_identical_files(tmp_path: Path, cor
     assert len(list(sharded.glob("*.safetensors"))) > 1 and len(list(single.glob("*.safetensors"))) == 1
     a = run(sharded, corpus, tmp_path / "a")
     b = run(single, corpus, tmp_path / "b")
-    assert layer_bytes(Path(a["output"])) == layer_bytes(Path(b["output"]))
+    assert layer_bytes(Path(a.output)) == layer_bytes(Path(b.output))
 
 
 @pytest.mark.parametrize(
@@ -134,10 +129,10 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str
     extra = {"teacher_cache": str(tmp_path / "teacher")} if teacher_cache else {}
     real = driver.compress_layer
 
-    def crash_at_layer_2(index, *args, **kwargs):
+    def crash_at_layer_2(run_, index, *args, **kwargs):
         if index == 2:
             raise KeyboardInterrupt
-        return real(index, *args, **kwargs)
+        return real(run_, index, *args, **kwargs)
 
     monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
     with pytest.raises(KeyboardInterrupt):
@@ -145,16 +140,16 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str
     assert not (tmp_path / "resumed" / "config.json").exists()  # an unfinished folder never looks complete
     monkeypatch.setattr(driver, "compress_layer", real)
     resumed = run(model, corpus, tmp_path / "resumed", method=method, **extra)
-    assert [r.get("resumed", False) for r in resumed["layers"]] == [True, True, False]
+    assert [r.resumed for r in resumed.layers] == [True, True, False]
     assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
-    assert resumed["perplexity"] == unbroken["perplexity"]
+    assert resumed.perplexity == unbroken.perplexity
     if teacher_cache:  # the two finished layers' outputs were stored before the crash and read back
-        assert resumed["teacher_cache"]["files_read"] == 4
+        assert resumed.teacher_cache["files_read"] == 4
 
 
 def test_activation_aware_inits_beat_svd(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     errs = {
-        m: run(tiny_llama, corpus, tmp_path / m, method=m, **{"ranks.target": 0.5})["layers"][0]["err_teacher_input"]
+        m: run(tiny_llama, corpus, tmp_path / m, method=m, **{"ranks.target": 0.5}).layers[0].err_teacher_input
         for m in ("svd", "pca", "whiten")
     }
     assert errs["whiten"] < errs["svd"] and errs["pca"] < errs["svd"]
@@ -163,36 +158,36 @@ def test_activation_aware_inits_beat_svd(tmp_path: Path, tiny_llama: Path, corpu
 def test_distillation_improves_on_its_init(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     extra = {"ranks.target": 0.5, "init": "svd", "train.epochs": 4, "train.lr": 3e-2, "data.num_sequences": 32}
     trained = run(tiny_llama, corpus, tmp_path / "d", method="distill", **extra)
-    for layer in trained["layers"]:
-        assert layer["train"]["best_holdout"] < layer["train"]["init_holdout"]
+    for layer in trained.layers:
+        assert layer.train["best_holdout"] < layer.train["init_holdout"]
 
 
 def test_a_failed_layer_write_stops_the_run_and_is_never_marked_done(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
-    real = ckpt.save_tensors_atomic
+    real = files.save_tensors_atomic
 
     def disk_full_at_layer_1(tensors, path, metadata=None):
-        if path.name == ckpt.layer_file(1):
+        if path.name == compressed.layer_file(1):
             raise OSError("No space left on device")
         return real(tensors, path, metadata)
 
-    monkeypatch.setattr(ckpt, "save_tensors_atomic", disk_full_at_layer_1)
+    monkeypatch.setattr(files, "save_tensors_atomic", disk_full_at_layer_1)
     with pytest.raises(OSError, match="No space left"):
         run(tiny_llama, corpus, tmp_path / "out")
-    manifest = json.loads((tmp_path / "out" / ckpt.MANIFEST_NAME).read_text())
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert list(manifest["layers"]) == ["0"] and not manifest["complete"]
-    assert not (tmp_path / "out" / ckpt.layer_file(1)).exists()
+    assert not (tmp_path / "out" / compressed.layer_file(1)).exists()
 
 
 def test_reading_ahead_reads_each_layer_once_and_changes_nothing(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
     reads = []
-    real = ckpt.CheckpointReader.read_state
+    real = reader.CheckpointReader.read_state
 
     def counted(self, expected, device="cpu"):
         reads.append(next(iter(expected)).split(".")[2])  # model.layers.<i>.…
         return real(self, expected, device)
 
-    monkeypatch.setattr(ckpt.CheckpointReader, "read_state", counted)
+    monkeypatch.setattr(reader.CheckpointReader, "read_state", counted)
     ahead = run(tiny_llama, corpus, tmp_path / "ahead", method="distill")
-    assert sorted(reads, key=int) == [str(i) for i in range(len(ahead["layers"]))]
+    assert sorted(reads, key=int) == [str(i) for i in range(len(ahead.layers))]
     run(tiny_llama, corpus, tmp_path / "plain", method="distill", read_ahead=False)
     assert layer_bytes(tmp_path / "ahead") == layer_bytes(tmp_path / "plain")

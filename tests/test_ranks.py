@@ -1,9 +1,9 @@
 import pytest
 
-from distill_lr.config import RankConfig
 from distill_lr.errors import UserInputError
-from distill_lr.init import break_even_rank
+from distill_lr.factorize import break_even_rank
 from distill_lr.ranks import matches, plan_ranks
+from distill_lr.schema import RankConfig
 
 
 def shapes(layers: int = 4) -> dict[str, tuple[int, int]]:

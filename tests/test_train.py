@@ -11,10 +11,10 @@ import torch
 from conftest import materialised_layer
 from torch.nn.utils import parametrize
 
-from distill_lr.config import TrainConfig
-from distill_lr.driver import factorize_layer_
+from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import capture_inputs, embed, run_layer
-from distill_lr.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.schema import TrainConfig
 from distill_lr.train import (
     MIN_LOSS,
     distill_layer,

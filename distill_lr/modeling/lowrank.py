@@ -1,18 +1,15 @@
-"""The low-rank replacement for ``nn.Linear`` and the helper that swaps it into a model.
+"""The low-rank modules of a compressed model and the helpers that swap them into a model.
 
 This file is copied verbatim beside every compressed checkpoint and loaded as remote code
 (``trust_remote_code=True``) on machines without distill_lr, so it imports only torch and the
-standard library. transformers scans remote code for import statements (lazy ones and those under
-``TYPE_CHECKING`` included) and refuses to load a Hub checkpoint whose code names a missing package,
-so ``from_linear`` reaches the factorisation maths in ``distill_lr.init`` through ``importlib`` by name.
-Loading a checkpoint never calls it.
+standard library: transformers scans remote code for import statements and refuses a checkpoint
+whose code names a missing package. The modules are built from factors; building them from a
+dense weight (the factorisations) is ``distill_lr.factorize``'s job.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -79,21 +76,6 @@ class LowRankLinear(nn.Module):
             if bias is not None:
                 module.B.bias.copy_(bias)
         return module
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, init: str = "svd", stats: Any = None) -> LowRankLinear:
-        """Factor ``linear`` with one of ``distill_lr.init.INITS``, on the linear's device and dtype.
-
-        ``stats`` is the ``distill_lr.init.Moments`` of the linear's inputs or outputs (typed ``Any`` since this
-        file cannot import it), needed by the activation-aware inits "pca" and "whiten". Unlike the rest
-        of this file, this needs distill_lr installed.
-        """
-        factorize = importlib.import_module("distill_lr.init").factorize  # see the module docstring
-
-        bias = None if linear.bias is None else linear.bias.detach()
-        A, B, new_bias = factorize(linear.weight.detach(), rank, init, stats=stats, bias=bias)
-        dtype = linear.weight.dtype
-        return cls.from_factors(A.to(dtype), B.to(dtype), None if new_bias is None else new_bias.to(dtype))
 
     def to_dense(self) -> nn.Linear:
         """The equivalent dense linear (product taken in float32), for export or comparison."""
@@ -200,27 +182,6 @@ class ExpertLinears(nn.Module):
             validate_rank(rank, out_features, in_features)
             self.A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=dtype))
             self.B = nn.Parameter(torch.empty(num_experts, out_features, rank, device=device, dtype=dtype))
-
-    @classmethod
-    def from_weights(cls, weight: Tensor, rank: int | None = None, init: str = "svd", stats: Sequence[Any] | None = None) -> ExpertLinears:
-        """Each expert's ``weight[e] (out, in)`` factored at ``rank`` with ``distill_lr.init.factorize`` (a copy if rank is None).
-
-        ``stats[e]`` is the ``Moments`` of the tokens routed to expert e, for "pca" and "whiten"; an
-        expert whose entry is None (it saw too few tokens) gets the plain SVD. Needs distill_lr installed.
-        """
-        num_experts, out_features, in_features = weight.shape
-        module = cls(num_experts, in_features, out_features, rank, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            if rank is None:
-                module.weight.copy_(weight)
-                return module
-            factorize = importlib.import_module("distill_lr.init").factorize  # see the module docstring
-            for e in range(num_experts):
-                expert_stats = stats[e] if stats is not None else None
-                A, B, _ = factorize(weight[e].detach(), rank, init if expert_stats is not None else "svd", stats=expert_stats)
-                module.A[e].copy_(A)
-                module.B[e].copy_(B)
-        return module
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rank is None:

@@ -1,9 +1,7 @@
-"""Checkpoint I/O: read a Hugging Face folder tensor by tensor, write a compressed one layer by layer.
+"""Reading a Hugging Face checkpoint folder tensor by tensor, and materialising one decoder layer at a time.
 
 Nothing here loads a whole model: the architecture is built on the ``meta`` device and each
-decoder layer is materialised from only its own tensors. Every file is written under a temporary
-name and renamed, and the index and ``config.json`` come last, so a crash never leaves a folder
-that looks complete.
+decoder layer is materialised from only its own tensors.
 """
 
 from __future__ import annotations
@@ -11,11 +9,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
-import shutil
 import struct
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,32 +21,15 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from distill_lr import hf_modeling
-from distill_lr.errors import UserInputError
-from distill_lr.lowrank import LowRankExperts
+from distill_lr.errors import UserInputError, first_line
 
 INDEX_NAME = "model.safetensors.index.json"
-MANIFEST_NAME = "distill_lr_manifest.json"
-OTHER_FILE = "model-other.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -64,10 +42,6 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-def layer_file(index: int) -> str:
-    return f"model-layer-{index:05d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -121,7 +95,7 @@ class CheckpointReader:
             json.loads(config_path.read_text())
             self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder)
         except (ValueError, OSError, KeyError) as err:
-            raise UserInputError(f"{config_path} cannot be read as a transformers config ({_first_line(err)}): fix or replace it") from None
+            raise UserInputError(f"{config_path} cannot be read as a transformers config ({first_line(err)}): fix or replace it") from None
         if self.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(self.config, "is_encoder_decoder", False):
             raise UserInputError(
                 f"{config_path} describes a '{self.config.model_type}' model, not a decoder-only causal LM: give a causal LM checkpoint"
@@ -306,10 +280,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
     """The architecture with parameters on ``meta`` and real buffers (rotary frequencies)."""
     with init_empty_weights(include_buffers=False):
@@ -341,228 +311,3 @@ def load_non_layer_(model: PreTrainedModel, reader: CheckpointReader, layer_pref
     if still_meta:
         raise UserInputError(f"checkpoint {reader.folder} has no tensor '{still_meta[0]}': the shards are incomplete")
     model.requires_grad_(False)
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files directly in ``folder`` (0 when it does not exist): what a resumed run has already written."""
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
-
-
-def check_disk_space(needs: dict[Path, int]) -> None:
-    """Refuse to start when a file system lacks room for what the run will still write to these folders (bytes)."""
-    per_fs: dict[int, list[Any]] = {}  # file system -> [a folder on it, bytes]
-    for folder, size in needs.items():
-        anchor = next(p for p in (folder, *folder.parents) if p.exists())
-        per_fs.setdefault(anchor.stat().st_dev, [anchor, 0])[1] += max(size, 0)
-    for anchor, size in per_fs.values():
-        free = shutil.disk_usage(anchor).free
-        if size > free:
-            raise UserInputError(
-                f"not enough disk space at {anchor}: this run writes about {size / 2**30:.2f} GiB there (compressed checkpoint,"
-                f" on-disk activation caches, teacher cache), {free / 2**30:.2f} GiB is free: free some space or choose another"
-                " output= (or cache_dir=, cache=host, teacher_cache=)"
-            )
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file under a temporary name, flush it to disk, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
-    _fsync_rename(tmp, path)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    _fsync_rename(tmp, path)
-
-
-def _fsync_rename(tmp: Path, path: Path) -> None:
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class BackgroundWriter:
-    """Writes finished layers on one worker thread, in order, while the next layer computes.
-
-    ``drain()`` before queueing the next layer's writes keeps at most one layer in flight (host
-    memory), and re-raises a failed write in the main thread. Call ``close()`` on every exit path, so
-    a layer that was finished before a crash is on disk and in the manifest.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill_lr-writer")
-        self._pending: list[Future[None]] = []
-
-    def submit(self, job: Callable[[], None]) -> None:
-        earlier = list(self._pending)
-
-        def guarded() -> None:
-            if not any(f.exception() is not None for f in earlier):  # nothing is written after a failed write
-                job()
-
-        self._pending.append(self._pool.submit(guarded))
-
-    def drain(self) -> float:
-        """Wait for every queued write; returns the seconds spent waiting."""
-        start = time.perf_counter()
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-        return time.perf_counter() - start
-
-    def close(self) -> None:
-        try:
-            self.drain()
-        finally:
-            self._pool.shutdown()
-
-
-class RunManifest:
-    """Resume state kept beside the weights: which layers are written, for which config and input."""
-
-    def __init__(self, folder: Path, settings: dict[str, Any], input_fingerprint: str, overwrite: bool) -> None:
-        self.folder = folder
-        self.path = folder / MANIFEST_NAME
-        self.data: dict[str, Any] = {"settings": settings, "input": input_fingerprint, "layers": {}, "complete": False}
-        if self.path.is_file():
-            old = json.loads(self.path.read_text())
-            changed = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
-            if overwrite:
-                self._clear()
-            elif old["input"] != input_fingerprint:
-                raise UserInputError(
-                    f"output folder {folder} holds a run on another input model: use a new output folder or overwrite=true"
-                )
-            elif changed:
-                raise UserInputError(
-                    f"output folder {folder} holds a run with another config (changed: {', '.join(changed[:5])}): "
-                    "use a new output folder, the same config, or overwrite=true"
-                )
-            else:
-                self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
-        elif folder.exists() and any(folder.iterdir()):
-            if not overwrite:
-                raise UserInputError(f"output folder {folder} is not empty and holds no distill_lr run: use a new folder or overwrite=true")
-            self._clear()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.save()
-
-    def _clear(self) -> None:
-        shutil.rmtree(self.folder)
-
-    def _intact(self, entry: dict[str, Any]) -> bool:
-        path = self.folder / entry["file"]
-        return path.is_file() and path.stat().st_size == entry["bytes"]
-
-    def done(self, index: int) -> dict[str, Any] | None:
-        return self.data["layers"].get(str(index))
-
-    def mark_done(self, index: int, file: str, report: dict[str, Any]) -> None:
-        path = self.folder / file
-        self.data["layers"][str(index)] = {"file": file, "bytes": path.stat().st_size, "sha256": file_sha256(path), "report": report}
-        self.data["complete"] = False
-        self.save()
-
-    def mark_complete(self) -> None:
-        self.data["complete"] = True
-        self.save()
-
-    def save(self) -> None:
-        write_json_atomic(self.data, self.path)
-
-
-def copy_side_files(src: Path, dst: Path, modeling: bool = True) -> None:
-    """Tokenizer and generation files travel with the weights; the loading code goes beside them."""
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-    if not modeling:
-        return
-    here = Path(hf_modeling.__file__).parent
-    shutil.copyfile(here / "hf_modeling.py", dst / "modeling_distill_lr.py")
-    shutil.copyfile(here / "lowrank.py", dst / "lowrank.py")
-
-
-def write_index(folder: Path, files: Iterable[str]) -> None:
-    weight_map: dict[str, str] = {}
-    total = 0
-    for name in files:
-        with safe_open(folder / name, framework="pt") as fh:
-            for key in fh.keys():
-                weight_map[key] = name
-        total += (folder / name).stat().st_size
-    write_json_atomic({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, folder / INDEX_NAME)
-
-
-def write_compressed_config(
-    config: PretrainedConfig, folder: Path, ranks: dict[str, int], save_dtype: torch.dtype, info: dict[str, Any]
-) -> None:
-    """``config.json`` of the compressed model: the original plus the ranks and the remote-code entry point."""
-    data = config.to_dict()
-    data.pop("auto_map", None)
-    data["dtype"] = str(save_dtype).removeprefix("torch.")
-    data["auto_map"] = {"AutoModelForCausalLM": "modeling_distill_lr.DistillLRForCausalLM"}
-    data[hf_modeling.CONFIG_KEY] = {"base_architecture": _architecture(config), "ranks": ranks, **info}
-    write_json_atomic(data, folder / "config.json")
-
-
-def _architecture(config: PretrainedConfig) -> str:
-    if config.architectures:
-        return config.architectures[0]
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
-
-
-def _compressed_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    if hf_modeling.CONFIG_KEY not in data:
-        raise UserInputError(
-            f"{folder} is not a finished distill_lr checkpoint (no '{hf_modeling.CONFIG_KEY}' in config.json): "
-            "finish or resume the run first"
-        )
-    return data
-
-
-def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A transformers model with the low-rank modules in place (the same code as ``trust_remote_code``)."""
-    folder = Path(folder).expanduser()
-    _compressed_config(folder)
-    config = AutoConfig.from_pretrained(folder)
-    model_class = hf_modeling.low_rank_class(hf_modeling.base_architecture(config))
-    model = model_class.from_pretrained(folder, config=config, dtype=dtype)
-    return model.to(device).eval()
-
-
-def export_dense(src: Path, dst: Path) -> None:
-    """Multiply the factors out, file by file, into a checkpoint of the original architecture (fused MoE experts included)."""
-    data = _compressed_config(src)
-    ranks = data.pop(hf_modeling.CONFIG_KEY)["ranks"]
-    data.pop("auto_map", None)
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
-    for name in files:
-        tensors = load_file(src / name)
-        for module in [m for m in ranks if f"{m}.A.weight" in tensors]:
-            a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
-            tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
-            if f"{module}.B.bias" in tensors:
-                tensors[f"{module}.bias"] = tensors.pop(f"{module}.B.bias")
-        for experts in sorted({m.rpartition(".")[0] for m in ranks if f"{m}.A" in tensors}):  # a LowRankExperts
-            local = {k[len(experts) + 1 :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(experts + ".")]}
-            tensors.update({f"{experts}.{k}": v for k, v in LowRankExperts.fused_state(local).items()})
-        save_tensors_atomic(tensors, dst / name)
-    write_index(dst, files)
-    copy_side_files(src, dst, modeling=False)
-    write_json_atomic(data, dst / "config.json")

@@ -1,4 +1,5 @@
-"""Training-free factorisations ``W ≈ B @ A`` of a weight ``W (out, in)``: A is (rank, in), B (out, rank).
+"""Training-free factorisations ``W ≈ B @ A`` of a weight ``W (out, in)``: A is (rank, in), B (out, rank),
+and the low-rank modules built from a dense linear or from every expert's weight with them.
 
 * ``svd``: truncated SVD of W, the best rank-r approximation of the weight itself.
 * ``pca``: projects the layer's outputs on their top-r principal directions (Chen et al. 2021 DRONE;
@@ -14,87 +15,21 @@ W's device and callers cast it to the model's dtype.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from distill_lr.errors import UserInputError
-from distill_lr.lowrank import validate_rank
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, replace_linears_, validate_rank
+from distill_lr.moments import Moments
 
 INITS = ("svd", "pca", "whiten")
 _DAMPING_TRIES = 8  # damping grows x10 per try: up to 1e7 times the requested one
 FAST_SVD_MIN_SIZE = 2048  # smaller matrices take the exact SVD even on a GPU
 RANDOMIZED_OVERSAMPLE = 32  # extra directions sampled beyond the rank
 RANDOMIZED_POWER_ITERATIONS = 4
-
-
-def records_outputs(out_features: int, in_features: int) -> bool:
-    """Whether pca/whiten need only the moments of a linear's outputs ``W x`` rather than of its inputs.
-
-    Both inits project W's outputs on the top eigenvectors of ``W E[x xᵀ] Wᵀ`` (whiten: plus a damping
-    term), which is ``E[(W x)(W x)ᵀ]``: for a matrix with fewer outputs than inputs that (out, out)
-    moment is smaller than the (in, in) one, e.g. 4096² instead of 14336² for each Mixtral expert's
-    down projection (1.1 GB instead of 13 GB of float64 per layer), and an eigh replaces a large SVD.
-    """
-    return out_features < in_features
-
-
-@dataclass
-class Moments:
-    """Running first and second moments of a linear's inputs x, or (``of_outputs``) of ``W x`` (what pca/whiten need).
-
-    Each batch's ``x.T @ x`` is a float32 matmul (fast on any accelerator) that is added to float64
-    running sums, so rounding does not build up over millions of calibration tokens. Output moments
-    exclude the bias: they describe the product ``W x`` that the factors approximate.
-    """
-
-    sum_xxT: Tensor  # (features, features) float64
-    sum_x: Tensor  # (features,) float64
-    count: int  # tokens seen
-    of_outputs: bool = False
-
-    @classmethod
-    def empty(cls, features: int, device: torch.device | str | None = None, of_outputs: bool = False) -> Moments:
-        return cls(
-            sum_xxT=torch.zeros(features, features, dtype=torch.float64, device=device),
-            sum_x=torch.zeros(features, dtype=torch.float64, device=device),
-            count=0,
-            of_outputs=of_outputs,
-        )
-
-    def update(self, x: Tensor) -> None:
-        """Add a batch ``x (..., features)``; every leading dimension counts as tokens."""
-        features = self.sum_x.shape[0]
-        if x.shape[-1] != features:
-            raise ValueError(f"inputs have {x.shape[-1]} features, these statistics expect {features}")
-        tokens = x.detach().reshape(-1, features).to(device=self.sum_x.device, dtype=torch.float32)
-        self.sum_xxT += (tokens.T @ tokens).double()
-        self.sum_x += tokens.sum(dim=0).double()
-        self.count += tokens.shape[0]
-
-    def mean(self) -> Tensor:
-        """E[x], float64."""
-        return self._per_token(self.sum_x)
-
-    def second_moment(self) -> Tensor:
-        """E[x xᵀ], float64."""
-        return self._per_token(self.sum_xxT)
-
-    def covariance(self) -> Tensor:
-        """E[x xᵀ] − E[x] E[x]ᵀ, float64."""
-        mean = self.mean()
-        return self.second_moment() - torch.outer(mean, mean)
-
-    def _per_token(self, total: Tensor) -> Tensor:
-        if self.count == 0:
-            raise ValueError("no inputs were recorded: call Moments.update before using the statistics")
-        if not torch.isfinite(total).all():
-            raise UserInputError(
-                "the calibration activations contain inf or NaN (the model overflows in its dtype): "
-                "run with dtype=float32 or dtype=bfloat16"
-            )
-        return total / self.count
 
 
 def break_even_rank(out_features: int, in_features: int) -> float:
@@ -283,3 +218,35 @@ def factorize(
     else:
         A, B = whiten_factors(W, rank, stats)
     return *balance_factors(A, B), new_bias
+
+
+def from_linear(linear: nn.Linear, rank: int, init: str = "svd", stats: Moments | None = None) -> LowRankLinear:
+    """``linear`` factored at ``rank`` with one of ``INITS``, on its device and dtype (``stats``: for pca and whiten)."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    A, B, new_bias = factorize(linear.weight.detach(), rank, init, stats=stats, bias=bias)
+    dtype = linear.weight.dtype
+    return LowRankLinear.from_factors(A.to(dtype), B.to(dtype), None if new_bias is None else new_bias.to(dtype))
+
+
+@torch.no_grad()
+def experts_from_weights(weight: Tensor, rank: int, init: str = "svd", stats: Sequence[Moments | None] | None = None) -> ExpertLinears:
+    """Each expert's ``weight[e] (out, in)`` factored at ``rank``; ``stats[e]`` are the moments of the tokens routed to it.
+
+    An expert whose entry is None (it saw too few tokens) gets the plain SVD.
+    """
+    num_experts, out_features, in_features = weight.shape
+    module = ExpertLinears(num_experts, in_features, out_features, rank, device=weight.device, dtype=weight.dtype)
+    for e in range(num_experts):
+        expert_stats = stats[e] if stats is not None else None
+        A, B, _ = factorize(weight[e].detach(), rank, init if expert_stats is not None else "svd", stats=expert_stats)
+        module.A[e].copy_(A)
+        module.B[e].copy_(B)
+    return module
+
+
+def factorize_layer_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
+    """Swap the layer's chosen linears and expert projections (unfused by ``moe.unfuse_experts_``) for factors initialised by ``init``."""
+    replace_linears_(layer, lambda name, linear: from_linear(linear, ranks[name], init, stats.get(name)), lambda name, _: name in ranks)
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, ExpertLinears) and name in ranks:
+            layer.set_submodule(name, experts_from_weights(module.weight, ranks[name], init, stats.get(name)))

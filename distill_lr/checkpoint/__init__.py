@@ -1,0 +1,1 @@
+"""Checkpoint I/O, one module per concern: reading HF folders, file primitives, the resume manifest, the compressed format."""

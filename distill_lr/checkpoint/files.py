@@ -1,0 +1,126 @@
+"""File primitives: one atomic-write policy for every file distill_lr writes, the background writer, disk space.
+
+Every file is written under a unique temporary name in its folder, flushed to disk, then renamed
+into place, so a file that exists under its final name is complete, whatever crashed and when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from safetensors.torch import save_file
+
+from distill_lr.errors import UserInputError
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A unique temporary path beside ``path`` to write to; on success it is fsynced and renamed to ``path``, on error removed.
+
+    Unique, so two runs that share a folder (a teacher cache) never write to one temporary file.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """``atomic_file`` opened for writing: for callers that write a file piece by piece."""
+    with atomic_file(path) as tmp, tmp.open("wb") as fh:
+        yield fh
+        fh.flush()
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (see ``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    with atomic_writer(path) as fh:
+        fh.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (0 when it does not exist): what a resumed run has already written."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+
+
+def check_disk_space(needs: dict[Path, int]) -> None:
+    """Refuse to start when a file system lacks room for what the run will still write to these folders (bytes)."""
+    per_fs: dict[int, list[Any]] = {}  # file system -> [a folder on it, bytes]
+    for folder, size in needs.items():
+        anchor = next(p for p in (folder, *folder.parents) if p.exists())
+        per_fs.setdefault(anchor.stat().st_dev, [anchor, 0])[1] += max(size, 0)
+    for anchor, size in per_fs.values():
+        free = shutil.disk_usage(anchor).free
+        if size > free:
+            raise UserInputError(
+                f"not enough disk space at {anchor}: this run writes about {size / 2**30:.2f} GiB there (compressed checkpoint,"
+                f" on-disk activation caches, teacher cache), {free / 2**30:.2f} GiB is free: free some space or choose another"
+                " output= (or cache_dir=, cache=host, teacher_cache=)"
+            )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BackgroundWriter:
+    """Writes finished layers on one worker thread, in order, while the next layer computes.
+
+    ``drain()`` before queueing the next layer's writes keeps at most one layer in flight (host
+    memory), and re-raises a failed write in the main thread. Call ``close()`` on every exit path, so
+    a layer that was finished before a crash is on disk and in the manifest.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill_lr-writer")
+        self._pending: list[Future[None]] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        earlier = list(self._pending)
+
+        def guarded() -> None:
+            if not any(f.exception() is not None for f in earlier):  # nothing is written after a failed write
+                job()
+
+        self._pending.append(self._pool.submit(guarded))
+
+    def drain(self) -> float:
+        """Wait for every queued write; returns the seconds spent waiting."""
+        start = time.perf_counter()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown()

@@ -1,0 +1,23 @@
+"""Compression methods as plug-ins: each is one module with ``build(cfg) -> Method``, registered here by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from distill_lr.errors import check
+from distill_lr.methods import distill, pca, svd, whiten
+from distill_lr.methods.base import Method
+from distill_lr.schema import CompressConfig
+
+REGISTRY: dict[str, Callable[[CompressConfig], Method]] = {
+    "svd": svd.build,
+    "pca": pca.build,
+    "whiten": whiten.build,
+    "distill": distill.build,
+}
+
+
+def get_method(cfg: CompressConfig) -> Method:
+    """The method ``cfg.method`` names, built for this config."""
+    check(cfg.method in REGISTRY, f"method '{cfg.method}' is unknown: use one of {tuple(REGISTRY)}")
+    return REGISTRY[cfg.method](cfg)

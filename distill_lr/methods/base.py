@@ -1,0 +1,88 @@
+"""The method interface: how a layer's student is built and trained, as a sequence of per-layer steps.
+
+A method is a name, the steps it runs on each fresh decoder layer (in order, each timed under its
+own name), what ``config.json`` records of it, and how a saved layer is set up again to receive its
+factors. A step reads and changes a ``LayerWork``: the layer, its ranks, the calibration streams and
+the layer's report. The steps every current method is made of live here; a new method is one file
+with a ``build(cfg) -> Method`` and one entry in ``distill_lr.methods.REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distill_lr import moe
+from distill_lr.factorize import factorize_layer_
+from distill_lr.layerwise import LayerKwargs
+from distill_lr.modeling.hf_modeling import apply_low_rank_
+from distill_lr.report import LayerReport
+from distill_lr.schema import CompressConfig
+from distill_lr.stats import collect_stats
+
+NEEDS_MOMENTS = ("pca", "whiten")  # the factorisations that need the moments of the calibration activations
+
+
+@dataclass
+class LayerWork:
+    """One decoder layer being compressed, as a method's steps see it."""
+
+    index: int
+    layer: nn.Module  # dense on entry, the student once the steps are done
+    ranks: dict[str, int]  # module name (relative to the layer) -> rank
+    x_teacher: torch.Tensor  # the dense layers' inputs
+    x_student: torch.Tensor  # the compressed layers' inputs
+    y: torch.Tensor  # the dense layer's outputs on x_teacher: the target
+    kwargs: LayerKwargs
+    cfg: CompressConfig
+    report: LayerReport
+
+
+class LayerStep(ABC):
+    """One step of a method on one decoder layer."""
+
+    name: ClassVar[str]  # its key in the layer's timings
+
+    @abstractmethod
+    def run(self, work: LayerWork) -> None:
+        """Change ``work.layer`` (and record in ``work.report``) in place."""
+
+
+@dataclass(frozen=True)
+class Factorize(LayerStep):
+    """Swap the chosen linears and expert projections for factor pairs from a training-free factorisation."""
+
+    init: str  # one of distill_lr.factorize.INITS
+    name: ClassVar[str] = "init"
+
+    def run(self, work: LayerWork) -> None:
+        cfg, layer, ranks = work.cfg, work.layer, work.ranks
+        moe.unfuse_experts_(layer, ranks)
+        names = list(ranks) if self.init in NEEDS_MOMENTS else []
+        stats, routing = collect_stats(layer, names, work.x_student, work.kwargs, cfg.batch_size)
+        if routing.tokens:
+            work.report.experts = moe.drop_starved_(routing, cfg.ranks.min_expert_tokens, where=f"layer {work.index}")
+        factorize_layer_(layer, ranks, self.init, stats)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named sequence of per-layer steps; ``info`` is what the compressed ``config.json`` records of it."""
+
+    name: str
+    steps: tuple[LayerStep, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int]) -> None:
+        """Give a dense layer the modules its saved state fills (the same as loading the checkpoint does)."""
+        apply_low_rank_(layer, ranks)
+
+
+def training_free(init: str) -> Callable[[CompressConfig], Method]:
+    """The builder of the method that only factorises, with the factorisation of the same name."""
+    return lambda _cfg: Method(init, (Factorize(init),), {"method": init, "init": init})

@@ -1,0 +1,155 @@
+"""The typed record of a run: one ``LayerReport`` per decoder layer inside a ``RunReport``.
+
+The CLI's closing table, the per-layer log line, ``report.json`` and the resume manifest are all
+produced from these objects; ``to_dict`` gives the JSON form, leaving out what a run did not do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from distill_lr.ranks import RankPlan
+
+
+def _without_empty(obj: Any) -> dict[str, Any]:
+    """A dataclass as a dict, in field order, without the fields left at None (or False for flags)."""
+    return {f.name: value for f in fields(obj) if (value := getattr(obj, f.name)) is not None and value is not False}
+
+
+@dataclass
+class LayerReport:
+    """What happened to one decoder layer."""
+
+    layer: int
+    linears: int  # low-rank modules in the layer
+    experts: dict[str, dict[str, Any]] | None = None  # MoE: per experts module, tokens per expert and the starved ones
+    train: dict[str, Any] | None = None  # ``train.TrainResult.summary()`` when the method trains
+    err_teacher_input: float | None = None  # ‖student(X_t) − Y‖ / ‖Y‖ on a few calibration sequences
+    err_student_input: float | None = None  # ‖student(X_s) − Y‖ / ‖Y‖ on the calibration set
+    seconds: dict[str, float] | None = None  # per phase, for the run that computed the layer
+    resumed: bool = False  # read back from an earlier run's file
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_empty(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        return cls(**data)
+
+    def line(self, n_layers: int) -> str:
+        """The per-layer log line."""
+        parts = [f"layer {self.layer + 1}/{n_layers}", f"{self.linears} low-rank"]
+        if self.train is not None:
+            tr = self.train
+            parts.append(
+                f"loss {tr['init_loss']:.4f} -> {tr['final_loss']:.4f} (held-out {tr['best_holdout']:.4f}, cos {tr['holdout_cos']:.4f})"
+            )
+        parts.append(f"rel.err teacher-in {self.err_teacher_input:.4f} student-in {self.err_student_input:.4f}")
+        starved = {path: r["starved"] for path, r in (self.experts or {}).items() if r["starved"]}
+        if starved:
+            parts.append("starved experts " + " ".join(f"{path} {experts}" for path, experts in starved.items()))
+        if self.seconds:
+            parts.append(" ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        if self.resumed:
+            parts.append("(resumed)")
+        return " | ".join(parts)
+
+
+@dataclass(frozen=True)
+class ParamSummary:
+    """Parameter counts before and after; the ratio counts the decoder layers' linear weights only."""
+
+    decoder_linear_before: int
+    decoder_linear_after: int
+    removed_fraction: float
+    model_before: int
+    model_after: int
+    compressed_linears: int
+    counted: str = "weights of the decoder layers' linear projections (no embeddings, norms, head or biases)"
+
+    @classmethod
+    def of(cls, plan: RankPlan, model_params: int) -> ParamSummary:
+        return cls(
+            decoder_linear_before=plan.dense_params,
+            decoder_linear_after=plan.kept_params,
+            removed_fraction=round(plan.removed_fraction, 4),
+            model_before=model_params,
+            model_after=model_params - (plan.dense_params - plan.kept_params),
+            compressed_linears=len(plan.ranks),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"counted": data.pop("counted"), **data}
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Held-out perplexity of the dense and the compressed model, from one layer-by-layer pass."""
+
+    dense: float
+    compressed: float
+    eval_tokens: int
+    eval_sequences: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, dense_nll: tuple[float, int], compressed_nll: tuple[float, int], eval_sequences: int, seq_len: int) -> Perplexity:
+        return cls(_ppl(dense_nll), _ppl(compressed_nll), dense_nll[1], eval_sequences, seq_len)
+
+
+def _ppl(nll: tuple[float, int]) -> float:
+    return float(torch.exp(torch.tensor(nll[0] / nll[1])))
+
+
+@dataclass
+class RunReport:
+    """A whole run; ``to_dict()`` is ``<output>/report.json``."""
+
+    config: dict[str, Any]
+    input: str
+    output: str
+    params: ParamSummary
+    activation_cache: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    teacher_cache: dict[str, Any] | None = None  # folder, files read and written
+    perplexity: Perplexity | None = None
+    dense_export: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _without_empty(self)
+        data["params"] = self.params.to_dict()
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        if self.perplexity is not None:
+            data["perplexity"] = asdict(self.perplexity)
+        return data
+
+    def summary_table(self) -> str:
+        """The closing table: parameters, perplexity and time, before and after."""
+        p = self.params
+        rows = [
+            ("decoder-linear weights", f"{p.decoder_linear_before:,}", f"{p.decoder_linear_after:,}"),
+            ("all model parameters", f"{p.model_before:,}", f"{p.model_after:,}"),
+        ]
+        if self.perplexity is not None:
+            ppl = self.perplexity
+            rows.append((f"perplexity ({ppl.eval_tokens:,} held-out tokens)", f"{ppl.dense:.2f}", f"{ppl.compressed:.2f}"))
+        rows.append(("wall time", "", f"{self.seconds:.1f} s"))
+        width = max(len(r[0]) for r in rows)
+        cols = [max(len(r[i]) for r in rows + [("", "before", "after")]) for i in (1, 2)]
+        lines = [f"{'':{width}}  {'before':>{cols[0]}}  {'after':>{cols[1]}}"]
+        lines += [f"{a:{width}}  {b:>{cols[0]}}  {c:>{cols[1]}}" for a, b, c in rows]
+        lines.append(f"removed {p.removed_fraction:.1%} of the {p.counted}")
+        lines.append(f"compressed checkpoint: {self.output}  (report: {self.output}/report.json)")
+        return "\n".join(lines)
+
+
+def describe_plan(plan: RankPlan) -> str:
+    return (
+        f"rank plan: {len(plan.ranks)} of {len(plan.shapes)} decoder linears low-rank; decoder-linear weights "
+        f"{plan.dense_params:,} -> {plan.kept_params:,} ({plan.removed_fraction:.1%} removed; embeddings, norms and head not counted)"
+    )

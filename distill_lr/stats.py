@@ -1,0 +1,49 @@
+"""What the activation-aware factorisations need of a layer's data: the moments of its linears and the MoE routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill_lr import moe
+from distill_lr.layerwise import LayerKwargs, SharedInputs, hooks_removed, layer_device, run_layer
+from distill_lr.modeling.lowrank import LowRankExperts
+from distill_lr.moments import Moments, records_outputs
+
+
+def collect_stats(
+    layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int
+) -> tuple[dict[str, Any], moe.Routing]:
+    """Moments of the named modules over the calibration inputs (for ``pca`` and ``whiten``), and the MoE routing.
+
+    A linear gets one ``Moments`` of its inputs (one object for linears that read the same tensor, as
+    q/k/v do), or of its outputs when it has fewer (``moments.records_outputs``: the smaller moment holds
+    all pca/whiten need); an expert projection one per expert, over the tokens routed to it.
+    The layer runs only when there is something to record.
+    """
+    modules = dict(layer.named_modules())
+    device = layer_device(layer)  # the statistics live where the layer computes, wherever the caches are
+    linears = [n for n in names if isinstance(modules[n], nn.Linear)]
+    stats: dict[str, Any] = {}
+    shared = SharedInputs(layer)
+
+    def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        module = modules[name]
+        if records_outputs(module.out_features, module.in_features):
+            product = y if module.bias is None else y - module.bias  # the moments of W x
+            stats.setdefault(name, Moments.empty(module.out_features, device, of_outputs=True)).update(product)
+            return
+        first = shared.first_reader(name, x)
+        if first is not None:  # q/k/v (gate/up) read one tensor: one set of moments, computed once
+            stats[name] = stats[first]
+            return
+        stats.setdefault(name, Moments.empty(module.in_features, device)).update(x)
+
+    hooks = [modules[n].register_forward_hook(lambda _m, args, out, n=n: record(n, args[0], out)) for n in linears]
+    experts = [n for n in names if n not in linears]
+    with hooks_removed([*hooks, shared.hook]), moe.record_routing(layer, experts, device) as routing:
+        if names or any(isinstance(m, LowRankExperts) for m in modules.values()):
+            run_layer(layer, inputs, kwargs, batch_size)
+    return stats | routing.stats, routing
