@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 import torch
+import transformers
 
 from distill_lr.checkpoint.files import atomic_writer
 from distill_lr.errors import UserInputError
@@ -104,6 +105,20 @@ class TeacherStore:
             raise UserInputError(f"teacher_cache folder {root} cannot be used ({err.strerror}): choose another teacher_cache=") from err
         self._tags = {stream: _digest(t.cpu().contiguous().numpy().tobytes()) for stream, t in tokens.items()}
         self.read = self.written = 0
+
+    @staticmethod
+    def key(model_fingerprint: str, device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
+        """What the dense layers' outputs depend on besides the token ids: the weights and the kernels that compute them."""
+        kernels = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+        return {
+            "model": model_fingerprint,
+            "dtype": str(dtype),
+            "device": device.type,
+            "kernels": kernels,
+            "batch_size": batch_size,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
 
     def path(self, index: int, stream: str) -> Path:
         return self.folder / f"layer-{index:05d}-{stream}-{self._tags[stream]}.bin"

@@ -131,13 +131,7 @@ def build_token_sets(
     texts with BOS, every window starts with BOS too, as the model's inputs do. Calibration takes
     ``num_sequences`` windows in a seeded random order, evaluation its first ``eval_sequences``.
     """
-    check(num_sequences > 0, f"data.num_sequences must be > 0, got {num_sequences}: set the number of calibration windows")
-    check(seq_len > 1, f"data.seq_len must be > 1, got {seq_len}: set the window length in tokens")
-    check(eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {eval_sequences}: use 0 to skip evaluation")
-    check(
-        max_positions is None or seq_len <= max_positions,
-        f"seq_len {seq_len} is above the model's context ({max_positions}): lower data.seq_len",
-    )
+    _check_sizes(num_sequences, seq_len, eval_sequences, max_positions)
     n_docs = len(documents)
     check(n_docs > 0, "no documents to calibrate on: give a data.source with text")
 
@@ -172,6 +166,16 @@ def build_token_sets(
             stacklevel=2,
         )
     return TokenSets(calibration=calibration, evaluation=evaluation)
+
+
+def _check_sizes(num_sequences: int, seq_len: int, eval_sequences: int, max_positions: int | None) -> None:
+    check(num_sequences > 0, f"data.num_sequences must be > 0, got {num_sequences}: set the number of calibration windows")
+    check(seq_len > 1, f"data.seq_len must be > 1, got {seq_len}: set the window length in tokens")
+    check(eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {eval_sequences}: use 0 to skip evaluation")
+    check(
+        max_positions is None or seq_len <= max_positions,
+        f"seq_len {seq_len} is above the model's context ({max_positions}): lower data.seq_len",
+    )
 
 
 def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -12,7 +12,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import math
 import sys
 import time
 from collections import Counter
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,10 +35,10 @@ from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, install_state_, load_non_layer_
 from distill_lr.data import TokenSets, build_token_sets, load_documents
 from distill_lr.errors import UserInputError
-from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, run_layer
+from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, relative_error, run_layer
 from distill_lr.methods import get_method
 from distill_lr.methods.base import LayerWork, Method
-from distill_lr.ranks import layer_ranks, plan_ranks
+from distill_lr.ranks import layer_ranks, linear_shapes, plan_ranks
 from distill_lr.report import LayerReport, ParamSummary, Perplexity, RunReport, describe_plan
 from distill_lr.schema import CompressConfig
 
@@ -188,7 +186,7 @@ def open_outputs(
     teacher = None
     if cfg.teacher_cache:
         streams = {name: ids for name, ids in {"calibration": tokens.calibration, "evaluation": tokens.evaluation}.items() if len(ids)}
-        key = teacher_key(model_fingerprint, *compute, cfg.batch_size)
+        key = TeacherStore.key(model_fingerprint, *compute, cfg.batch_size)
         teacher = TeacherStore(Path(cfg.teacher_cache).expanduser(), key, streams)
         hidden = reader.config.get_text_config().hidden_size
         layers = reader.config.get_text_config().num_hidden_layers
@@ -257,7 +255,7 @@ def fresh_layer(
         t = time.perf_counter()
         step.run(work)
         times[step.name] = _elapsed(t)
-    state = layer_state(layer, f"{run.prefix}{index}.", run.save_dtype)
+    state = compressed.layer_state(layer, f"{run.prefix}{index}.", run.save_dtype)
     times["save"] = round(run.writer.drain(), 3)  # the previous layer's write, overlapped with this layer until now
     run.writer.submit(partial(files.save_tensors_atomic, state, run.out / compressed.layer_file(index)))
     return report, state
@@ -326,15 +324,6 @@ def resolve_dtype(name: str, auto: torch.dtype) -> torch.dtype:
     return auto if name == "auto" else getattr(torch, name)
 
 
-def linear_shapes(layers: nn.ModuleList, prefix: str) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear and every MoE expert's projection of every decoder layer, read on the meta device."""
-    shapes = {}
-    for i, layer in enumerate(layers):
-        linears = {name: (m.out_features, m.in_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        shapes.update({f"{prefix}{i}.{name}": shape for name, shape in (linears | moe.expert_shapes(layer)).items()})
-    return shapes
-
-
 def plan_cache(
     cfg: CompressConfig, shape: tuple[int, int, int], layers: nn.ModuleList, device: torch.device, dtype: torch.dtype, out: Path
 ) -> ActivationCache:
@@ -344,34 +333,6 @@ def plan_cache(
     placement = choose_placement(cfg.cache, need, device, layer_bytes)
     log.info("activation caches: %.2f GiB at their peak, on %s", need / 2**30, placement)
     return ActivationCache(placement, device, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out, need)
-
-
-def teacher_key(model_fingerprint: str, device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
-    """What the dense layers' outputs depend on besides the token ids: the weights and the kernels that compute them."""
-    kernels = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-    return {
-        "model": model_fingerprint,
-        "dtype": str(dtype),
-        "device": device.type,
-        "kernels": kernels,
-        "batch_size": batch_size,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-
-
-def relative_error(pred: torch.Tensor, target: torch.Tensor, chunk: int = 8) -> float:
-    """‖pred − target‖ / ‖target‖, a few sequences at a time: no float32 copy of a whole cache."""
-    err = ref = 0.0
-    for start in range(0, len(target), chunk):
-        t, p = target[start : start + chunk].float(), pred[start : start + chunk].float()
-        err += float((p - t).square().sum())
-        ref += float(t.square().sum())
-    return math.sqrt(err) / max(math.sqrt(ref), 1e-12)
 
 
 def _elapsed(start: float) -> float:

@@ -70,7 +70,7 @@ def _gram_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD from ``eigh`` of the smaller Gram matrix, in M's dtype.
 
     Squaring M squares its condition number: in float32, directions below ~1e-3 of the top singular
-    value come out imprecise (1% more error than the exact SVD on SmolLM2's first-layer attention), so
+    value come out imprecise (measurably more error than the exact SVD on real attention weights), so
     the activation-aware inits, which pass float64, keep float64. The factors (``U_rᵀ M`` or ``M V_r``)
     are computed from M itself: the rank-r product is the exact projection on the subspace found.
     """
@@ -193,8 +193,8 @@ def whiten_factors(W: Tensor, rank: int, stats: Moments, damping: float = 1e-6) 
 def balance_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """Rescale each rank-one term ``b_i a_iᵀ`` of ``B @ A`` so that ``‖a_i‖ = ‖b_i‖``; the product is unchanged.
 
-    Whitening and PCA leave the scale of the inputs in A (rows ~10x larger than B's columns on
-    SmolLM2), so one optimizer step moves B relatively much more than A. Balanced factors, as the
+    Whitening and PCA leave the scale of the inputs in A (its rows far larger than B's columns on a
+    real model), so one optimizer step moves B relatively much more than A. Balanced factors, as the
     plain SVD already gives, train well from every init with one learning rate.
     """
     a, b = A.norm(dim=1), B.norm(dim=0)

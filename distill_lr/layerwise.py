@@ -8,6 +8,7 @@ long as its layers are called ``layer(hidden_states, **kwargs)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -151,6 +152,16 @@ def hooks_removed(handles: Iterable[RemovableHandle]) -> Iterator[None]:
 
 def layer_device(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor, chunk: int = 8) -> float:
+    """‖pred − target‖ / ‖target‖, a few sequences at a time: no float32 copy of a whole cache."""
+    err = ref = 0.0
+    for start in range(0, len(target), chunk):
+        t, p = target[start : start + chunk].float(), pred[start : start + chunk].float()
+        err += float((p - t).square().sum())
+        ref += float(t.square().sum())
+    return math.sqrt(err) / max(math.sqrt(ref), 1e-12)
 
 
 @torch.no_grad()

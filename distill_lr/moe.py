@@ -98,7 +98,7 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
 
     A projection sees the tokens grouped per expert, zero-padded to a common length; the experts module's
     own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
-    outputs than inputs (Mixtral's down) records the moments of its outputs (``init.records_outputs``).
+    outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``).
     """
     modules = dict(layer.named_modules())
     routing = Routing()

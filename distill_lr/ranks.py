@@ -11,6 +11,9 @@ import re
 import warnings
 from dataclasses import dataclass
 
+from torch import nn
+
+from distill_lr import moe
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import break_even_rank
 from distill_lr.schema import RankConfig
@@ -66,6 +69,15 @@ class RankPlan:
     def for_layer(self, layer_prefix: str) -> dict[str, int]:
         """Ranks of one layer's linears, named relative to the layer (``self_attn.q_proj``)."""
         return layer_ranks(self.ranks, layer_prefix)
+
+
+def linear_shapes(layers: nn.ModuleList, prefix: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear and every MoE expert's projection of every decoder layer, read on the meta device."""
+    shapes = {}
+    for i, layer in enumerate(layers):
+        linears = {name: (m.out_features, m.in_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        shapes.update({f"{prefix}{i}.{name}": shape for name, shape in (linears | moe.expert_shapes(layer)).items()})
+    return shapes
 
 
 def layer_ranks(ranks: dict[str, int], layer_prefix: str) -> dict[str, int]:

@@ -94,24 +94,21 @@ class TrainConfig:
     batch_size: int = 4
     micro_batch_size: int | None = None  # sequences per forward/backward (gradients accumulate); null: batch_size
     # With relative_lr (default) each factor's step size is lr times its RMS at init, so one lr means the same
-    # for every model's weight scale. 1e-2 suits the balanced whitened init on SmolLM2 (as good as an absolute
-    # 1e-3: 63.5 vs 63.2 perplexity at 20% removed); unpreconditioned plain-SVD inits take about 3e-2.
+    # for every model's weight scale (the measurements behind the defaults: docs/measurements.md).
     lr: float = 1e-2
     relative_lr: bool = True
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0
-    # Train each factor in coordinates where its input is white (train.Whitened): the same steps fit more from the
-    # whiten init (60 vs 63.5 perplexity on SmolLM2 at 20% removed), and from the plain svd init at lr 1e-2 (87.9 vs
-    # 92.7 unpreconditioned at its best lr, 3e-2; preconditioned at 3e-2 it gives 139).
+    # Train each factor in coordinates where its input is white (train.Whitened).
     precondition: bool = True
     precondition_damping: float = 1e-2  # added to the input Gram matrix, times its mean eigenvalue
     precondition_max_features: int = 8192  # wider inputs (e.g. Mixtral's expert down projections) train unpreconditioned
     holdout_fraction: float = 0.125  # calibration sequences held out per layer to pick the best factors
     evals_per_epoch: int = 2
     # Held-out evaluations without improvement before stopping early. Preconditioned steps sometimes make the
-    # first evaluations worse than the init, then better: with 2 three layers of SmolLM2 stopped there.
+    # first evaluations worse than the init, then better: patience must outlast that.
     patience: int = 4
     divergence_factor: float = 10.0  # roll back when the loss exceeds this multiple of the initial loss
     # Compute dtype of the training steps (the factors stay float32): auto = bfloat16 on a GPU, float32 on a CPU;

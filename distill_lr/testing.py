@@ -1,11 +1,14 @@
-"""Tiny random checkpoints of every supported family, built from configs and saved as sharded safetensors.
+"""Random checkpoints, built from configs and saved as sharded safetensors: no hub, no downloads.
 
-For the test suite and the scripts that check the driver on small models: no hub, no downloads.
+Tiny models of every supported family for the test suite and ``scripts/check_same_output.py``, and
+random weights with a real model's shapes for the benchmarks, written layer by layer without
+building the model (Mixtral-8x7B's layers are 1.4 GB each).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +24,10 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
+
+from distill_lr.checkpoint.compressed import write_index
+from distill_lr.checkpoint.files import save_tensors_atomic
+from distill_lr.checkpoint.reader import build_skeleton, decoder_layers
 
 VOCAB = 256
 
@@ -82,3 +89,36 @@ def write_corpus(path: Path, n_docs: int = 40, words: int = 300, seed: int = 0) 
             ids = torch.randint(3, VOCAB, (words,), generator=g).tolist()
             fh.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
     return path
+
+
+def write_random_checkpoint(
+    config: PretrainedConfig, folder: Path, tokenizer_from: Path | None = None, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Path:
+    """One shard per decoder layer plus one for the rest; norms are ones, weights N(0, 0.02).
+
+    ``device="cuda"`` draws the numbers on the GPU, much faster for the billions of a large model.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_skeleton(config)
+    prefix, layers = decoder_layers(model)
+    state = model.state_dict()
+    groups: dict[str, list[str]] = {"model-other.safetensors": [k for k in state if not k.startswith(prefix)]}
+    for i in range(len(layers)):
+        groups[f"model-{i:05d}.safetensors"] = [k for k in state if k.startswith(f"{prefix}{i}.")]
+    generator = torch.Generator(device).manual_seed(0)
+    for name, keys in groups.items():
+        tensors = {}
+        for key in keys:
+            shape = state[key].shape
+            if "norm" in key or len(shape) == 1:
+                tensors[key] = torch.ones(shape, dtype=dtype)
+            else:
+                tensors[key] = (torch.randn(shape, generator=generator, device=device) * 0.02).to(dtype).cpu()
+        save_tensors_atomic(tensors, folder / name)
+    write_index(folder, list(groups))
+    config.save_pretrained(folder)
+    if tokenizer_from is not None:
+        for path in tokenizer_from.iterdir():
+            if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                shutil.copyfile(path, folder / path.name)
+    return folder

@@ -84,7 +84,7 @@ def param_groups(params: list[nn.Parameter], lr: float, relative: bool) -> list[
     """One optimizer group per factor; ``relative``: its learning rate is ``lr`` times the factor's RMS at init.
 
     Adam moves every entry by about lr per step whatever the gradient's scale, so an absolute lr that
-    suits SmolLM2 (factor RMS ~0.1) moves the factors of a model with 10x smaller weights by 10x more
+    suits one model moves the factors of a model with 10x smaller weights by 10x more
     relative to their size. A relative lr makes one setting mean the same step for every model and module.
     """
     if not relative:
@@ -114,10 +114,10 @@ class Whitened(nn.Module):
     coordinate's step, which cannot undo correlations between input features; in white coordinates
     there are none, so every direction of the input is fitted at the same pace (a Gauss–Newton-like
     preconditioner for the input side, fixed for the layer's training). Only the input side: doing the
-    same for B (on ``A x``) measured no better on SmolLM2 (60.98 vs 60.11 perplexity at 20% removed).
+    same for B (on ``A x``) measured no better (docs/measurements.md).
     ``preconditioned`` sets ``F' = F P⁻¹`` once, so only P is kept while training. Under bfloat16
     autocast the product is taken in bf16 like the layer's matmuls, which cast F to bf16 anyway: it
-    costs r·n² per factor and step (0.8 G multiply-adds for a SmolLM2 down projection at 20% removed).
+    costs r·n² per factor and step.
     """
 
     def __init__(self, P: torch.Tensor) -> None:
@@ -338,6 +338,19 @@ def distill_layer(
     return result
 
 
+def _schedule(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, steps between held-out evaluations) for ``n_train`` training sequences."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    return steps_per_epoch, total, max(1, steps_per_epoch // cfg.evals_per_epoch)
+
+
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the factors with linear warm-up and cosine decay over ``total`` steps."""
+    optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
+
+
 def _optimise(
     objective: LayerObjective,
     factors: FactorSlots,
@@ -351,15 +364,12 @@ def _optimise(
 
     Returns what happened and the best snapshot (``init_state`` itself when nothing beat it or the loss diverged).
     """
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    steps_per_epoch, total, eval_every = _schedule(cfg, len(train))
     best_state = init_state
     init_holdout, init_cos = objective.mean(hold, cfg.batch_size)
     best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
     params = factors.params
-    optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
+    optimizer, scheduler = _adamw(params, cfg, total)
     nan = float("nan")
     result = TrainResult(nan, nan, init_holdout=init_holdout, best_holdout=best, holdout_cos=best_cos, steps=0, best_step=0)
     running: list[float] = []
@@ -397,9 +407,6 @@ def _optimise(
                     result.stopped_early = True
                     break
     bar.close()
-    if running:
-        result.final_loss = sum(running) / len(running)
-    else:
-        result.final_loss = result.curve[-1]["train_loss"] if result.curve else result.init_loss
+    result.final_loss = sum(running) / len(running) if running else (result.curve[-1]["train_loss"] if result.curve else result.init_loss)
     result.best_holdout, result.holdout_cos, result.best_step = best, best_cos, best_step
     return result, best_state

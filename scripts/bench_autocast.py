@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from random_checkpoint import write_random_checkpoint  # noqa: E402
-
-from distill_lr.builtin import resolve_model_dir  # noqa: E402
-from distill_lr.config import load_config  # noqa: E402
-from distill_lr.driver import compress  # noqa: E402
-from distill_lr.schema import AUTOCASTS  # noqa: E402
+from distill_lr.bench import device_name, markdown_table
+from distill_lr.builtin import resolve_model_dir
+from distill_lr.config import load_config
+from distill_lr.driver import compress
+from distill_lr.schema import AUTOCASTS
+from distill_lr.testing import write_random_checkpoint
 
 
 def main() -> None:
@@ -48,18 +46,15 @@ def main() -> None:
         for mode in args.modes:
             overrides = [f"model={folder}", f"output={tmp}/out-{mode}", "overwrite=true", *base, f"train.autocast={mode}"]
             report = compress(load_config(None, overrides))
-            layers = report["layers"][1:] or report["layers"]  # the first layer also pays for warming up
-            seconds = sum(layer["seconds"]["train"] for layer in layers) / len(layers)
-            steps = sum(layer["train"]["steps"] for layer in layers) / len(layers)
-            holdout = sum(layer["train"]["best_holdout"] for layer in layers) / len(layers)
+            layers = report.layers[1:] or report.layers  # the first layer also pays for warming up
+            seconds = sum(layer.seconds["train"] for layer in layers) / len(layers)
+            steps = sum(layer.train["steps"] for layer in layers) / len(layers)
+            holdout = sum(layer.train["best_holdout"] for layer in layers) / len(layers)
             rows.append((mode, seconds, steps, holdout))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{args.model} layer shapes, random weights, {device}; {' '.join(base)}\n")
-    print("| train.autocast | train s / layer | steps / s | × float32 speed | held-out loss |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"\n{args.model} layer shapes, random weights, {device_name()}; {' '.join(base)}\n")
     reference = next((s for m, s, _, _ in rows if m == "float32"), rows[0][1])
-    for mode, seconds, steps, holdout in rows:
-        print(f"| {mode} | {seconds:.2f} | {steps / seconds:.2f} | {reference / seconds:.2f}× | {holdout:.6f} |")
+    cells = [(m, f"{s:.2f}", f"{n / s:.2f}", f"{reference / s:.2f}×", f"{h:.6f}") for m, s, n, h in rows]
+    print(markdown_table(("train.autocast", "train s / layer", "steps / s", "× float32 speed", "held-out loss"), cells))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ down projections) from the input moments (Cholesky + SVD of W S) and from the ou
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import torch
 
+from distill_lr.bench import device_name, timed
 from distill_lr.factorize import break_even_rank, truncated_svd, whiten_factors
 from distill_lr.moments import Moments
 
@@ -42,18 +42,6 @@ def decaying_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
 def parse(shape: str) -> tuple[int, int]:
     rows, cols = (int(v) for v in shape.lower().split("x"))
     return rows, cols
-
-
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, tuple[torch.Tensor, ...]]:
-    result = fn()  # warm-up: cuSOLVER / LAPACK workspaces, kernel selection
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats, result
 
 
 def whiten_routes(rows: int, cols: int, rank: int, device: torch.device, repeats: int) -> str:
@@ -80,8 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; rank removes {args.removed:.0%} of each matrix's parameters\n")
+    print(f"device: {device_name(device)}; rank removes {args.removed:.0%} of each matrix's parameters\n")
     print("| shape | rank | dtype | solver | seconds | × exact time | error ÷ exact |")
     print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
     for shape in args.shapes:

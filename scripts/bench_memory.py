@@ -16,21 +16,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distill_lr.bench import markdown_table
+
 CHILD = """
 import json, resource, sys
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 report = compress(load_config(None, sys.argv[1:]))
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": report["seconds"]}))
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": report.seconds}))
 """
 
 
 def build(layers: int, hidden: int, folder: Path) -> Path:
     """In a separate process, so that building never counts towards the measured peak."""
     code = (
-        "import sys; from pathlib import Path; sys.path.insert(0, 'scripts');"
-        "from transformers import LlamaConfig; from distill_lr.builtin import builtin_model_dir;"
-        "from random_checkpoint import write_random_checkpoint;"
+        "from pathlib import Path; from transformers import LlamaConfig; from distill_lr.builtin import builtin_model_dir;"
+        "from distill_lr.testing import write_random_checkpoint;"
         f"cfg = LlamaConfig(hidden_size={hidden}, intermediate_size={hidden * 11 // 4}, num_hidden_layers={layers},"
         f" num_attention_heads={hidden // 64}, num_key_value_heads={hidden // 256}, vocab_size=49152, max_position_embeddings=2048);"
         f"write_random_checkpoint(cfg, Path('{folder}'), builtin_model_dir())"
@@ -63,10 +64,8 @@ def main() -> None:
             weights_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
             rows.append((n, weights_mb, result["peak_rss_mb"], result["seconds"]))
     print(f"hidden {args.hidden}; settings: {' '.join(args.set) or 'method=svd, 32 x 128 calibration tokens'}")
-    print("| layers | checkpoint size (MB) | peak host memory (MB) | time (s) |")
-    print("| ---: | ---: | ---: | ---: |")
-    for n, size, peak, secs in rows:
-        print(f"| {n} | {size:,.0f} | {peak:,.0f} | {secs:.0f} |")
+    cells = [(n, f"{size:,.0f}", f"{peak:,.0f}", f"{secs:.0f}") for n, size, peak, secs in rows]
+    print(markdown_table(("layers", "checkpoint size (MB)", "peak host memory (MB)", "time (s)"), cells, align="rrrr"))
     print(f"peak ratio {rows[1][0]} vs {rows[0][0]} layers: {rows[1][2] / rows[0][2]:.2f}")
 
 

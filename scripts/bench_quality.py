@@ -3,7 +3,7 @@
 Compresses at each ratio with every method in one run and prints one table (held-out perplexity,
 its multiple of dense, parameters kept, wall time), written as Markdown with a PNG plot::
 
-    python scripts/bench_quality.py                      # 2-core CPU defaults, about an hour (65 min)
+    python scripts/bench_quality.py                      # 2-core CPU defaults, about an hour (README: Results)
     python scripts/bench_quality.py --large              # more calibration text and epochs, for a GPU
     python scripts/bench_quality.py --methods whiten distill-whiten --ratios 0.2 --set train.lr=2e-2
 
@@ -14,13 +14,13 @@ weights of the decoder layers' linear projections only.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
 
 import torch
 
+from distill_lr.bench import markdown_table, save_results
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 
@@ -28,22 +28,19 @@ METHODS = {
     "svd": ["method=svd"],
     "pca": ["method=pca"],
     "whiten": ["method=whiten"],
-    # Both inits train with the defaults (preconditioned, lr 1e-2). From the plain SVD init that beat the best
-    # unpreconditioned lr, 3e-2 (87.92 vs 92.73 at 20% removed).
+    # Both inits train with the defaults (preconditioned, lr 1e-2): docs/measurements.md.
     "distill-svd": ["method=distill", "init=svd"],
     "distill-whiten": ["method=distill", "init=whiten"],
 }
-# Trained on the student stack's inputs only: on this model it beats teacher+student at equal time
-# (67.9 vs 70.4 at 20% removed, 64 x 256 tokens, 4 epochs) and each step costs half as much.
+# Trained on the student stack's inputs only (each step costs half as much), 256 sequences x 2 epochs, a
+# 1/16 hold-out: the settings that measured best within the CPU hour (docs/measurements.md).
 TRAIN = ["train.inputs=student", "train.batch_size=4"]
-# 256 sequences x 2 epochs beat 128 x 3 and 128 x 4 (56.26 vs 59.85 and 59.36 at 20% removed): the sequences seen
-# matter more than the passes over them. Half the default hold-out (16 sequences) trains on 16 more: 55.99.
 SMALL = ["data.num_sequences=256", "data.seq_len=256", "data.eval_sequences=64", "train.epochs=2", "train.holdout_fraction=0.0625", *TRAIN]
 LARGE = ["data.num_sequences=512", "data.seq_len=512", "data.eval_sequences=64", "train.epochs=4", *TRAIN]
 
 
 def native_cpu_bf16() -> bool:
-    """AVX512-BF16 or AMX: there bfloat16 training steps are 1.3x faster (scripts/bench_autocast.py); elsewhere emulated."""
+    """AVX512-BF16 or AMX: there bfloat16 training steps are faster (scripts/bench_autocast.py); elsewhere emulated."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
@@ -52,16 +49,17 @@ def run_one(method: str, ratio: float, base: list[str], extra: list[str], workdi
     where = [f"output={out}", "overwrite=true", f"teacher_cache={workdir / 'teacher'}"]  # the runs share one teacher pass
     overrides = [*base, *METHODS[method], f"ranks.target={ratio}", *where, *extra]
     report = compress(load_config(None, overrides))
-    ppl = report["perplexity"]
+    ppl = report.perplexity
+    assert ppl is not None  # the benchmark always evaluates
     return {
         "method": method,
         "ratio": ratio,
-        "ppl": ppl["compressed"],
-        "dense_ppl": ppl["dense"],
-        "eval_tokens": ppl["eval_tokens"],
-        "removed": report["params"]["removed_fraction"],
-        "kept_params": report["params"]["model_after"],
-        "seconds": report["seconds"],
+        "ppl": ppl.compressed,
+        "dense_ppl": ppl.dense,
+        "eval_tokens": ppl.eval_tokens,
+        "removed": report.params.removed_fraction,
+        "kept_params": report.params.model_after,
+        "seconds": report.seconds,
         "command": "python scripts/compress.py " + " ".join(o for o in overrides if o not in where),
     }
 
@@ -72,14 +70,19 @@ def markdown(rows: list[dict]) -> str:
         f"Dense perplexity: **{dense:.2f}** on {rows[0]['eval_tokens']:,} held-out tokens. The runs share one teacher pass"
         " (`teacher_cache`): the first computes the dense layers' outputs, the others read them, so their wall times leave it out.",
         "",
-        "| removed | method | perplexity | × dense | params kept | wall time |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        ratio = r["ppl"] / dense
-        kept = f"{r['kept_params']:,}"
-        lines.append(f"| {r['removed']:.1%} | {r['method']} | {r['ppl']:.4g} | {ratio:.3g}× | {kept} | {r['seconds']:.0f} s |")
-    lines.append("")
+    cells = [
+        (
+            f"{r['removed']:.1%}",
+            r["method"],
+            f"{r['ppl']:.4g}",
+            f"{r['ppl'] / dense:.3g}×",
+            f"{r['kept_params']:,}",
+            f"{r['seconds']:.0f} s",
+        )
+        for r in rows
+    ]
+    lines += [markdown_table(("removed", "method", "perplexity", "× dense", "params kept", "wall time"), cells, align="rlrrrr"), ""]
     for removed in dict.fromkeys(r["removed"] for r in rows):
         at = [r for r in rows if r["removed"] == removed]
         trained = min((r for r in at if r["method"].startswith("distill")), key=lambda r: r["ppl"], default=None)
@@ -131,7 +134,7 @@ def main() -> None:
             for method in args.methods:
                 rows.append(run_one(method, ratio, base, args.set, Path(tmp)))
                 print(f"{method:>15} @ {ratio:.0%}: ppl {rows[-1]['ppl']:.4g} ({rows[-1]['seconds']:.0f} s)", flush=True)
-                (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive a stop
+                save_results(rows, args.out / "quality.json")  # partial results survive a stop
     table = markdown(rows)
     (args.out / "quality.md").write_text(table)
     plot(rows, args.out / "quality.png")

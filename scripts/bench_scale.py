@@ -16,7 +16,6 @@ layers being timed). Weights are random, so perplexity means nothing here and is
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import sys
@@ -27,13 +26,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, MixtralConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from random_checkpoint import write_random_checkpoint  # noqa: E402
-
-from distill_lr.checkpoint.compressed import load_compressed  # noqa: E402
-from distill_lr.config import load_config  # noqa: E402
-from distill_lr.driver import compress  # noqa: E402
-from distill_lr.train import factor_modules  # noqa: E402
+from distill_lr.bench import device_name, save_results, timed
+from distill_lr.checkpoint.compressed import load_compressed
+from distill_lr.config import load_config
+from distill_lr.driver import compress
+from distill_lr.testing import write_random_checkpoint
+from distill_lr.train import factor_modules
 
 FULL_LAYERS = 32
 
@@ -42,14 +40,8 @@ def bf16_peak_tflops(size: int = 8192, repeats: int = 20) -> float:
     """Measured bf16 matrix-multiply throughput of this GPU (the denominator of the utilisation)."""
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+    seconds, _ = timed(lambda: a @ b, "cuda", repeats)
+    return 2 * size**3 / seconds / 1e12
 
 
 def training_flops_per_step(output: Path, batch: int, seq_len: int, vocab: int) -> float:
@@ -125,23 +117,23 @@ def main() -> None:
 
     flops_step = training_flops_per_step(output, cfg.train.batch_size, cfg.data.seq_len, vocab)
     n_inputs = 1 if cfg.train.inputs != "teacher+student" else 2
-    print(f"\nGPU: {torch.cuda.get_device_name()}; measured bf16 matmul peak {peak:.0f} TFLOP/s")
+    print(f"\nGPU: {device_name()}; measured bf16 matmul peak {peak:.0f} TFLOP/s")
     print(f"random Mixtral-8x7B-shaped checkpoint, {args.layers} of {FULL_LAYERS} layers, built in {build_s:.0f} s")
     print(f"calibration {args.num_sequences} x {args.seq_len} tokens; {' '.join(overrides[3:])}\n")
     keys = ("load", "teacher", "init", "train", "save", "student")
     print("| layer | " + " | ".join(f"{k} (s)" for k in keys) + " | train steps | train TFLOP/s | % of peak |")
     print("| ---: |" + " ---: |" * (len(keys) + 3))
     per_layer, rates = [], []
-    for layer in report["layers"]:
-        sec = layer["seconds"]
-        steps = layer["train"]["steps"]
+    for layer in report.layers:
+        sec = layer.seconds or {}
+        steps = layer.train["steps"] if layer.train else 0
         rate = flops_step * n_inputs * steps / sec["train"] / 1e12 if sec.get("train") else 0.0
         rates.append(rate)
         per_layer.append(sum(sec.get(k, 0.0) for k in keys))
         cells = " | ".join(f"{sec.get(k, 0.0):.1f}" for k in keys)
-        print(f"| {layer['layer']} | {cells} | {steps} | {rate:.0f} | {rate / peak:.0%} |")
+        print(f"| {layer.layer} | {cells} | {steps} | {rate:.0f} | {rate / peak:.0%} |")
     steady = per_layer[1:] or per_layer
-    fixed = report["seconds"] - sum(per_layer)
+    fixed = report.seconds - sum(per_layer)
     projected = fixed + FULL_LAYERS * sum(steady) / len(steady)
     print(f"\npeak GPU memory {gpu_peak:.1f} GiB; peak host memory {host_peak:.1f} GiB")
     mean_rate = sum(rates) / len(rates)
@@ -149,9 +141,9 @@ def main() -> None:
     mean_layer = sum(steady) / len(steady)
     print(f"projected Mixtral-8x7B ({FULL_LAYERS} layers): {projected / 60:.1f} min", end=" ")
     print(f"({fixed:.0f} s fixed + {FULL_LAYERS} x {mean_layer:.1f} s)")
-    summary = {"gpu": torch.cuda.get_device_name(), "peak_tflops": peak, "gpu_peak_gib": gpu_peak, "host_peak_gib": host_peak}
-    summary.update({"projected_min": projected / 60, "layers": report["layers"], "train_tflops": rates})
-    (args.workdir / "bench_scale.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary = {"gpu": device_name(), "peak_tflops": peak, "gpu_peak_gib": gpu_peak, "host_peak_gib": host_peak}
+    summary.update({"projected_min": projected / 60, "layers": [layer.to_dict() for layer in report.layers], "train_tflops": rates})
+    save_results(summary, args.workdir / "bench_scale.json")
 
 
 if __name__ == "__main__":

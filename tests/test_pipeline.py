@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +195,33 @@ def test_reading_ahead_reads_each_layer_once_and_changes_nothing(tmp_path: Path,
     assert sorted(reads, key=int) == [str(i) for i in range(len(ahead.layers))]
     run(tiny_llama, corpus, tmp_path / "plain", method="distill", read_ahead=False)
     assert layer_bytes(tmp_path / "ahead") == layer_bytes(tmp_path / "plain")
+
+
+REMOTE_LOAD = """
+import sys
+sys.modules["distill_lr"] = None  # not importable: only the folder's own files may serve the load
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def test_remote_code_loads_with_the_folders_files_only(tmp_path: Path, corpus: Path) -> None:
+    """A copy of the compressed folder, elsewhere, in a Python where distill_lr cannot be imported."""
+    report = run(save_tiny(tmp_path / "mixtral", "mixtral"), corpus, tmp_path / "out", method="distill")
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(report.output, copy)
+    ids = torch.randint(3, 200, (1, 12))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(copy), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    with torch.no_grad():
+        expected = compressed.load_compressed(report.output)(input_ids=ids).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -40,6 +41,11 @@ TOKENIZER_FILES = (
 
 def layer_file(index: int) -> str:
     return f"model-layer-{index:05d}.safetensors"
+
+
+def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A compressed layer's tensors as its file holds them: full names, floating ones in ``dtype``, on the host."""
+    return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in layer.state_dict().items()}
 
 
 def copy_side_files(src: Path, dst: Path, modeling: bool = True) -> None:
