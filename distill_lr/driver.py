@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import errno
 import functools
 import logging
 import sys
@@ -31,10 +32,11 @@ from distill_lr import moe
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.cache import ActivationCache, TeacherStore, cache_bytes, choose_placement
 from distill_lr.checkpoint import compressed, files
+from distill_lr.checkpoint.layout import OTHER_FILE, TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, install_state_, load_non_layer_
 from distill_lr.data import TokenSets, build_token_sets, load_documents
-from distill_lr.errors import UserInputError
+from distill_lr.errors import UserInputError, first_line
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, relative_error, run_layer
 from distill_lr.methods import get_method
 from distill_lr.methods.base import LayerWork, Method
@@ -88,19 +90,24 @@ def compress(cfg: CompressConfig) -> RunReport:
     run = prepare(cfg)
     loader = LayerLoader(run.reader, run.layers, run.prefix, read_ahead=cfg.read_ahead)
     try:
-        for i in tqdm(range(len(run.layers)), desc="layers", unit="layer"):
-            t0 = time.perf_counter()
-            layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
-            times = {"load": _elapsed(t0)}
-            report = compress_layer(run, i, layer, times)
-            layer.to("meta")
-            release_freed_host_memory()
-            run.report.layers.append(report)
-            log.info("%s (%.1fs)", report.line(len(run.layers)), time.perf_counter() - t0)
-    finally:
-        loader.close()
-        run.writer.close()  # also on a crash: the layers finished so far reach the disk and the manifest
-    return finish(run)
+        try:
+            for i in tqdm(range(len(run.layers)), desc="layers", unit="layer"):
+                t0 = time.perf_counter()
+                layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
+                times = {"load": _elapsed(t0)}
+                report = compress_layer(run, i, layer, times)
+                layer.to("meta")
+                release_freed_host_memory()
+                run.report.layers.append(report)
+                log.info("%s (%.1fs)", report.line(len(run.layers)), time.perf_counter() - t0)
+        finally:
+            loader.close()
+            run.writer.close()  # also on a crash: the layers finished so far reach the disk and the manifest
+        return finish(run)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise disk_full(run, err) from err
+        raise
 
 
 def prepare(cfg: CompressConfig) -> Run:
@@ -110,8 +117,8 @@ def prepare(cfg: CompressConfig) -> Run:
     model_dir = resolve_model_dir(cfg.model)
     reader = CheckpointReader(model_dir)
     out = Path(cfg.output).expanduser()
-    if out.resolve() == model_dir.resolve():
-        raise UserInputError(f"output folder {out} is the input folder: choose another output folder")
+    apart = {"the input folder": model_dir, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
+    files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
     dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
     torch.manual_seed(cfg.seed)
@@ -155,7 +162,17 @@ def prepare(cfg: CompressConfig) -> Run:
 
 def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> TokenSets:
     """The calibration and held-out token windows of the configured text."""
-    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else model_dir)
+    folder = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else model_dir
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES[:7]):
+        raise UserInputError(
+            f"{folder} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...): "
+            "copy the model's tokenizer files there, or give tokenizer=<folder with them>"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        problem = f"the tokenizer in {folder} cannot be loaded ({first_line(err)})"
+        raise UserInputError(f"{problem}: fix its files or give tokenizer=<folder>") from None
     documents = load_documents(cfg.data.source, cfg.data.text_column, cfg.data.split, cfg.data.subset)
     return build_token_sets(
         documents,
@@ -200,7 +217,8 @@ def embed_streams(run: Run) -> Streams:
     cfg, model, layers, hidden = run.cfg, run.model, run.layers, run.reader.config.get_text_config().hidden_size
     load_non_layer_(model, run.reader, run.prefix, run.device, run.dtype)
     other = [k for k in model.state_dict() if not k.startswith(run.prefix) and k in run.reader.tensors]
-    files.save_tensors_atomic({k: v.to(run.save_dtype) for k, v in run.reader.read(other).items()}, run.out / compressed.OTHER_FILE)
+    digest = files.save_tensors_atomic({k: v.to(run.save_dtype) for k, v in run.reader.read(other).items()}, run.out / OTHER_FILE)
+    run.manifest.record_other(OTHER_FILE, digest)
     calib, evaluation = run.tokens.calibration.to(run.device), run.tokens.evaluation.to(run.device)
     x = embed(model, layers, calib, cfg.batch_size, out=run.cache.empty((*calib.shape, hidden), run.dtype))
     e = None
@@ -239,7 +257,7 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
     times["student"] = _elapsed(t)
     if done is None:
         report.seconds = times
-        run.writer.submit(partial(run.manifest.mark_done, index, compressed.layer_file(index), copy.deepcopy(report.to_dict())))
+        run.writer.submit(partial(run.manifest.mark_done, index, copy.deepcopy(report.to_dict())))
     return report
 
 
@@ -257,7 +275,7 @@ def fresh_layer(
         times[step.name] = _elapsed(t)
     state = compressed.layer_state(layer, f"{run.prefix}{index}.", run.save_dtype)
     times["save"] = round(run.writer.drain(), 3)  # the previous layer's write, overlapped with this layer until now
-    run.writer.submit(partial(files.save_tensors_atomic, state, run.out / compressed.layer_file(index)))
+    run.writer.submit(partial(run.manifest.save_layer, index, layer_file(index), state))
     return report, state
 
 
@@ -291,7 +309,7 @@ def finish(run: Run) -> RunReport:
     """After the last layer: index, side files and config (the folder is then complete), evaluation, report."""
     cfg, out, report, s = run.cfg, run.out, run.report, run.streams
     assert s is not None
-    compressed.write_index(out, [compressed.OTHER_FILE] + [compressed.layer_file(i) for i in range(len(run.layers))])
+    compressed.write_index(out, [OTHER_FILE] + [layer_file(i) for i in range(len(run.layers))])
     compressed.copy_side_files(run.model_dir, out)
     compressed.write_compressed_config(run.reader.config, out, run.ranks, run.save_dtype, run.method.info)
     run.manifest.mark_complete()
@@ -309,6 +327,17 @@ def finish(run: Run) -> RunReport:
         report.dense_export = str(dense_dir)
     files.write_json_atomic(report.to_dict(), out / "report.json")
     return report
+
+
+def disk_full(run: Run, err: OSError) -> UserInputError:
+    """The one-line error for a disk that filled up mid-run: how much the checkpoint still needs, and that it resumes."""
+    still = run.report.params.model_after * run.save_dtype.itemsize - files.folder_bytes(run.out)
+    done = len(run.manifest.data["layers"])
+    return UserInputError(
+        f"the disk filled up while writing {err.filename or run.out} ({err.strerror}): the checkpoint still needs about "
+        f"{files.human_bytes(max(still, 0))} at {run.out}; free that much and run the same command again: it resumes "
+        f"after the {done} finished layer(s)"
+    )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from distill_lr.checkpoint import compressed
-from distill_lr.checkpoint.reader import INDEX_NAME, CheckpointReader, LayerLoader, build_skeleton, decoder_layers
+from distill_lr.checkpoint.layout import INDEX_NAME, layer_file
+from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers
 from distill_lr.factorize import svd_factors
 from distill_lr.modeling.lowrank import LowRankExperts, is_fused_experts
 from distill_lr.testing import save_tiny, tiny_config, word_tokenizer
@@ -177,7 +178,7 @@ def test_an_expert_without_tokens_keeps_its_svd_init(tmp_path: Path, corpus: Pat
         assert layer.experts["mlp.experts"]["tokens"][3] == 0 and layer.experts["mlp.experts"]["starved"] == [3]
     rank = json.loads((Path(report.output) / "config.json").read_text())["distill_lr"]["ranks"]["model.layers.1.mlp.experts.down_proj"]
     A, B = svd_factors(AutoModelForCausalLM.from_pretrained(model).model.layers[1].mlp.experts.down_proj[3], rank)
-    saved = load_file(Path(report.output) / compressed.layer_file(1))
+    saved = load_file(Path(report.output) / layer_file(1))
     torch.testing.assert_close(saved["model.layers.1.mlp.experts.down_proj.A"][3], A)
     torch.testing.assert_close(saved["model.layers.1.mlp.experts.down_proj.B"][3], B)
 

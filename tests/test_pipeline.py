@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import layer_bytes, materialised_layer, overrides_for, run
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill_lr import driver
 from distill_lr.checkpoint import compressed, files, reader
-from distill_lr.checkpoint.manifest import MANIFEST_NAME
+from distill_lr.checkpoint.layout import MANIFEST_NAME, layer_file
 from distill_lr.config import load_config
 from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import capture_inputs, run_layer
@@ -170,7 +170,7 @@ def test_a_failed_layer_write_stops_the_run_and_is_never_marked_done(tmp_path: P
     real = files.save_tensors_atomic
 
     def disk_full_at_layer_1(tensors, path, metadata=None):
-        if path.name == compressed.layer_file(1):
+        if path.name == layer_file(1):
             raise OSError("No space left on device")
         return real(tensors, path, metadata)
 
@@ -179,7 +179,7 @@ def test_a_failed_layer_write_stops_the_run_and_is_never_marked_done(tmp_path: P
         run(tiny_llama, corpus, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert list(manifest["layers"]) == ["0"] and not manifest["complete"]
-    assert not (tmp_path / "out" / compressed.layer_file(1)).exists()
+    assert not (tmp_path / "out" / layer_file(1)).exists()
 
 
 def test_reading_ahead_reads_each_layer_once_and_changes_nothing(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
@@ -201,7 +201,7 @@ REMOTE_LOAD = """
 import sys
 sys.modules["distill_lr"] = None  # not importable: only the folder's own files may serve the load
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 with torch.no_grad():
     torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
@@ -225,3 +225,12 @@ def test_remote_code_loads_with_the_folders_files_only(tmp_path: Path, corpus: P
     with torch.no_grad():
         expected = compressed.load_compressed(report.output)(input_ids=ids).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_without_remote_code_a_compressed_folder_does_not_load(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    """Not as a dense model with random projections: transformers' own request for trust_remote_code."""
+    out = Path(run(tiny_llama, corpus, tmp_path / "out").output)
+    for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            load(out)
+    assert type(AutoConfig.from_pretrained(out, trust_remote_code=True)).__name__ == "LlamaConfig"

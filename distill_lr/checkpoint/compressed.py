@@ -15,32 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from distill_lr.checkpoint.files import save_tensors_atomic, write_json_atomic
-from distill_lr.checkpoint.reader import INDEX_NAME
+from distill_lr.checkpoint.files import check_apart, file_sha256, save_tensors_atomic, write_json_atomic
+from distill_lr.checkpoint.layout import CODE_FILES, EXPORT_MARKER, INDEX_NAME, MANIFEST_NAME, TOKENIZER_FILES
+from distill_lr.checkpoint.reader import read_header
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
 from distill_lr.modeling.lowrank import LowRankExperts
-
-OTHER_FILE = "model-other.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-
-
-def layer_file(index: int) -> str:
-    return f"model-layer-{index:05d}.safetensors"
 
 
 def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -56,8 +39,8 @@ def copy_side_files(src: Path, dst: Path, modeling: bool = True) -> None:
     if not modeling:
         return
     here = Path(hf_modeling.__file__).parent
-    shutil.copyfile(here / "hf_modeling.py", dst / "modeling_distill_lr.py")
-    shutil.copyfile(here / "lowrank.py", dst / "lowrank.py")
+    for source, name in zip(("hf_modeling.py", "lowrank.py"), CODE_FILES, strict=True):
+        shutil.copyfile(here / source, dst / name)
 
 
 def write_index(folder: Path, files: Iterable[str]) -> None:
@@ -77,9 +60,12 @@ def write_compressed_config(
     """``config.json`` of the compressed model: the original plus the ranks and the remote-code entry point."""
     data = config.to_dict()
     data.pop("auto_map", None)
+    data["model_type"] = hf_modeling.MODEL_TYPE
     data["dtype"] = str(save_dtype).removeprefix("torch.")
-    data["auto_map"] = {"AutoModelForCausalLM": "modeling_distill_lr.DistillLRForCausalLM"}
-    data[hf_modeling.CONFIG_KEY] = {"base_architecture": _architecture(config), "ranks": ranks, **info}
+    entry = "modeling_distill_lr.DistillLR"
+    data["auto_map"] = {"AutoConfig": f"{entry}Config", "AutoModelForCausalLM": f"{entry}ForCausalLM"}
+    base = {"base_architecture": _architecture(config), "base_model_type": config.model_type}
+    data[hf_modeling.CONFIG_KEY] = {**base, "ranks": ranks, **info}
     write_json_atomic(data, folder / "config.json")
 
 
@@ -100,24 +86,57 @@ def _compressed_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A transformers model with the low-rank modules in place (the same code as ``trust_remote_code``)."""
+def verify_files(folder: Path) -> None:
+    """Every file the index names is there and complete, and (with the run's manifest) has the content the run wrote."""
+    names = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
+    manifest = folder / MANIFEST_NAME
+    recorded = {}
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        recorded = {entry["file"]: entry["sha256"] for entry in [*data["layers"].values(), data.get("other", {})] if entry}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise UserInputError(f"{path}, named in {INDEX_NAME}, is missing: rerun the compression into this folder to rewrite it")
+        read_header(path)  # a truncated file is named here, not deep inside safetensors
+        if name in recorded and file_sha256(path) != recorded[name]:
+            raise UserInputError(
+                f"{path} has changed since it was written (its sha256 does not match {MANIFEST_NAME}): "
+                "rerun the same compression command into this folder, which recomputes that layer"
+            )
+
+
+def load_compressed(
+    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, verify: bool = True
+) -> PreTrainedModel:
+    """A transformers model with the low-rank modules in place (the same code as ``trust_remote_code``).
+
+    ``verify`` checks the files first (``verify_files``): one read of the checkpoint, which loading reads anyway.
+    """
     folder = Path(folder).expanduser()
     _compressed_config(folder)
-    config = AutoConfig.from_pretrained(folder)
+    if verify:
+        verify_files(folder)
+    config = hf_modeling.load_config(folder)
     model_class = hf_modeling.low_rank_class(hf_modeling.base_architecture(config))
     model = model_class.from_pretrained(folder, config=config, dtype=dtype)
     return model.to(device).eval()
 
 
-def export_dense(src: Path, dst: Path) -> None:
-    """Multiply the factors out, file by file, into a checkpoint of the original architecture (fused MoE experts included)."""
+def export_dense(src: str | Path, dst: str | Path) -> None:
+    """Multiply the factors out, file by file, into a checkpoint of the original architecture (fused MoE experts included).
+
+    ``dst`` may be new, empty, or an earlier export (only the files that export wrote are replaced).
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     data = _compressed_config(src)
-    ranks = data.pop(hf_modeling.CONFIG_KEY)["ranks"]
+    info = data.pop(hf_modeling.CONFIG_KEY)
+    ranks = info["ranks"]
+    data["model_type"] = info.get("base_model_type", data["model_type"])
     data.pop("auto_map", None)
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
+    check_apart(dst, "dense export folder", {"the compressed checkpoint": src})
+    _clear_export(dst)
+    dst.mkdir(parents=True, exist_ok=True)
     files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
     for name in files:
         tensors = load_file(src / name)
@@ -133,3 +152,20 @@ def export_dense(src: Path, dst: Path) -> None:
     write_index(dst, files)
     copy_side_files(src, dst, modeling=False)
     write_json_atomic(data, dst / "config.json")
+    written = [*files, INDEX_NAME, "config.json", *(name for name in TOKENIZER_FILES if (dst / name).is_file())]
+    write_json_atomic({"exported_from": str(src), "files": written}, dst / EXPORT_MARKER)
+
+
+def _clear_export(dst: Path) -> None:
+    """Delete an earlier export's files from ``dst``; refuse a folder with other content."""
+    if not dst.exists() or not any(dst.iterdir()):
+        return
+    marker = dst / EXPORT_MARKER
+    if not marker.is_file():
+        found = ", ".join(sorted(p.name for p in dst.iterdir())[:5])
+        raise UserInputError(
+            f"dense export folder {dst} is not empty and holds no distill_lr export (it has {found}): choose a new or empty folder"
+        )
+    for name in json.loads(marker.read_text())["files"]:
+        (dst / name).unlink(missing_ok=True)
+    marker.unlink()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors.torch import save_file
 
 from distill_lr.errors import UserInputError
 
@@ -50,10 +50,48 @@ def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
         fh.flush()
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (see ``atomic_file``)."""
-    with atomic_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_WRITE_CHUNK = 1 << 24  # bytes per write: no second full copy of a large tensor
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically (see ``atomic_file``); returns the sha256 of its bytes, taken as they are written.
+
+    The file is laid out as the safetensors format specifies (an 8-byte header length, the JSON header
+    padded to 8 bytes, the tensors' bytes in name order), so the hash needs no second read of the file.
+    """
+    host = {name: t.detach().contiguous().cpu() for name, t in sorted(tensors.items())}
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, t in host.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with atomic_writer(path) as fh:
+        for block in (struct.pack("<Q", len(raw)), raw):
+            fh.write(block)
+            digest.update(block)
+        for t in host.values():
+            data = t.reshape(-1).view(torch.uint8).numpy()
+            for start in range(0, len(data), _WRITE_CHUNK):
+                block = memoryview(data[start : start + _WRITE_CHUNK])
+                fh.write(block)
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -76,10 +114,31 @@ def check_disk_space(needs: dict[Path, int]) -> None:
         free = shutil.disk_usage(anchor).free
         if size > free:
             raise UserInputError(
-                f"not enough disk space at {anchor}: this run writes about {size / 2**30:.2f} GiB there (compressed checkpoint,"
-                f" on-disk activation caches, teacher cache), {free / 2**30:.2f} GiB is free: free some space or choose another"
+                f"not enough disk space at {anchor}: this run writes about {human_bytes(size)} there (compressed checkpoint,"
+                f" on-disk activation caches, teacher cache), {human_bytes(free)} is free: free some space or choose another"
                 " output= (or cache_dir=, cache=host, teacher_cache=)"
             )
+
+
+def human_bytes(n: float) -> str:
+    """A size in the unit that shows it: ``812 B``, ``3.4 MiB``, ``1.25 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}" if abs(n) < 100 else f"{n:.0f} {unit}"
+        n /= 1024
+    raise AssertionError  # the loop returns at GiB
+
+
+def check_apart(folder: Path, role: str, others: dict[str, Path | None]) -> None:
+    """Refuse ``folder`` when it is, contains or lies inside one of ``others`` (by what they are: "the input model"...)."""
+    mine = folder.expanduser().resolve()
+    for what, other in others.items():
+        if other is None:
+            continue
+        theirs = other.expanduser().resolve()
+        relation = "is" if mine == theirs else "lies inside" if theirs in mine.parents else "contains" if mine in theirs.parents else None
+        if relation is not None:
+            raise UserInputError(f"{role} {folder} {relation} {what} ({other}): choose a {role} apart from it")
 
 
 def file_sha256(path: Path) -> str:

@@ -1,16 +1,21 @@
-"""The resume manifest kept beside the weights: which layers are written, for which config and input."""
+"""The resume manifest kept beside the weights: which layers are written, for which config and input, with their hashes.
+
+A folder with a manifest holds a distill_lr run: the only kind of folder ``overwrite=true`` clears,
+and then only of the files such a run writes.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
-from distill_lr.checkpoint.files import file_sha256, write_json_atomic
-from distill_lr.errors import UserInputError
+import torch
 
-MANIFEST_NAME = "distill_lr_manifest.json"
+from distill_lr.checkpoint import files
+from distill_lr.checkpoint.layout import MANIFEST_NAME, written_by_a_run
+from distill_lr.errors import UserInputError, first_line
 
 
 class RunManifest:
@@ -20,42 +25,89 @@ class RunManifest:
         self.folder = folder
         self.path = folder / MANIFEST_NAME
         self.data: dict[str, Any] = {"settings": settings, "input": input_fingerprint, "layers": {}, "complete": False}
-        if self.path.is_file():
-            old = json.loads(self.path.read_text())
-            changed = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
-            if overwrite:
-                self._clear()
-            elif old["input"] != input_fingerprint:
-                raise UserInputError(
-                    f"output folder {folder} holds a run on another input model: use a new output folder or overwrite=true"
-                )
-            elif changed:
-                raise UserInputError(
-                    f"output folder {folder} holds a run with another config (changed: {', '.join(changed[:5])}): "
-                    "use a new output folder, the same config, or overwrite=true"
-                )
-            else:
-                self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
-        elif folder.exists() and any(folder.iterdir()):
-            if not overwrite:
-                raise UserInputError(f"output folder {folder} is not empty and holds no distill_lr run: use a new folder or overwrite=true")
+        self._written: dict[int, tuple[str, str]] = {}  # layer -> (file, sha256), between its write and its mark_done
+        old = self._read(overwrite) if self.path.is_file() else None
+        if old is not None and overwrite:
             self._clear()
+        elif old is not None:
+            self._check_same_run(old, settings, input_fingerprint)
+            self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
+        elif self.path.is_file():  # unreadable, and overwrite=true
+            self._clear()
+        elif folder.exists() and any(folder.iterdir()):
+            found = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
+            raise UserInputError(
+                f"output folder {folder} is not empty and holds no distill_lr run (it has {found}): "
+                "choose a new or empty output folder (overwrite=true replaces only an earlier run's folder)"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         self.save()
 
+    def _read(self, overwrite: bool) -> dict[str, Any] | None:
+        """The earlier run's manifest; None when it cannot be read and ``overwrite`` (else a one-line error)."""
+        try:
+            old = json.loads(self.path.read_text())
+            if not isinstance(old, dict) or not {"settings", "input", "layers"} <= old.keys():
+                raise ValueError("its keys are missing")
+            return old
+        except (ValueError, OSError) as err:
+            if overwrite:
+                return None
+            raise UserInputError(
+                f"{self.path} is unreadable or incomplete ({first_line(err)}): run with overwrite=true to start over, "
+                "or choose a new output folder"
+            ) from None
+
+    def _check_same_run(self, old: dict[str, Any], settings: dict[str, Any], input_fingerprint: str) -> None:
+        if old["input"] != input_fingerprint:
+            raise UserInputError(
+                f"output folder {self.folder} holds a run on another input model (or on changed weights): "
+                "use a new output folder or overwrite=true"
+            )
+        changed = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
+        if changed:
+            raise UserInputError(
+                f"output folder {self.folder} holds a run with another config (changed: {', '.join(changed[:5])}): "
+                "use a new output folder, the same config, or overwrite=true"
+            )
+
     def _clear(self) -> None:
-        shutil.rmtree(self.folder)
+        """Delete the files an earlier run wrote here, and nothing else."""
+        for path in self.folder.iterdir():
+            if path.is_file() and written_by_a_run(path.name):
+                path.unlink()
 
     def _intact(self, entry: dict[str, Any]) -> bool:
         path = self.folder / entry["file"]
         return path.is_file() and path.stat().st_size == entry["bytes"]
 
     def done(self, index: int) -> dict[str, Any] | None:
-        return self.data["layers"].get(str(index))
+        """The finished layer's entry when its file still has the content the run wrote; else None (it is computed again)."""
+        entry = self.data["layers"].get(str(index))
+        if entry is None:
+            return None
+        path = self.folder / entry["file"]
+        if files.file_sha256(path) != entry["sha256"]:
+            warnings.warn(
+                f"{path} has changed since it was written (its sha256 does not match the manifest): layer {index} is computed again",
+                stacklevel=2,
+            )
+            del self.data["layers"][str(index)]
+            return None
+        return entry
 
-    def mark_done(self, index: int, file: str, report: dict[str, Any]) -> None:
-        path = self.folder / file
-        self.data["layers"][str(index)] = {"file": file, "bytes": path.stat().st_size, "sha256": file_sha256(path), "report": report}
+    def record_other(self, file: str, sha256: str) -> None:
+        """The hash of the non-layer weights' file, for ``load_compressed`` to verify."""
+        self.data["other"] = {"file": file, "sha256": sha256}
+        self.save()
+
+    def save_layer(self, index: int, file: str, state: dict[str, torch.Tensor]) -> None:
+        """Write a finished layer's file (on the writer thread); ``mark_done`` records it once its report is complete."""
+        self._written[index] = (file, files.save_tensors_atomic(state, self.folder / file))
+
+    def mark_done(self, index: int, report: dict[str, Any]) -> None:
+        file, sha256 = self._written.pop(index)
+        self.data["layers"][str(index)] = {"file": file, "bytes": (self.folder / file).stat().st_size, "sha256": sha256, "report": report}
         self.data["complete"] = False
         self.save()
 
@@ -64,4 +116,4 @@ class RunManifest:
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.data, self.path)
+        files.write_json_atomic(self.data, self.path)

@@ -27,9 +27,9 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from distill_lr.checkpoint.layout import INDEX_NAME
 from distill_lr.errors import UserInputError, first_line
 
-INDEX_NAME = "model.safetensors.index.json"
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -61,7 +61,7 @@ class ParamSource:
     patterns: list[str | None] = field(default_factory=list)  # the converter source pattern each matched
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def read_header(path: Path) -> dict[str, Any]:
     """Parse a safetensors header and check the file holds every byte the header promises."""
     size = path.stat().st_size
     try:
@@ -116,7 +116,7 @@ class CheckpointReader:
             path = self.folder / name
             if not path.is_file():
                 raise UserInputError(f"shard {name} listed in {INDEX_NAME} is missing from {self.folder}: copy it there")
-            for key, info in _read_header(path).items():
+            for key, info in read_header(path).items():
                 tensors[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]))
         return tensors
 

@@ -5,7 +5,10 @@ loads on a machine without distill_lr::
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-The original architecture class is built first, the modules listed in ``config.distill_lr["ranks"]``
+``config.json`` names the model type ``distill_lr``, which transformers does not know: without
+``trust_remote_code`` loading fails with transformers' own "requires trust_remote_code" error instead
+of building a dense model with random projections. With it, ``DistillLRConfig`` rebuilds the original
+architecture's config, the original class is built, the modules listed in ``config.distill_lr["ranks"]``
 are swapped for empty low-rank ones, and then transformers loads the factors as usual.
 
 ``ranks`` maps module names to ranks. A name of an ``nn.Linear`` (``model.layers.0.self_attn.q_proj``)
@@ -16,13 +19,30 @@ rank, and the experts module becomes a ``LowRankExperts`` whose unnamed projecti
 
 from __future__ import annotations
 
+from typing import Any
+
 import transformers
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .lowrank import EXPERT_PROJECTIONS, LowRankExperts, LowRankLinear, is_fused_experts, replace_experts_, replace_linears_
 
 CONFIG_KEY = "distill_lr"
+MODEL_TYPE = "distill_lr"  # unknown to transformers: plain from_pretrained refuses the folder
+
+
+def base_config(config_dict: dict[str, Any], **kwargs: Any) -> Any:
+    """The original architecture's config from a compressed ``config.json`` (``from_dict``'s return, kwargs and all)."""
+    data = dict(config_dict)
+    data["model_type"] = data[CONFIG_KEY].get("base_model_type", data["model_type"])  # folders written before the type
+    return CONFIG_MAPPING[data["model_type"]].from_dict(data, **kwargs)
+
+
+def load_config(folder: Any, **kwargs: Any) -> PretrainedConfig:
+    """The original architecture's config of a compressed folder, read without remote code."""
+    config_dict, unused = PretrainedConfig.get_config_dict(folder, **kwargs)
+    return base_config(config_dict, **unused)
 
 
 def apply_low_rank_(model: nn.Module, ranks: dict[str, int]) -> None:
@@ -66,6 +86,22 @@ def base_architecture(config: transformers.PretrainedConfig) -> type[PreTrainedM
     return getattr(transformers, getattr(config, CONFIG_KEY)["base_architecture"])
 
 
+class DistillLRConfig:
+    """``AutoConfig`` entry point named in ``auto_map``: returns the original architecture's config class, filled in.
+
+    A plain class, never instantiated, like ``DistillLRForCausalLM``: one serves every architecture.
+    """
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: object = "AutoConfig") -> None:
+        """Called by ``AutoConfig`` on remote classes; the config this one returns is a transformers class."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        kwargs.pop("trust_remote_code", None)
+        return load_config(pretrained_model_name_or_path, **kwargs)
+
+
 class DistillLRForCausalLM:
     """Entry point named in ``auto_map``: dispatches to the low-rank variant of the original class.
 
@@ -83,6 +119,6 @@ class DistillLRForCausalLM:
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("adapter_kwargs", None)
         if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+            config = load_config(pretrained_model_name_or_path)
         model_class = low_rank_class(base_architecture(config))
         return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)

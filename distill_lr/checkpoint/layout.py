@@ -1,0 +1,38 @@
+"""The names of the files in a compressed checkpoint folder, and which of them a run writes."""
+
+from __future__ import annotations
+
+import re
+
+INDEX_NAME = "model.safetensors.index.json"
+OTHER_FILE = "model-other.safetensors"
+CODE_FILES = ("modeling_distill_lr.py", "lowrank.py")  # the loading code copied beside the weights
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def layer_file(index: int) -> str:
+    return f"model-layer-{index:05d}.safetensors"
+
+
+MANIFEST_NAME = "distill_lr_manifest.json"
+EXPORT_MARKER = "distill_lr_export.json"  # in a dense export: the files it wrote
+_RUN_FILES = {OTHER_FILE, INDEX_NAME, MANIFEST_NAME, "config.json", "report.json", *CODE_FILES, *TOKENIZER_FILES}
+_RUN_PATTERN = re.compile(r"model-layer-\d{5}\.safetensors")
+
+
+def written_by_a_run(name: str) -> bool:
+    """Whether a file of this name in an output folder is one a run writes (its hidden temporary files included)."""
+    temporary = re.fullmatch(r"\.(.+)-[^-]+\.tmp", name)
+    name = temporary[1] if temporary else name
+    return name in _RUN_FILES or _RUN_PATTERN.fullmatch(name) is not None or re.fullmatch(r"\.activations-.+\.bin", name) is not None
