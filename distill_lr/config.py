@@ -9,11 +9,13 @@ its values and the method must be registered, so a bad setting fails before any 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill_lr.errors import UserInputError
+from distill_lr.errors import UserInputError, first_line
 from distill_lr.methods import get_method
 from distill_lr.schema import CompressConfig
 
@@ -26,7 +28,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path is not None:
             if not Path(path).is_file():
                 raise UserInputError(f"config file {path} does not exist: give the path of a YAML file")
-            layers.append(OmegaConf.load(path))
+            layers.append(_read_yaml(Path(path)))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise UserInputError(f"override '{bad[0]}' is not key=value: write e.g. ranks.target=0.3")
@@ -37,6 +39,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise UserInputError(_config_error_line(err, path)) from None
     get_method(cfg)  # an unknown method fails here, with the others
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise UserInputError(f"config file {path} is not valid YAML ({where}{problem}): fix the file") from None
 
 
 def _config_error_line(err: OmegaConfBaseException, path: str | Path | None) -> str:

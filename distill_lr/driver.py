@@ -247,11 +247,11 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
     if report.err_teacher_input is None:  # a diagnostic: a subset of the calibration set is enough
         probe = slice(0, ERROR_PROBE_SEQUENCES)
         report.err_teacher_input = relative_error(run_layer(layer, s.x_teacher[probe], kwargs, run.cfg.batch_size), y[probe])
-    s.x_student = advance(run, layer, kwargs, s.x_student, s.x_teacher)
+    s.x_student = advance(run, layer, index, s.x_student, s.x_teacher)
     if report.err_student_input is None:
         report.err_student_input = relative_error(s.x_student, y)
     if eval_y is not None:
-        s.eval_student = advance(run, layer, kwargs, s.eval_student, s.eval_teacher)
+        s.eval_student = advance(run, layer, index, s.eval_student, s.eval_teacher)
         s.eval_teacher = eval_y
     s.x_teacher = y
     times["student"] = _elapsed(t)
@@ -293,16 +293,19 @@ def teacher_pass(run: Run, layer: nn.Module, index: int, stream: str, x: torch.T
     out = run.cache.empty_like(x)
     if run.teacher is not None and run.teacher.load_into(index, stream, out):
         return out
-    run_layer(layer, x, run.streams.kwargs[index], run.cfg.batch_size, out=out)
+    overflow = partial(overflow_message, run, index, "dense")
+    run_layer(layer, x, run.streams.kwargs[index], run.cfg.batch_size, out=out, overflow=overflow)
     if run.teacher is not None:  # read-only from here on: the writer may copy it while the next steps run
         run.writer.submit(partial(run.teacher.save, index, stream, out))
     return out
 
 
-def advance(run: Run, layer: nn.Module, kwargs: LayerKwargs, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def advance(run: Run, layer: nn.Module, index: int, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The student stream one layer up: in place once it has its own buffer (after layer 0 it aliases the teacher's)."""
+    assert run.streams is not None
     out = student if student is not teacher else run.cache.empty_like(student)
-    return run_layer(layer, student, kwargs, run.cfg.batch_size, out=out)
+    overflow = partial(overflow_message, run, index, "compressed")
+    return run_layer(layer, student, run.streams.kwargs[index], run.cfg.batch_size, out=out, overflow=overflow)
 
 
 def finish(run: Run) -> RunReport:
@@ -327,6 +330,18 @@ def finish(run: Run) -> RunReport:
         report.dense_export = str(dense_dir)
     files.write_json_atomic(report.to_dict(), out / "report.json")
     return report
+
+
+def overflow_message(run: Run, index: int, which: str) -> str:
+    """What to say when decoder layer ``index``'s dense or compressed outputs are not finite, for the dtype in use."""
+    dtype = str(run.dtype).removeprefix("torch.")
+    if run.dtype == torch.float32:
+        advice = "that is not a rounding overflow: check the checkpoint's weights and the calibration text"
+    else:
+        advice = f"the layer overflows {dtype}: run with dtype=float32"
+    if which == "compressed":
+        advice += f", or keep the layer dense with the rule '\"layers.{index}.**\": skip'"
+    return f"decoder layer {index}'s {which} outputs hold inf or NaN in {dtype}: {advice}"
 
 
 def disk_full(run: Run, err: OSError) -> UserInputError:

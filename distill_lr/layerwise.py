@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from distill_lr.errors import UserInputError
+
 LayerKwargs = dict[str, Any]
 
 
@@ -107,17 +109,29 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: LayerKwargs) -> t
 
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int, out: torch.Tensor | None = None
+    layer: nn.Module,
+    inputs: torch.Tensor,
+    kwargs: LayerKwargs,
+    batch_size: int,
+    out: torch.Tensor | None = None,
+    overflow: Callable[[], str] | None = None,
 ) -> torch.Tensor:
     """The layer's outputs for every cached sequence, batch by batch on the layer's device.
 
     ``inputs`` and ``out`` may live anywhere (see ``distill_lr.cache``); ``out`` may alias ``inputs``.
+    With ``overflow``, outputs with inf or NaN raise ``UserInputError(overflow())`` (one check at the end).
     """
     result = torch.empty_like(inputs) if out is None else out
     device = layer_device(layer)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size].to(device, non_blocking=True)
-        result[start : start + batch_size] = call_layer(layer, batch, kwargs).to(result.dtype)
+        outputs = call_layer(layer, batch, kwargs)
+        if overflow is not None:
+            finite &= torch.isfinite(outputs).all()
+        result[start : start + batch_size] = outputs.to(result.dtype)
+    if overflow is not None and not bool(finite):
+        raise UserInputError(overflow())
     return result
 
 

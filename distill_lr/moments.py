@@ -72,7 +72,7 @@ class Moments:
             raise ValueError("no inputs were recorded: call Moments.update before using the statistics")
         if not torch.isfinite(total).all():
             raise UserInputError(
-                "the calibration activations contain inf or NaN (the model overflows in its dtype): "
-                "run with dtype=float32 or dtype=bfloat16"
+                "the calibration activations recorded for a factorisation contain inf or NaN: "
+                "check the checkpoint's weights, or run with dtype=float32 if it runs in a 16-bit dtype"
             )
         return total / self.count

@@ -32,6 +32,7 @@ class RunManifest:
         elif old is not None:
             self._check_same_run(old, settings, input_fingerprint)
             self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
+            self._clear(temporary_only=True)  # what a killed run was writing
         elif self.path.is_file():  # unreadable, and overwrite=true
             self._clear()
         elif folder.exists() and any(folder.iterdir()):
@@ -71,10 +72,10 @@ class RunManifest:
                 "use a new output folder, the same config, or overwrite=true"
             )
 
-    def _clear(self) -> None:
-        """Delete the files an earlier run wrote here, and nothing else."""
+    def _clear(self, temporary_only: bool = False) -> None:
+        """Delete the files an earlier run wrote here (or only its unfinished temporary files), and nothing else."""
         for path in self.folder.iterdir():
-            if path.is_file() and written_by_a_run(path.name):
+            if path.is_file() and written_by_a_run(path.name) and (not temporary_only or path.name.startswith(".")):
                 path.unlink()
 
     def _intact(self, entry: dict[str, Any]) -> bool:

@@ -49,6 +49,8 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    start: int  # the tensor's bytes in the file
+    end: int
 
 
 @dataclass
@@ -59,6 +61,30 @@ class ParamSource:
     keys: list[str] = field(default_factory=list)  # on-disk names, in transformers' natural order
     renamed: list[str] = field(default_factory=list)  # the same after the renamings: what the converter matched
     patterns: list[str | None] = field(default_factory=list)  # the converter source pattern each matched
+
+
+FINGERPRINT_SAMPLES = 4
+FINGERPRINT_BLOCK = 4096
+
+
+def _sample_starts(start: int, end: int) -> list[int]:
+    """Where the fingerprint's blocks of one tensor's bytes begin: the first and last block and evenly between."""
+    last = max(start, end - FINGERPRINT_BLOCK)
+    return sorted({start + (last - start) * i // (FINGERPRINT_SAMPLES - 1) for i in range(FINGERPRINT_SAMPLES)})
+
+
+def check_finite(state: dict[str, torch.Tensor], folder: Path, chunk: int = 1 << 24) -> None:
+    """Refuse weights with NaN or inf before they are used, naming the tensor (a few million elements at a time)."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.reshape(-1)
+        bad = sum(int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, len(flat), chunk))
+        if bad:
+            raise UserInputError(
+                f"tensor '{name}' of checkpoint {folder} holds {bad:,} NaN or inf values: the checkpoint is broken "
+                "(a diverged training or a bad conversion); repair or re-download it"
+            )
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -78,6 +104,8 @@ def read_header(path: Path) -> dict[str, Any]:
         raise UserInputError(
             f"shard {path} is truncated ({size:,} bytes, its header needs {8 + length + end:,}): re-download or re-copy it"
         )
+    for info in header.values():
+        info["data_offsets"] = [8 + length + offset for offset in info["data_offsets"]]  # from the start of the file
     return header
 
 
@@ -117,7 +145,7 @@ class CheckpointReader:
             if not path.is_file():
                 raise UserInputError(f"shard {name} listed in {INDEX_NAME} is missing from {self.folder}: copy it there")
             for key, info in read_header(path).items():
-                tensors[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]))
+                tensors[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]), *info["data_offsets"])
         return tensors
 
     @property
@@ -130,11 +158,24 @@ class CheckpointReader:
         return _ST_DTYPES[max(counts, key=counts.__getitem__)] if counts else torch.float32
 
     def fingerprint(self) -> str:
-        """A hash of the config and of every tensor's name, dtype, shape and file size."""
+        """A hash of the config, of every tensor's name, dtype, shape and file size, and of samples of its bytes.
+
+        ``FINGERPRINT_SAMPLES`` blocks of ``FINGERPRINT_BLOCK`` bytes, spread evenly over each tensor, are
+        read: other weights of the same shapes change them, while the cost stays a few MB of reads even
+        for a 94 GB checkpoint (an edit that touches none of the sampled bytes goes unnoticed).
+        """
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
+        by_file: dict[Path, list[str]] = {}
         for key in sorted(self.tensors):
-            info = self.tensors[key]
-            digest.update(f"{key}|{info.dtype}|{info.shape}|{info.file.stat().st_size}".encode())
+            by_file.setdefault(self.tensors[key].file, []).append(key)
+        for path, keys in sorted(by_file.items()):
+            with path.open("rb") as fh:
+                for key in keys:
+                    info = self.tensors[key]
+                    digest.update(f"{key}|{info.dtype}|{info.shape}|{path.stat().st_size}".encode())
+                    for start in _sample_starts(info.start, info.end):
+                        fh.seek(start)
+                        digest.update(fh.read(min(FINGERPRINT_BLOCK, info.end - start)))
         return digest.hexdigest()
 
     def read(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -194,6 +235,7 @@ class CheckpointReader:
                     f"tensor '{name}' has shape {list(state[name].shape)} but config.json implies "
                     f"{list(meta.shape)}: the weights do not match the config"
                 )
+        check_finite(state, self.folder)
         return state
 
     def _convert(self, name: str, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -293,7 +335,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers"):
             return f"{name}.", module
-    raise UserInputError(f"cannot find the {count} decoder layers of {type(model).__name__}: this architecture is not supported")
+    raise UserInputError(
+        f"{type(model).__name__} ({model.config.model_type}) is not a decoder-only LM that distill_lr can compress layer by layer: "
+        f"it has no stack of {count} decoder layers ('model.layers'); give a decoder-only causal LM "
+        "(Llama, Mistral, Qwen, Gemma, Mixtral...)"
+    )
 
 
 def non_layer_state(model: nn.Module, layer_prefix: str) -> list[str]:
@@ -304,7 +350,9 @@ def non_layer_state(model: nn.Module, layer_prefix: str) -> list[str]:
 def load_non_layer_(model: PreTrainedModel, reader: CheckpointReader, layer_prefix: str, device: torch.device, dtype: torch.dtype) -> None:
     """Materialise embeddings, final norm and head; a tied head shares the embedding."""
     keys = [k for k in non_layer_state(model, layer_prefix) if k in reader.tensors]
-    state = {k: _cast(v, dtype) for k, v in reader.read(keys, device).items()}
+    state = reader.read(keys, device)
+    check_finite(state, reader.folder)
+    state = {k: _cast(v, dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(layer_prefix)]
