@@ -136,10 +136,9 @@ def build_token_sets(
     check(n_docs > 0, "no documents to calibrate on: give a data.source with text")
 
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_docs, generator=generator).tolist()
-    n_eval = max(1, math.ceil(eval_fraction * n_docs - 1e-9)) if eval_fraction > 0 else 0  # - 1e-9: 0.28 * 25 is 7.000000000000001
-    eval_docs, calib_docs = order[:n_eval], order[n_eval:]
-    prefix = _bos_prefix(tokenizer)
+    eval_docs, calib_docs = split_documents(n_docs, eval_fraction, generator)
+    n_eval = len(eval_docs)
+    prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
 
     stream = _token_stream(documents, calib_docs, tokenizer, text_column, POOL_FACTOR * num_sequences * body)
@@ -168,6 +167,17 @@ def build_token_sets(
     return TokenSets(calibration=calibration, evaluation=evaluation)
 
 
+def split_documents(n_docs: int, eval_fraction: float, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """(held-out, calibration) document indices: a seeded shuffle, the first ``ceil(eval_fraction * n)`` held out.
+
+    Every held-out use (perplexity windows, the built-in task) takes its documents from the first list,
+    so none of them is ever calibration text.
+    """
+    order = torch.randperm(n_docs, generator=generator).tolist()
+    n_eval = max(1, math.ceil(eval_fraction * n_docs - 1e-9)) if eval_fraction > 0 else 0  # - 1e-9: 0.28 * 25 is 7.000000000000001
+    return order[:n_eval], order[n_eval:]
+
+
 def _check_sizes(num_sequences: int, seq_len: int, eval_sequences: int, max_positions: int | None) -> None:
     check(num_sequences > 0, f"data.num_sequences must be > 0, got {num_sequences}: set the number of calibration windows")
     check(seq_len > 1, f"data.seq_len must be > 1, got {seq_len}: set the window length in tokens")
@@ -178,7 +188,7 @@ def _check_sizes(num_sequences: int, seq_len: int, eval_sequences: int, max_posi
     )
 
 
-def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """``[bos]`` when the tokenizer puts BOS in front of every text (Llama, Gemma), else ``[]``."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []

@@ -196,3 +196,24 @@ def head_nll(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor
         total += float(loss) * tokens
         count += tokens
     return total, count
+
+
+@torch.no_grad()
+def head_span_logprobs(
+    model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int]]
+) -> list[float]:
+    """Per row, the summed ``log p(token | the tokens before it)`` over its ``[start, end)`` tokens, via the model's own head.
+
+    Only the needed positions go through the head (``logits_to_keep``): a choice of a few tokens costs
+    a few vocabulary-sized rows, not one per token of the row.
+    """
+    sums = []
+    for row, (start, end) in enumerate(spans):
+        ids = input_ids[row : row + 1, :end]
+        hidden = final_hidden[row : row + 1, :end].to(ids.device)
+        actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
+        positions = torch.arange(start - 1, end - 1, device=ids.device)
+        with _stand_ins(layers, actions):
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0].float()
+        sums.append(float(logits.log_softmax(-1).gather(-1, ids[0, start:end, None]).sum()))
+    return sums
