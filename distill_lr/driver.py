@@ -35,14 +35,15 @@ from distill_lr.checkpoint import compressed, files
 from distill_lr.checkpoint.layout import OTHER_FILE, TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, install_state_, load_non_layer_
-from distill_lr.data import TokenSets, build_token_sets, load_documents
+from distill_lr.data import TokenSets, bos_prefix, build_token_sets, load_documents, split_documents
 from distill_lr.errors import UserInputError, first_line
-from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, relative_error, run_layer
+from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, relative_error, run_layer
 from distill_lr.methods import get_method
 from distill_lr.methods.base import LayerWork, Method
 from distill_lr.ranks import layer_ranks, linear_shapes, plan_ranks
 from distill_lr.report import LayerReport, ParamSummary, Perplexity, RunReport, describe_plan
 from distill_lr.schema import CompressConfig
+from distill_lr.tasks import EncodedTask, encode, load_tasks
 
 log = logging.getLogger("distill_lr")
 ERROR_PROBE_SEQUENCES = 32  # calibration sequences on which the teacher-input error is reported
@@ -57,6 +58,18 @@ class Streams:
     eval_teacher: torch.Tensor | None
     eval_student: torch.Tensor | None
     kwargs: list[LayerKwargs] = field(default_factory=list)
+    tasks: list[TaskStream] = field(default_factory=list)
+
+
+@dataclass
+class TaskStream:
+    """One task's (example, choice) rows on their way up the dense and the compressed stack."""
+
+    task: EncodedTask
+    ids: torch.Tensor
+    teacher: torch.Tensor
+    student: torch.Tensor
+    kwargs: list[LayerKwargs]  # for the rows' length
 
 
 @dataclass
@@ -76,6 +89,7 @@ class Run:
     layers: nn.ModuleList
     ranks: dict[str, int]  # full module name -> rank, one per projection of fused experts
     tokens: TokenSets
+    tasks: list[EncodedTask]
     cache: ActivationCache
     manifest: RunManifest
     teacher: TeacherStore | None  # dense outputs kept across runs (``teacher_cache``)
@@ -128,7 +142,7 @@ def prepare(cfg: CompressConfig) -> Run:
     plan = plan_ranks(linear_shapes(layers, prefix), cfg.ranks, name_prefix=prefix[: -len("layers.")])
     ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
     log.info("%s", describe_plan(plan))
-    tokens = tokenize(cfg, model_dir, reader)
+    tokens, tasks = tokenize(cfg, model_dir, reader)
     params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
     hidden = reader.config.get_text_config().hidden_size
     shape = (len(tokens.calibration) + len(tokens.evaluation), tokens.calibration.shape[1], hidden)
@@ -151,6 +165,7 @@ def prepare(cfg: CompressConfig) -> Run:
         layers,
         ranks,
         tokens,
+        tasks,
         cache,
         manifest,
         teacher,
@@ -160,8 +175,8 @@ def prepare(cfg: CompressConfig) -> Run:
     return run
 
 
-def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> TokenSets:
-    """The calibration and held-out token windows of the configured text."""
+def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> tuple[TokenSets, list[EncodedTask]]:
+    """The calibration and held-out token windows of the configured text, and the tasks' token rows."""
     folder = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else model_dir
     if not any((folder / name).is_file() for name in TOKENIZER_FILES[:7]):
         raise UserInputError(
@@ -174,7 +189,8 @@ def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> 
         problem = f"the tokenizer in {folder} cannot be loaded ({first_line(err)})"
         raise UserInputError(f"{problem}: fix its files or give tokenizer=<folder>") from None
     documents = load_documents(cfg.data.source, cfg.data.text_column, cfg.data.split, cfg.data.subset)
-    return build_token_sets(
+    max_positions = getattr(reader.config, "max_position_embeddings", None)
+    tokens = build_token_sets(
         documents,
         tokenizer,
         num_sequences=cfg.data.num_sequences,
@@ -183,8 +199,13 @@ def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> 
         eval_fraction=cfg.data.eval_fraction,
         seed=cfg.seed,
         text_column=cfg.data.text_column,
-        max_positions=getattr(reader.config, "max_position_embeddings", None),
+        max_positions=max_positions,
     )
+    if not (cfg.evaluate and cfg.eval.tasks):
+        return tokens, []
+    held_out, _ = split_documents(len(documents), cfg.data.eval_fraction, torch.Generator().manual_seed(cfg.seed))  # as the windows
+    tasks = load_tasks(cfg.eval.tasks, documents, held_out, cfg.eval.task_examples, cfg.seed)
+    return tokens, [encode(task, tokenizer, bos_prefix(tokenizer), max_positions) for task in tasks]
 
 
 def open_outputs(
@@ -224,7 +245,12 @@ def embed_streams(run: Run) -> Streams:
     e = None
     if len(evaluation):
         e = embed(model, layers, evaluation, cfg.batch_size, out=run.cache.empty((*evaluation.shape, hidden), run.dtype))
-    return Streams(x, x, e, e, capture_inputs(model, layers, calib[:1])[1])
+    tasks = []
+    for task in run.tasks:
+        ids = task.input_ids.to(run.device)
+        t = embed(model, layers, ids, cfg.batch_size, out=run.cache.empty((*ids.shape, hidden), run.dtype))
+        tasks.append(TaskStream(task, ids, t, t, capture_inputs(model, layers, ids[:1])[1]))
+    return Streams(x, x, e, e, capture_inputs(model, layers, calib[:1])[1], tasks)
 
 
 def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, float]) -> LayerReport:
@@ -235,6 +261,8 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
     t = time.perf_counter()
     y = teacher_pass(run, layer, index, "calibration", s.x_teacher)
     eval_y = None if s.eval_teacher is None else teacher_pass(run, layer, index, "evaluation", s.eval_teacher)
+    overflow = partial(overflow_message, run, index, "dense")
+    task_y = [run_layer(layer, ts.teacher, ts.kwargs[index], run.cfg.batch_size, overflow=overflow) for ts in s.tasks]
     times["teacher"] = _elapsed(t)
     done = run.manifest.done(index)
     if done is not None:
@@ -253,6 +281,8 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
     if eval_y is not None:
         s.eval_student = advance(run, layer, index, s.eval_student, s.eval_teacher)
         s.eval_teacher = eval_y
+    for ts, ty in zip(s.tasks, task_y, strict=True):
+        ts.student, ts.teacher = advance(run, layer, index, ts.student, ts.teacher, ts.kwargs[index]), ty
     s.x_teacher = y
     times["student"] = _elapsed(t)
     if done is None:
@@ -300,12 +330,15 @@ def teacher_pass(run: Run, layer: nn.Module, index: int, stream: str, x: torch.T
     return out
 
 
-def advance(run: Run, layer: nn.Module, index: int, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The student stream one layer up: in place once it has its own buffer (after layer 0 it aliases the teacher's)."""
+def advance(
+    run: Run, layer: nn.Module, index: int, student: torch.Tensor, teacher: torch.Tensor, kwargs: LayerKwargs | None = None
+) -> torch.Tensor:
+    """A student stream one layer up: in place once it has its own buffer (after layer 0 it aliases the teacher's)."""
     assert run.streams is not None
     out = student if student is not teacher else run.cache.empty_like(student)
     overflow = partial(overflow_message, run, index, "compressed")
-    return run_layer(layer, student, run.streams.kwargs[index], run.cfg.batch_size, out=out, overflow=overflow)
+    kwargs = run.streams.kwargs[index] if kwargs is None else kwargs
+    return run_layer(layer, student, kwargs, run.cfg.batch_size, out=out, overflow=overflow)
 
 
 def finish(run: Run) -> RunReport:
@@ -324,6 +357,9 @@ def finish(run: Run) -> RunReport:
         dense = head_nll(run.model, run.layers, s.eval_teacher, evaluation)
         student = head_nll(run.model, run.layers, s.eval_student, evaluation)
         report.perplexity = Perplexity.of(dense, student, len(evaluation), cfg.data.seq_len)
+    for ts in s.tasks:
+        scores = [head_span_logprobs(run.model, run.layers, h, ts.ids, ts.task.spans) for h in (ts.teacher, ts.student)]
+        report.tasks.append({"task": ts.task.task.name, "dense": ts.task.score(scores[0]), "compressed": ts.task.score(scores[1])})
     if cfg.export_dense:
         dense_dir = out.with_name(out.name + "-dense")
         compressed.export_dense(out, dense_dir)

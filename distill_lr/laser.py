@@ -70,6 +70,16 @@ def weights(layer: nn.Module, module_type: str) -> dict[str, Tensor]:
     return found
 
 
+def all_weights(layer: nn.Module) -> dict[str, Tensor]:
+    """Every 2-D weight of a decoder layer: each linear's (and router's), each expert's gate, up and down (``mlp.experts.3.up``)."""
+    found = {
+        name: m.weight for name, m in layer.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 2
+    }
+    for module_type in _EXPERT_PARTS:
+        found.update({name: w for name, w in weights(layer, module_type).items() if name not in found})
+    return found
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """The SVD of one matrix, in float32, computed once and truncated at any k."""

@@ -118,10 +118,11 @@ class RunReport:
     seconds: float = 0.0
     teacher_cache: dict[str, Any] | None = None  # folder, files read and written
     perplexity: Perplexity | None = None
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # per task: its name, dense and compressed scores
     dense_export: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = _without_empty(self)
+        data = {k: v for k, v in _without_empty(self).items() if v != []}
         data["params"] = self.params.to_dict()
         data["layers"] = [layer.to_dict() for layer in self.layers]
         if self.perplexity is not None:
@@ -138,6 +139,9 @@ class RunReport:
         if self.perplexity is not None:
             ppl = self.perplexity
             rows.append((f"perplexity ({ppl.eval_tokens:,} held-out tokens)", f"{ppl.dense:.2f}", f"{ppl.compressed:.2f}"))
+        for task in self.tasks:
+            name = f"{task['task']} acc / acc_norm ({task['dense']['examples']} examples)"
+            rows.append((name, *(f"{task[k]['acc']:.3f} / {task[k]['acc_norm']:.3f}" for k in ("dense", "compressed"))))
         rows.append(("wall time", "", f"{self.seconds:.1f} s"))
         width = max(len(r[0]) for r in rows)
         cols = [max(len(r[i]) for r in rows + [("", "before", "after")]) for i in (1, 2)]

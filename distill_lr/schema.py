@@ -32,7 +32,21 @@ RUN_ONLY_FIELDS = (
     "cache_dir",
     "teacher_cache",
     "read_ahead",
+    "eval.tasks",
+    "eval.task_examples",
 )
+
+
+@dataclass
+class EvalConfig:
+    """Task accuracy before and after, computed layer by layer like the perplexity (see ``distill_lr.tasks``)."""
+
+    # builtin:wiki-lastword (held-out Wikipedia cloze) and/or .jsonl files of {prompt, choices, answer}
+    tasks: list[str] = field(default_factory=list)
+    task_examples: int = 200  # examples of the built-in task
+
+    def __post_init__(self) -> None:
+        check(self.task_examples > 0, f"eval.task_examples must be > 0, got {self.task_examples}")
 
 
 @dataclass
@@ -145,6 +159,7 @@ class CompressConfig:
     init: str = "whiten"  # initialisation of the factors for method=distill
     ranks: RankConfig = field(default_factory=RankConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU

@@ -168,3 +168,21 @@ def test_builtin_task_comes_from_held_out_documents_only() -> None:
     for example in task.examples:
         gold = example.choices[example.answer].strip()
         assert any(gold in docs[i] for i in held_out) and not any(f"banana{i}." in example.prompt for i in calibration)
+
+
+def test_compress_reports_task_accuracy_before_and_after(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    from conftest import run
+
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": e.prompt, "choices": list(e.choices), "answer": e.answer}) + "\n" for e in tiny_task().examples)
+    )
+    report = run(tiny_llama, corpus, tmp_path / "out", tokenizer=str(tiny_llama), **{"eval.tasks": f"[{path}]"})
+    (scores,) = report.tasks
+    m = opened(tiny_llama, load_task(path))
+    loader = LayerLoader(m.reader, m.layers, m.prefix, read_ahead=False)
+    dense = _dense_pass(m, loader, set())[0]["tasks"]["tiny"]
+    loader.close()
+    assert scores["task"] == "tiny" and scores["dense"] == dense and scores["compressed"]["examples"] == 3
+    assert "tiny acc / acc_norm (3 examples)" in report.summary_table()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["tasks"][0]["dense"] == dense
