@@ -180,3 +180,39 @@ def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
     """lm-eval's rule: the context's trailing spaces belong to the continuation."""
     spaces = len(context) - len(context.rstrip())
     return (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
+
+
+@torch.no_grad()
+def score_model(model: Any, encoded: EncodedTask, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``encoded``'s scores from a whole loaded model (``evaluate.py``; the compressor scores layer by layer instead)."""
+    sums = []
+    for row, (start, end) in enumerate(encoded.spans):
+        ids = encoded.input_ids[row : row + 1, :end].to(device)
+        positions = torch.arange(start - 1, end - 1, device=device)
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0].float()
+        sums.append(float(logits.log_softmax(-1).gather(-1, ids[0, start:end, None]).sum()))
+    return encoded.score(sums)
+
+
+def lm_eval_scores(
+    model: Any, tokenizer: Any, tasks: list[str], include_path: str | None = None, limit: int | None = None, batch_size: int = 8
+) -> dict[str, dict[str, float]]:
+    """lm-eval-harness's own scores of a loaded model (compressed, intervened or dense) on its task names.
+
+    ``include_path``: a folder of the user's task YAML files (e.g. a local JSON dataset), as lm-eval takes it.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserInputError("lm-eval is not installed: pip install lm-eval (or leave out --lm-eval)") from None
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    check(not unknown, f"lm-eval knows no task {unknown[0] if unknown else ''!r}: check the name, or give --include-path with its YAML")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
+    return {
+        task: {name.split(",")[0]: value for name, value in metrics.items() if isinstance(value, float) and "stderr" not in name}
+        for task, metrics in out["results"].items()
+    }

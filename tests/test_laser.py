@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run
 from transformers import AutoModelForCausalLM
 
 from distill_lr import laser
@@ -29,6 +30,13 @@ def tiny_task() -> Task:
             Example("w7", (" w8", " w9"), 1),
         ],
     )
+
+
+def write_task(path: Path) -> Path:
+    """``tiny_task`` as a JSON-lines file."""
+    rows = [{"prompt": e.prompt, "choices": list(e.choices), "answer": e.answer} for e in tiny_task().examples]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def opened(folder: Path, task: Task | None = None) -> Model:
@@ -171,12 +179,8 @@ def test_builtin_task_comes_from_held_out_documents_only() -> None:
 
 
 def test_compress_reports_task_accuracy_before_and_after(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
-    from conftest import run
 
-    path = tmp_path / "tiny.jsonl"
-    path.write_text(
-        "".join(json.dumps({"prompt": e.prompt, "choices": list(e.choices), "answer": e.answer}) + "\n" for e in tiny_task().examples)
-    )
+    path = write_task(tmp_path / "tiny.jsonl")
     report = run(tiny_llama, corpus, tmp_path / "out", tokenizer=str(tiny_llama), **{"eval.tasks": f"[{path}]"})
     (scores,) = report.tasks
     m = opened(tiny_llama, load_task(path))
@@ -186,3 +190,54 @@ def test_compress_reports_task_accuracy_before_and_after(tmp_path: Path, tiny_ll
     assert scores["task"] == "tiny" and scores["dense"] == dense and scores["compressed"]["examples"] == 3
     assert "tiny acc / acc_norm (3 examples)" in report.summary_table()
     assert json.loads((tmp_path / "out" / "report.json").read_text())["tasks"][0]["dense"] == dense
+
+
+LM_EVAL_TASK = """task: tiny_json
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_lm_eval_gives_our_scores_on_a_local_task(tmp_path: Path, tiny_llama: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from distill_lr.tasks import lm_eval_scores, score_model
+
+    path = write_task(tmp_path / "tiny.jsonl")
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "tiny_json.yaml").write_text(LM_EVAL_TASK.format(path=path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    theirs = lm_eval_scores(model, word_tokenizer(), ["tiny_json"], include_path=str(tmp_path / "yaml"), batch_size=1)["tiny_json"]
+    ours = score_model(model, encode(load_task(path), word_tokenizer(), []))
+    assert theirs["acc"] == pytest.approx(ours["acc"]) and theirs["acc_norm"] == pytest.approx(ours["acc_norm"])
+    with pytest.raises(UserInputError, match="lm-eval knows no task 'no_such_task'"):
+        lm_eval_scores(model, word_tokenizer(), ["no_such_task"])
+
+
+def test_evaluate_script_scores_a_compressed_folder_and_refuses_what_does_not_fit(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch, capsys
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parents[1] / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = write_task(tmp_path / "tiny.jsonl")
+    out = run(tiny_llama, corpus, tmp_path / "out", tokenizer=str(tiny_llama), **{"eval.tasks": f"[{path}]"})
+    assert module.main(["--model", out.output, "--tasks", str(path)]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads(printed[printed.index("\n{") + 1 :])
+    assert scores["tiny"] == out.tasks[0]["compressed"]  # the whole-model scorer agrees with the layer-by-layer one
+    monkeypatch.setattr(module.psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
+    assert module.main(["--model", out.output, "--tasks", str(path)]) == 2
+    assert "needs about" in capsys.readouterr().err
