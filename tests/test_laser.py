@@ -241,3 +241,25 @@ def test_evaluate_script_scores_a_compressed_folder_and_refuses_what_does_not_fi
     monkeypatch.setattr(module.psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
     assert module.main(["--model", out.output, "--tasks", str(path)]) == 2
     assert "needs about" in capsys.readouterr().err
+
+
+def test_the_laser_script_sweeps_plots_and_writes_the_best(tmp_path: Path, tiny_llama: Path, corpus: Path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("laser_script", Path(__file__).parents[1] / "scripts" / "laser.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    task = write_task(tmp_path / "tiny.jsonl")
+    common = ["--model", str(tiny_llama)]
+    sweep = ["sweep", "--layers", "1", "2", "--types", "q", "mlp_out", "--rhos", "0.5", "0.1", "--tasks", str(task), "--data", str(corpus)]
+    sweep += ["--eval-sequences", "4", "--seq-len", "16", "--out", str(tmp_path / "out"), "--write-best", str(tmp_path / "best")]
+    assert module.main(common + sweep) == 0
+    printed = capsys.readouterr().out
+    assert "best per module type (by acc)" in printed and "layer passes instead of" in printed
+    result = json.loads((tmp_path / "out" / "laser_sweep.json").read_text())
+    assert len(result["rows"]) == 8 and result["layer_forwards"] == 3 + 4 * 2 + 4 * 1
+    assert (tmp_path / "out" / "laser_sweep.png").stat().st_size > 0
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["distill_lr"]["method"] == "laser"
+    load_compressed(tmp_path / "best")
+    assert module.main(common + ["apply", "--layer", "9", "--types", "q", "--output", str(tmp_path / "x")]) == 2
+    assert "outside the model's 3 decoder layers" in capsys.readouterr().err
