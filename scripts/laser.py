@@ -16,6 +16,7 @@ to ``--out``. ``--write-best OUT`` writes the best one as a checkpoint that ``lo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -67,39 +68,41 @@ def table(result: SweepResult) -> str:
     return markdown_table(header, rows, align="rl" + "r" * (len(header) - 2))
 
 
-def heatmaps(result: SweepResult, path: Path) -> None:
-    """Per module type, layer × ρ coloured by the change in held-out loss (and in accuracy of the first task)."""
+def heatmaps(dense: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+    """Per module type, layer × ρ coloured by the change in held-out loss (and in accuracy of the first task), symmetric-log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import SymLogNorm
 
-    types = list(dict.fromkeys(r["type"] for r in result.rows))
-    layers = sorted({r["layer"] for r in result.rows})
-    values = sorted({r["value"] for r in result.rows}, reverse=True)
-    task = next(iter(result.dense.get("tasks", {})), None)
-    panels = [("Δ held-out loss", lambda r: r["loss"] - result.dense["loss"], "RdBu_r")]
+    types = list(dict.fromkeys(r["type"] for r in rows))
+    layers = sorted({r["layer"] for r in rows})
+    values = sorted({r["value"] for r in rows}, reverse=True)
+    task = next(iter(dense.get("tasks", {})), None)
+    panels = [("Δ held-out loss (nats)", lambda r: r["loss"] - dense["loss"], "RdBu_r", 0.01)]
     if task:
-        base_acc = result.dense["tasks"][task]["acc"]
-        panels.append((f"Δ {task} accuracy (points)", lambda r: 100 * (r["tasks"][task]["acc"] - base_acc), "RdBu"))
-    fig, axes = plt.subplots(len(panels), len(types), figsize=(2.6 * len(types) + 1, 3.2 * len(panels)), squeeze=False)
-    for row, (title, value_of, cmap) in enumerate(panels):
-        grid = torch.full((len(values), len(layers)), float("nan"))
-        cells = {(r["type"], r["value"], r["layer"]): value_of(r) for r in result.rows}
+        base_acc = dense["tasks"][task]["acc"]
+        panels.append((f"Δ {task} acc (points)", lambda r: 100 * (r["tasks"][task]["acc"] - base_acc), "RdBu", 1.0))
+    fig, axes = plt.subplots(len(panels), len(types), figsize=(2.4 * len(types) + 1.5, 2.8 * len(panels)), squeeze=False)
+    for row, (title, value_of, cmap, linear) in enumerate(panels):
+        cells = {(r["type"], r["value"], r["layer"]): value_of(r) for r in rows}
         limit = max(abs(v) for v in cells.values()) or 1.0
+        norm = SymLogNorm(linthresh=linear, vmin=-limit, vmax=limit)
         for col, t in enumerate(types):
+            grid = torch.full((len(values), len(layers)), float("nan"))
             for (kind, v, layer), change in cells.items():
                 if kind == t:
                     grid[values.index(v), layers.index(layer)] = change
             ax = axes[row][col]
-            image = ax.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
-            ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+            image = ax.imshow(grid.numpy(), cmap=cmap, norm=norm, aspect="auto")
+            ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
             ax.set_yticks(range(len(values)), [str(v) for v in values], fontsize=7)
-            ax.set_title(f"{t}: {title}", fontsize=8)
+            ax.set_title(t, fontsize=9)
             ax.set_xlabel("layer", fontsize=7)
-            if col == 0:
-                ax.set_ylabel("ρ (fraction of rank kept)", fontsize=7)
-        fig.colorbar(image, ax=list(axes[row]), shrink=0.8)
+        axes[row][0].set_ylabel(f"ρ kept\n{title}", fontsize=7)
+        fig.colorbar(image, ax=list(axes[row]), shrink=0.85, label=title)
+    fig.subplots_adjust(hspace=0.45)
     fig.savefig(path, dpi=120)
 
 
@@ -116,7 +119,7 @@ def sweep(args: argparse.Namespace) -> None:
     )
     text = table(result)
     (args.out / "laser_sweep.md").write_text(text + "\n")
-    heatmaps(result, args.out / "laser_sweep.png")
+    heatmaps(result.dense, result.rows, args.out / "laser_sweep.png")
     print(
         f"\n{args.model}: {n} layers, {device_name(m.device)}; dense loss {result.dense['loss']:.4f} (perplexity {result.dense['ppl']:.3f})"
     )
@@ -139,6 +142,11 @@ def sweep(args: argparse.Namespace) -> None:
         intervention = laser.Intervention(row["layer"], (row["type"],), row["value"], args.higher)
         report = laser.write_intervened(resolve_model_dir(args.model), args.write_best, intervention, overwrite=args.overwrite)
         print(f"wrote {intervention.name()} to {args.write_best} (parameter change {report['parameter_change']:+,})")
+
+
+def plot(args: argparse.Namespace) -> None:
+    saved = json.loads(args.sweep_json.read_text())
+    heatmaps(saved["dense"], saved["rows"], args.sweep_json.with_suffix(".png"))
 
 
 def apply(args: argparse.Namespace) -> None:
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--best-by", choices=["loss", "acc"], help="default: acc when there is a task, else loss")
     s.add_argument("--out", type=Path, default=Path("docs"), help="where laser_sweep.{json,md,png} go")
     s.add_argument("--write-best", help="write the best intervention as a checkpoint to this folder")
+    p = sub.add_parser("plot", help="redraw the heat-maps of a saved laser_sweep.json")
+    p.add_argument("sweep_json", type=Path)
     a = sub.add_parser("apply", help="one intervention, written as a checkpoint")
     a.add_argument("--layer", type=int, required=True)
     a.add_argument("--types", nargs="+", required=True)
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        (sweep if args.command == "sweep" else apply)(args)
+        {"sweep": sweep, "plot": plot, "apply": apply}[args.command](args)
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

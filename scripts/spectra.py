@@ -8,8 +8,8 @@ Per matrix (``distill_lr.spectra.metrics``): singular values, condition number, 
 rank, energy and nuclear-norm fraction at every rank, break-even rank, and the rank and parameters
 that keep 90 / 99% of the energy; the same for the activation-aware spectrum of W·S (S from the
 calibration inputs; linears only, experts not). Between consecutive layers, the shared-subspace ratio
-of each module type's right singular vectors. Writes ``spectra.json`` (every number) and PNG plots to
-``--out``. ``--compare`` contrasts two checkpoints of one architecture, or the model with a LoRA
+of each module type's right singular vectors. Writes ``spectra.json`` (every number), ``spectra.md``
+(the printed tables) and PNG plots to ``--out``. ``--compare`` contrasts two checkpoints of one architecture, or the model with a LoRA
 adapter merged (``W + scaling · B A``, scaling from the adapter's PEFT config); ``--sweep`` prints the
 Spearman correlation of each metric with a LASER sweep's per-layer change in loss and accuracy.
 """
@@ -142,7 +142,8 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
                 entry[name]["compare"] = compare(W, theirs[name], entry[name])
             if "experts" not in name:
                 if name in previous_v:
-                    result["shared_subspace"].setdefault(name, {})[index] = spectra.shared_subspace_ratio(previous_v[name], Vh.T)
+                    ratio = spectra.shared_subspace_ratio(previous_v[name], Vh.T, args.subspace_threshold)
+                    result["shared_subspace"].setdefault(name, {})[index] = ratio
                 previous_v[name] = Vh.T
         result["layers"].append(entry)
         layer.to("meta")
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=BUILTIN_TEXT)
     parser.add_argument("--compare", help="another checkpoint of the same architecture, or a PEFT LoRA adapter folder")
     parser.add_argument("--sweep", type=Path, help="laser_sweep.json of scripts/laser.py sweep on the same model")
+    parser.add_argument("--subspace-threshold", type=float, default=spectra.SUBSPACE_THRESHOLD, help="t of the shared-subspace ratio")
     args = parser.parse_args(argv)
     try:
         result = analyse(args)
@@ -307,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary(result))
+    text = [summary(result)]
+    print(text[0])
     if args.compare:
         changes = [(n, m["compare"]) for entry in result["layers"] for n, m in entry.items() if "compare" in m]
         moved = sorted(changes, key=lambda c: -c[1]["weight_change"])[:8]
@@ -322,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             (c["type"], c["value"], c["metric"], f"{c['vs_loss']:+.2f}", f"{c.get('vs_acc', math.nan):+.2f}")
             for c in result["sweep_correlations"]
         ]
-        print("\nSpearman correlation over the swept layers of each metric with the change in loss / accuracy:")
-        print(markdown_table(("type", "ρ", "metric", "vs Δ loss", "vs Δ acc"), cells, align="llrrr"))
+        text.append(markdown_table(("type", "ρ", "metric", "vs Δ loss", "vs Δ acc"), cells, align="llrrr"))
+        print("\nSpearman correlation over the swept layers of each metric with the change in loss / accuracy (nan: a constant metric):")
+        print(text[-1])
+    (args.out / "spectra.md").write_text("\n\n".join(text) + "\n")
     print(f"\nspectra.json and plots in {args.out}")
     return 0
 
