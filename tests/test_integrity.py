@@ -274,3 +274,10 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_bytes(tmp_path: Path, tin
     assert layer_bytes(tmp_path / "out") == layer_bytes(Path(unbroken.output))
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["complete"]
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # the killed write's temporary file too
+
+
+def test_written_files_have_the_usual_permissions(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    out = Path(run(tiny_llama, corpus, tmp_path / "out").output)
+    (tmp_path / "plain").write_text("x")
+    usual = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: usual for p in out.iterdir()}

@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,9 +30,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
     Unique, so two runs that share a folder (a teacher cache) never write to one temporary file.
     """
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:12]}.tmp")  # created by its writer, with the usual permissions
     try:
         yield tmp
         with tmp.open("rb") as fh:
