@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = resolve_model_dir(args.model)
         model = load(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=model.config)  # a compressed folder's config is the base one
         documents = load_documents(args.data) if BUILTIN_TASK in args.tasks else None
         held_out = split_documents(len(documents), 0.1, torch.Generator().manual_seed(0))[0] if documents is not None else None
         results = {}
