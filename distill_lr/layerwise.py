@@ -209,11 +209,16 @@ def head_span_logprobs(
     """
     sums = []
     for row, (start, end) in enumerate(spans):
-        ids = input_ids[row : row + 1, :end]
-        hidden = final_hidden[row : row + 1, :end].to(ids.device)
+        hidden = final_hidden[row : row + 1, :end].to(input_ids.device)
         actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
-        positions = torch.arange(start - 1, end - 1, device=ids.device)
         with _stand_ins(layers, actions):
-            logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0].float()
-        sums.append(float(logits.log_softmax(-1).gather(-1, ids[0, start:end, None]).sum()))
+            sums.append(span_logprob(model, input_ids[row], start, end))
     return sums
+
+
+def span_logprob(model: nn.Module, ids: torch.Tensor, start: int, end: int) -> float:
+    """``Σ log p(ids[t] | ids[:t])`` for t in [start, end), from one forward of ``ids[:end]`` with only those positions' logits."""
+    row = ids[None, :end]
+    positions = torch.arange(start - 1, end - 1, device=ids.device)
+    logits = model(input_ids=row, use_cache=False, logits_to_keep=positions).logits[0].float()
+    return float(logits.log_softmax(-1).gather(-1, row[0, start:end, None]).sum())

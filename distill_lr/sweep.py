@@ -160,14 +160,15 @@ def _from_layer(
     return [m.metrics(hidden) for hidden in streams]
 
 
+def badness(row: dict[str, Any], by: str) -> float:
+    """What a sweep minimises: the held-out loss (``by="loss"``), or minus the accuracy of the first task (``"acc"``)."""
+    return row["loss"] if by == "loss" else -next(iter(row["tasks"].values()))["acc"]
+
+
 def best_per_type(result: SweepResult, by: str) -> dict[str, dict[str, Any]]:
-    """The best intervention of each module type: lowest held-out loss (``by="loss"``) or highest accuracy of the first task."""
-
-    def score(row: dict[str, Any]) -> float:
-        return row["loss"] if by == "loss" else -next(iter(row["tasks"].values()))["acc"]
-
+    """The best intervention of each module type (see ``badness``)."""
     best: dict[str, dict[str, Any]] = {}
     for row in result.rows:
-        if row["type"] not in best or score(row) < score(best[row["type"]]):
+        if row["type"] not in best or badness(row, by) < badness(best[row["type"]], by):
             best[row["type"]] = row
     return best

@@ -23,6 +23,7 @@ import torch
 
 from distill_lr.builtin import BUILTIN_TEXT
 from distill_lr.errors import UserInputError, check
+from distill_lr.layerwise import span_logprob
 
 if TYPE_CHECKING:
     import datasets
@@ -185,13 +186,8 @@ def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
 @torch.no_grad()
 def score_model(model: Any, encoded: EncodedTask, device: torch.device | str = "cpu") -> dict[str, Any]:
     """``encoded``'s scores from a whole loaded model (``evaluate.py``; the compressor scores layer by layer instead)."""
-    sums = []
-    for row, (start, end) in enumerate(encoded.spans):
-        ids = encoded.input_ids[row : row + 1, :end].to(device)
-        positions = torch.arange(start - 1, end - 1, device=device)
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0].float()
-        sums.append(float(logits.log_softmax(-1).gather(-1, ids[0, start:end, None]).sum()))
-    return encoded.score(sums)
+    ids = encoded.input_ids.to(device)
+    return encoded.score([span_logprob(model, ids[row], start, end) for row, (start, end) in enumerate(encoded.spans)])
 
 
 def lm_eval_scores(

@@ -29,7 +29,7 @@ from distill_lr.bench import device_name, markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
 from distill_lr.data import bos_prefix, build_token_sets, load_documents, split_documents
 from distill_lr.errors import UserInputError
-from distill_lr.sweep import Model, SweepResult, best_per_type, run_sweep
+from distill_lr.sweep import Model, SweepResult, badness, best_per_type, run_sweep
 from distill_lr.tasks import BUILTIN_TASK, encode, load_tasks
 
 DEFAULT_LAYERS = "every 4th"
@@ -138,7 +138,7 @@ def sweep(args: argparse.Namespace) -> None:
         f"{result.seconds_per_layer_forward:.3f} s a pass, heads and SVDs included)"
     )
     if args.write_best:
-        row = min(result.rows, key=lambda r: r["loss"] if by == "loss" else -next(iter(r["tasks"].values()))["acc"])
+        row = min(result.rows, key=lambda r: badness(r, by))
         intervention = laser.Intervention(row["layer"], (row["type"],), row["value"], args.higher)
         report = laser.write_intervened(resolve_model_dir(args.model), args.write_best, intervention, overwrite=args.overwrite)
         print(f"wrote {intervention.name()} to {args.write_best} (parameter change {report['parameter_change']:+,})")
