@@ -81,7 +81,6 @@ class Run:
     device: torch.device
     dtype: torch.dtype  # compute
     save_dtype: torch.dtype
-    model_dir: Path
     out: Path
     reader: CheckpointReader
     model: PreTrainedModel  # on meta but for the embeddings, final norm and head
@@ -126,13 +125,7 @@ def compress(cfg: CompressConfig) -> RunReport:
 
 def prepare(cfg: CompressConfig) -> Run:
     """Everything before the first layer: input, rank plan, text, caches, output folder, embeddings."""
-    device = resolve_device(cfg.device)
-    method = get_method(cfg)
-    model_dir = resolve_model_dir(cfg.model)
-    reader = CheckpointReader(model_dir)
-    out = Path(cfg.output).expanduser()
-    apart = {"the input folder": model_dir, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
-    files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
+    device, method, reader, out = open_input(cfg)
     dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
     torch.manual_seed(cfg.seed)
@@ -142,22 +135,19 @@ def prepare(cfg: CompressConfig) -> Run:
     plan = plan_ranks(linear_shapes(layers, prefix), cfg.ranks, name_prefix=prefix[: -len("layers.")])
     ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
     log.info("%s", describe_plan(plan))
-    tokens, tasks = tokenize(cfg, model_dir, reader)
+    tokens, tasks = tokenize(cfg, reader.folder, reader)
     params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
-    hidden = reader.config.get_text_config().hidden_size
-    shape = (len(tokens.calibration) + len(tokens.evaluation), tokens.calibration.shape[1], hidden)
-    cache = plan_cache(cfg, shape, layers, device, dtype, out)
+    rows = [tokens.calibration, tokens.evaluation, *(task.input_ids for task in tasks)]
+    cache = plan_cache(cfg, sum(ids.numel() for ids in rows), reader.config.get_text_config().hidden_size, layers, (device, dtype), out)
     teacher, manifest = open_outputs(cfg, reader, out, cache, params.model_after * save_dtype.itemsize, tokens, (device, dtype))
-    report = RunReport(
-        cfg.to_dict(), str(model_dir), str(out), params, {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
-    )
+    placement = {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
+    report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement)
     run = Run(
         cfg,
         method,
         device,
         dtype,
         save_dtype,
-        model_dir,
         out,
         reader,
         model,
@@ -173,6 +163,17 @@ def prepare(cfg: CompressConfig) -> Run:
     )
     run.streams = embed_streams(run)
     return run
+
+
+def open_input(cfg: CompressConfig) -> tuple[torch.device, Method, CheckpointReader, Path]:
+    """The device, the method, the input checkpoint and the output folder, checked before anything is read or written."""
+    device = resolve_device(cfg.device)
+    method = get_method(cfg)
+    reader = CheckpointReader(resolve_model_dir(cfg.model))
+    out = Path(cfg.output).expanduser()
+    apart = {"the input folder": reader.folder, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
+    files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
+    return device, method, reader, out
 
 
 def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> tuple[TokenSets, list[EncodedTask]]:
@@ -346,7 +347,7 @@ def finish(run: Run) -> RunReport:
     cfg, out, report, s = run.cfg, run.out, run.report, run.streams
     assert s is not None
     compressed.write_index(out, [OTHER_FILE] + [layer_file(i) for i in range(len(run.layers))])
-    compressed.copy_side_files(run.model_dir, out)
+    compressed.copy_side_files(run.reader.folder, out)
     compressed.write_compressed_config(run.reader.config, out, run.ranks, run.save_dtype, run.method.info)
     run.manifest.mark_complete()
     report.seconds = round(time.perf_counter() - run.start, 1)
@@ -405,10 +406,11 @@ def resolve_dtype(name: str, auto: torch.dtype) -> torch.dtype:
 
 
 def plan_cache(
-    cfg: CompressConfig, shape: tuple[int, int, int], layers: nn.ModuleList, device: torch.device, dtype: torch.dtype, out: Path
+    cfg: CompressConfig, tokens: int, hidden: int, layers: nn.ModuleList, compute: tuple[torch.device, torch.dtype], out: Path
 ) -> ActivationCache:
-    """Place the activation caches (``shape``: all sequences, seq_len, hidden) where ``cache`` says, or from the free memory."""
-    need = cache_bytes(*shape, dtype)
+    """Place the activation caches (``tokens`` of all streams: calibration, evaluation, tasks) where ``cache`` says, or by free memory."""
+    device, dtype = compute
+    need = cache_bytes(tokens, 1, hidden, dtype)
     layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * dtype.itemsize
     placement = choose_placement(cfg.cache, need, device, layer_bytes)
     log.info("activation caches: %.2f GiB at their peak, on %s", need / 2**30, placement)
