@@ -343,9 +343,11 @@ def advance(
 
 
 def finish(run: Run) -> RunReport:
-    """After the last layer: index, side files and config (the folder is then complete), evaluation, report."""
+    """After the last layer: the method's stages, then index, side files and config (the folder is complete), evaluation, report."""
     cfg, out, report, s = run.cfg, run.out, run.report, run.streams
     assert s is not None
+    for stage in run.method.stages:
+        stage.run(run)
     compressed.write_index(out, [OTHER_FILE] + [layer_file(i) for i in range(len(run.layers))])
     compressed.copy_side_files(run.reader.folder, out)
     compressed.write_compressed_config(run.reader.config, out, run.ranks, run.save_dtype, run.method.info)

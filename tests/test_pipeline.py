@@ -234,3 +234,25 @@ def test_without_remote_code_a_compressed_folder_does_not_load(tmp_path: Path, t
         with pytest.raises(ValueError, match="trust_remote_code"):
             load(out)
     assert type(AutoConfig.from_pretrained(out, trust_remote_code=True)).__name__ == "LlamaConfig"
+
+
+def test_a_methods_stages_run_after_the_layers_and_before_the_folder_is_complete(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch
+) -> None:
+    from distill_lr import methods
+    from distill_lr.methods.base import Factorize, Method, RunStage
+
+    seen = []
+
+    class Look(RunStage):
+        name = "look"
+
+        def run(self, run) -> None:
+            seen.append((sorted(p.name for p in run.out.glob("model-layer-*")), (run.out / "config.json").exists()))
+
+    monkeypatch.setitem(
+        methods.REGISTRY, "svd-and-look", lambda cfg: Method("svd-and-look", (Factorize("svd"),), {"method": "svd"}, (Look(),))
+    )
+    report = run(tiny_llama, corpus, tmp_path / "out", method="svd-and-look")
+    assert seen == [([f"model-layer-0000{i}.safetensors" for i in range(3)], False)]
+    assert (Path(report.output) / "config.json").exists()

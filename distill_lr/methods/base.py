@@ -12,7 +12,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from distill_lr import moe
 from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import LayerKwargs
 from distill_lr.modeling.hf_modeling import apply_low_rank_
-from distill_lr.report import LayerReport
+from distill_lr.report import LayerReport, RunReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import collect_stats
 
@@ -70,13 +71,35 @@ class Factorize(LayerStep):
         factorize_layer_(layer, ranks, self.init, stats)
 
 
+class FinishedLayers(Protocol):
+    """What a stage after the layer loop sees of the run (``driver.Run``): the files and the streams at the top."""
+
+    cfg: CompressConfig
+    out: Path  # the output folder: every layer file is written and in the manifest
+    model: nn.Module  # the skeleton with embeddings, final norm and head materialised
+    layers: nn.ModuleList  # on meta again
+    report: RunReport
+
+
+class RunStage(ABC):
+    """A stage after the layer loop, before the folder is made complete (index and ``config.json``): an
+    end-to-end training of all factors, say, that rewrites the layer files it changes."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def run(self, run: FinishedLayers) -> None:
+        """Do the stage; record what it did in ``run.report``."""
+
+
 @dataclass(frozen=True)
 class Method:
-    """A named sequence of per-layer steps; ``info`` is what the compressed ``config.json`` records of it."""
+    """A named sequence of per-layer steps, then stages after the loop; ``info`` is what ``config.json`` records of it."""
 
     name: str
     steps: tuple[LayerStep, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[RunStage, ...] = ()
 
     def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int]) -> None:
         """Give a dense layer the modules its saved state fills (the same as loading the checkpoint does)."""
