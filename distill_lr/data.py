@@ -178,6 +178,11 @@ def split_documents(n_docs: int, eval_fraction: float, generator: torch.Generato
     return order[:n_eval], order[n_eval:]
 
 
+def held_out_documents(n_docs: int, eval_fraction: float, seed: int) -> list[int]:
+    """The documents ``build_token_sets`` holds out with the same ``eval_fraction`` and ``seed`` (the built-in task's)."""
+    return split_documents(n_docs, eval_fraction, torch.Generator().manual_seed(seed))[0]
+
+
 def _check_sizes(num_sequences: int, seq_len: int, eval_sequences: int, max_positions: int | None) -> None:
     check(num_sequences > 0, f"data.num_sequences must be > 0, got {num_sequences}: set the number of calibration windows")
     check(seq_len > 1, f"data.seq_len must be > 1, got {seq_len}: set the window length in tokens")

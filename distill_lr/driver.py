@@ -32,10 +32,10 @@ from distill_lr import moe
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.cache import ActivationCache, TeacherStore, cache_bytes, choose_placement
 from distill_lr.checkpoint import compressed, files
-from distill_lr.checkpoint.layout import OTHER_FILE, TOKENIZER_FILES, layer_file
+from distill_lr.checkpoint.layout import TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, install_state_, load_non_layer_
-from distill_lr.data import TokenSets, bos_prefix, build_token_sets, load_documents, split_documents
+from distill_lr.data import TokenSets, bos_prefix, build_token_sets, held_out_documents, load_documents
 from distill_lr.errors import UserInputError, first_line
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, relative_error, run_layer
 from distill_lr.methods import get_method
@@ -204,7 +204,7 @@ def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> 
     )
     if not (cfg.evaluate and cfg.eval.tasks):
         return tokens, []
-    held_out, _ = split_documents(len(documents), cfg.data.eval_fraction, torch.Generator().manual_seed(cfg.seed))  # as the windows
+    held_out = held_out_documents(len(documents), cfg.data.eval_fraction, cfg.seed)
     tasks = load_tasks(cfg.eval.tasks, documents, held_out, cfg.eval.task_examples, cfg.seed)
     return tokens, [encode(task, tokenizer, bos_prefix(tokenizer), max_positions) for task in tasks]
 
@@ -238,9 +238,7 @@ def embed_streams(run: Run) -> Streams:
     """Write the non-layer weights, then embed the calibration and evaluation tokens: the layer-0 inputs."""
     cfg, model, layers, hidden = run.cfg, run.model, run.layers, run.reader.config.get_text_config().hidden_size
     load_non_layer_(model, run.reader, run.prefix, run.device, run.dtype)
-    other = [k for k in model.state_dict() if not k.startswith(run.prefix) and k in run.reader.tensors]
-    digest = files.save_tensors_atomic({k: v.to(run.save_dtype) for k, v in run.reader.read(other).items()}, run.out / OTHER_FILE)
-    run.manifest.record_other(OTHER_FILE, digest)
+    compressed.write_non_layer(run.reader, model, run.prefix, run.out, run.save_dtype, run.manifest)
     calib, evaluation = run.tokens.calibration.to(run.device), run.tokens.evaluation.to(run.device)
     x = embed(model, layers, calib, cfg.batch_size, out=run.cache.empty((*calib.shape, hidden), run.dtype))
     e = None
@@ -348,10 +346,7 @@ def finish(run: Run) -> RunReport:
     assert s is not None
     for stage in run.method.stages:
         stage.run(run)
-    compressed.write_index(out, [OTHER_FILE] + [layer_file(i) for i in range(len(run.layers))])
-    compressed.copy_side_files(run.reader.folder, out)
-    compressed.write_compressed_config(run.reader.config, out, run.ranks, run.save_dtype, run.method.info)
-    run.manifest.mark_complete()
+    compressed.complete_folder(out, run.reader, len(run.layers), run.ranks, run.save_dtype, run.method.info, run.manifest)
     report.seconds = round(time.perf_counter() - run.start, 1)
     if run.teacher is not None:
         report.teacher_cache = {"folder": str(run.teacher.folder), "files_read": run.teacher.read, "files_written": run.teacher.written}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from distill_lr.checkpoint import compressed, files
-from distill_lr.checkpoint.layout import OTHER_FILE, layer_file
+from distill_lr.checkpoint.layout import layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers
 from distill_lr.errors import check
@@ -172,8 +172,7 @@ def write_intervened(model_dir: str | Path, output: str | Path, intervention: In
     check(bool(matched), f"{intervention.name()} matches no matrix of this model: check the module types")
     settings = {"laser": {"layer": intervention.layer, "types": list(intervention.types), "value": intervention.value}}
     manifest = RunManifest(out, {**settings, "higher": intervention.higher}, reader.fingerprint(), overwrite)
-    other = [k for k in model.state_dict() if not k.startswith(prefix) and k in reader.tensors]
-    manifest.record_other(OTHER_FILE, files.save_tensors_atomic(reader.read(other), out / OTHER_FILE))
+    compressed.write_non_layer(reader, model, prefix, out, reader.dtype, manifest)
     loader = LayerLoader(reader, layers, prefix)
     stored: dict[str, dict[str, Any]] = {}
     try:
@@ -187,11 +186,8 @@ def write_intervened(model_dir: str | Path, output: str | Path, intervention: In
     finally:
         loader.close()
     ranks = {name: info["rank"] for name, info in stored.items() if info["stored"] == "factorised"}
-    compressed.write_index(out, [OTHER_FILE] + [layer_file(i) for i in range(len(layers))])
-    compressed.copy_side_files(reader.folder, out)
     info = {"method": "laser", "intervention": {**settings["laser"], "higher": intervention.higher}}
-    compressed.write_compressed_config(reader.config, out, ranks, reader.dtype, info)
-    manifest.mark_complete()
+    compressed.complete_folder(out, reader, len(layers), ranks, reader.dtype, info, manifest)
     change = sum(s["params"] - s["dense_params"] for s in stored.values())
     report = {"intervention": intervention.name(), "matrices": stored, "parameter_change": change}
     files.write_json_atomic(report, out / "report.json")

@@ -23,7 +23,7 @@ import torch
 from distill_lr.builtin import BUILTIN_TEXT, resolve_model_dir
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.files import human_bytes
-from distill_lr.data import bos_prefix, load_documents, split_documents
+from distill_lr.data import bos_prefix, held_out_documents, load_documents
 from distill_lr.errors import UserInputError, check
 from distill_lr.tasks import BUILTIN_TASK, encode, lm_eval_scores, load_tasks, score_model
 
@@ -33,7 +33,8 @@ def load(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    dtype = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
+    config = json.loads((folder / "config.json").read_text())
+    dtype = config.get("dtype", "float32")
     need = stored * (1 if dtype == "float32" else 2) * 1.2  # float32 copies, plus headroom for activations
     available = psutil.virtual_memory().available
     check(
@@ -41,7 +42,7 @@ def load(folder: Path) -> torch.nn.Module:
         f"{folder} needs about {human_bytes(need)} of memory loaded whole in float32, {human_bytes(available)} is available: "
         "score the tasks layer by layer with compress.py eval.tasks=[...] instead",
     )
-    if "distill_lr" in json.loads((folder / "config.json").read_text()):
+    if "distill_lr" in config:
         return load_compressed(folder, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, config=model.config)  # a compressed folder's config is the base one
         documents = load_documents(args.data) if BUILTIN_TASK in args.tasks else None
-        held_out = split_documents(len(documents), 0.1, torch.Generator().manual_seed(0))[0] if documents is not None else None
+        held_out = held_out_documents(len(documents), 0.1, 0) if documents is not None else None
         results = {}
         for task in load_tasks(args.tasks, documents, held_out, args.task_examples):
             score = results[task.name] = score_model(model, encode(task, tokenizer, bos_prefix(tokenizer)))

@@ -27,7 +27,7 @@ import torch
 from distill_lr import laser
 from distill_lr.bench import device_name, markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
-from distill_lr.data import bos_prefix, build_token_sets, load_documents, split_documents
+from distill_lr.data import bos_prefix, build_token_sets, held_out_documents, load_documents
 from distill_lr.errors import UserInputError
 from distill_lr.sweep import Model, SweepResult, badness, best_per_type, run_sweep
 from distill_lr.tasks import BUILTIN_TASK, encode, load_tasks
@@ -49,7 +49,7 @@ def open_model(args: argparse.Namespace) -> Model:
         documents, tokenizer, num_sequences=1, seq_len=args.seq_len, eval_sequences=args.eval_sequences, eval_fraction=0.1, seed=0
     )
     m.add_stream("text", tokens.evaluation)
-    held_out, _ = split_documents(len(documents), 0.1, torch.Generator().manual_seed(0))  # as build_token_sets splits them
+    held_out = held_out_documents(len(documents), 0.1, 0)  # as build_token_sets above holds them out
     for task in load_tasks(args.tasks, documents, held_out, n_examples=args.task_examples):
         encoded = encode(task, tokenizer, bos_prefix(tokenizer))
         m.add_stream(task.name, encoded.input_ids, encoded)

@@ -19,8 +19,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from distill_lr.checkpoint.files import check_apart, file_sha256, save_tensors_atomic, write_json_atomic
-from distill_lr.checkpoint.layout import CODE_FILES, EXPORT_MARKER, INDEX_NAME, MANIFEST_NAME, TOKENIZER_FILES
-from distill_lr.checkpoint.reader import read_header
+from distill_lr.checkpoint.layout import CODE_FILES, EXPORT_MARKER, INDEX_NAME, MANIFEST_NAME, OTHER_FILE, TOKENIZER_FILES, layer_file
+from distill_lr.checkpoint.manifest import RunManifest
+from distill_lr.checkpoint.reader import CheckpointReader, read_header
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
 from distill_lr.modeling.lowrank import LowRankExperts
@@ -29,6 +30,29 @@ from distill_lr.modeling.lowrank import LowRankExperts
 def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A compressed layer's tensors as its file holds them: full names, floating ones in ``dtype``, on the host."""
     return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+
+
+def write_non_layer(reader: CheckpointReader, model: nn.Module, prefix: str, out: Path, dtype: torch.dtype, manifest: RunManifest) -> None:
+    """The embeddings, final norm and head, read from the checkpoint into ``OTHER_FILE`` in ``dtype``; its hash into the manifest."""
+    names = [k for k in model.state_dict() if not k.startswith(prefix) and k in reader.tensors]
+    digest = save_tensors_atomic({k: v.to(dtype) for k, v in reader.read(names).items()}, out / OTHER_FILE)
+    manifest.record_other(OTHER_FILE, digest)
+
+
+def complete_folder(
+    out: Path,
+    reader: CheckpointReader,
+    n_layers: int,
+    ranks: dict[str, int],
+    dtype: torch.dtype,
+    info: dict[str, Any],
+    manifest: RunManifest,
+) -> None:
+    """Once every layer file is written: the index, the side files and ``config.json`` (the folder is then complete)."""
+    write_index(out, [OTHER_FILE] + [layer_file(i) for i in range(n_layers)])
+    copy_side_files(reader.folder, out)
+    write_compressed_config(reader.config, out, ranks, dtype, info)
+    manifest.mark_complete()
 
 
 def copy_side_files(src: Path, dst: Path, modeling: bool = True) -> None:
