@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
-from distill_lr import moe
+from distill_lr import moe, prepass
+from distill_lr.allocation import kept_fractions
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.cache import ActivationCache, TeacherStore, cache_bytes, choose_placement
 from distill_lr.checkpoint import compressed, files
@@ -38,10 +39,10 @@ from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_sk
 from distill_lr.data import TokenSets, bos_prefix, build_token_sets, held_out_documents, load_documents
 from distill_lr.errors import UserInputError, first_line
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, relative_error, run_layer
-from distill_lr.methods import get_method
+from distill_lr.methods import e2e, get_method
 from distill_lr.methods.base import LayerWork, Method
-from distill_lr.ranks import layer_ranks, linear_shapes, plan_ranks
-from distill_lr.report import LayerReport, ParamSummary, Perplexity, RunReport, describe_plan
+from distill_lr.ranks import RankPlan, free_matrices, layer_index, layer_ranks, linear_shapes, needs_prepass, plan_ranks
+from distill_lr.report import LayerReport, ParamSummary, Perplexity, RunReport, describe_kept, describe_plan
 from distill_lr.schema import CompressConfig
 from distill_lr.tasks import EncodedTask, encode, load_tasks
 
@@ -124,7 +125,8 @@ def compress(cfg: CompressConfig) -> RunReport:
 
 
 def prepare(cfg: CompressConfig) -> Run:
-    """Everything before the first layer: input, rank plan, text, caches, output folder, embeddings."""
+    """Everything before the first layer: input, text, rank plan, caches, output folder, embeddings."""
+    start = time.perf_counter()
     device, method, reader, out = open_input(cfg)
     dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
@@ -132,16 +134,17 @@ def prepare(cfg: CompressConfig) -> Run:
     model = build_skeleton(reader.config)
     prefix, layers = decoder_layers(model)
     reader.check({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})  # before any work, not at layer i
-    plan = plan_ranks(linear_shapes(layers, prefix), cfg.ranks, name_prefix=prefix[: -len("layers.")])
-    ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
-    log.info("%s", describe_plan(plan))
     tokens, tasks = tokenize(cfg, reader.folder, reader)
+    load_non_layer_(model, reader, prefix, device, dtype)
+    plan, allocated = plan_layers(cfg, reader, model, (prefix, layers), tokens, (device, dtype), out)
+    ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
     params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
     rows = [tokens.calibration, tokens.evaluation, *(task.input_ids for task in tasks)]
     cache = plan_cache(cfg, sum(ids.numel() for ids in rows), reader.config.get_text_config().hidden_size, layers, (device, dtype), out)
     teacher, manifest = open_outputs(cfg, reader, out, cache, params.model_after * save_dtype.itemsize, tokens, (device, dtype))
     placement = {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
-    report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement)
+    manifest.record_plan(plan.ranks)
+    report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement, allocation=allocated)
     run = Run(
         cfg,
         method,
@@ -160,7 +163,11 @@ def prepare(cfg: CompressConfig) -> Run:
         manifest,
         teacher,
         report,
+        start=start,
     )
+    e2e.check_folder(manifest, cfg)
+    for stage in method.stages:
+        stage.check(run)
     run.streams = embed_streams(run)
     return run
 
@@ -174,6 +181,37 @@ def open_input(cfg: CompressConfig) -> tuple[torch.device, Method, CheckpointRea
     apart = {"the input folder": reader.folder, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
     files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
     return device, method, reader, out
+
+
+def plan_layers(
+    cfg: CompressConfig,
+    reader: CheckpointReader,
+    model: PreTrainedModel,
+    stack: tuple[str, nn.ModuleList],
+    tokens: TokenSets,
+    compute: tuple[torch.device, torch.dtype],
+    out: Path,
+) -> tuple[RankPlan, dict[str, Any]]:
+    """The rank plan, after the loss-aware pre-pass when the allocation needs one (a resumed run reuses its plan), and its record."""
+    (prefix, layers), name_prefix = stack, stack[0][: -len("layers.")]
+    shapes = linear_shapes(layers, prefix)
+    record: dict[str, Any] = {"allocation": cfg.ranks.allocation if cfg.ranks.target is not None else "rules"}
+    saved = RunManifest.saved_plan(out, cfg.result_fingerprint(), cfg.overwrite) if needs_prepass(cfg.ranks) else None
+    if saved is not None:
+        plan = RankPlan(ranks=saved, shapes=shapes)
+        record["reused"] = True
+    elif needs_prepass(cfg.ranks):
+        ids = tokens.calibration[: cfg.ranks.allocation_sequences]
+        free = free_matrices(shapes, cfg.ranks, name_prefix)
+        overflow = partial(overflow_message, compute[1])
+        sensitivity = prepass.measure(model, reader, prefix, layers, free, ids, compute, cfg.batch_size, overflow)
+        plan = plan_ranks(shapes, cfg.ranks, name_prefix, sensitivity)
+        record |= {"prepass_seconds": sensitivity.seconds, "prepass_sequences": sensitivity.sequences}
+    else:
+        plan = plan_ranks(shapes, cfg.ranks, name_prefix)
+    record["kept"] = kept_fractions(shapes, plan.ranks, {n: layer_index(n[len(name_prefix) :]) for n in shapes})
+    log.info("%s\n%s", describe_plan(plan), describe_kept(record["kept"]))
+    return plan, record
 
 
 def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> tuple[TokenSets, list[EncodedTask]]:
@@ -235,9 +273,8 @@ def open_outputs(
 
 
 def embed_streams(run: Run) -> Streams:
-    """Write the non-layer weights, then embed the calibration and evaluation tokens: the layer-0 inputs."""
+    """Write the non-layer weights (materialised by ``prepare``), then embed the calibration and evaluation tokens: the layer-0 inputs."""
     cfg, model, layers, hidden = run.cfg, run.model, run.layers, run.reader.config.get_text_config().hidden_size
-    load_non_layer_(model, run.reader, run.prefix, run.device, run.dtype)
     compressed.write_non_layer(run.reader, model, run.prefix, run.out, run.save_dtype, run.manifest)
     calib, evaluation = run.tokens.calibration.to(run.device), run.tokens.evaluation.to(run.device)
     x = embed(model, layers, calib, cfg.batch_size, out=run.cache.empty((*calib.shape, hidden), run.dtype))
@@ -260,7 +297,7 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
     t = time.perf_counter()
     y = teacher_pass(run, layer, index, "calibration", s.x_teacher)
     eval_y = None if s.eval_teacher is None else teacher_pass(run, layer, index, "evaluation", s.eval_teacher)
-    overflow = partial(overflow_message, run, index, "dense")
+    overflow = partial(overflow_message, run.dtype, index, "dense")
     task_y = [run_layer(layer, ts.teacher, ts.kwargs[index], run.cfg.batch_size, overflow=overflow) for ts in s.tasks]
     times["teacher"] = _elapsed(t)
     done = run.manifest.done(index)
@@ -322,7 +359,7 @@ def teacher_pass(run: Run, layer: nn.Module, index: int, stream: str, x: torch.T
     out = run.cache.empty_like(x)
     if run.teacher is not None and run.teacher.load_into(index, stream, out):
         return out
-    overflow = partial(overflow_message, run, index, "dense")
+    overflow = partial(overflow_message, run.dtype, index, "dense")
     run_layer(layer, x, run.streams.kwargs[index], run.cfg.batch_size, out=out, overflow=overflow)
     if run.teacher is not None:  # read-only from here on: the writer may copy it while the next steps run
         run.writer.submit(partial(run.teacher.save, index, stream, out))
@@ -335,7 +372,7 @@ def advance(
     """A student stream one layer up: in place once it has its own buffer (after layer 0 it aliases the teacher's)."""
     assert run.streams is not None
     out = student if student is not teacher else run.cache.empty_like(student)
-    overflow = partial(overflow_message, run, index, "compressed")
+    overflow = partial(overflow_message, run.dtype, index, "compressed")
     kwargs = run.streams.kwargs[index] if kwargs is None else kwargs
     return run_layer(layer, student, kwargs, run.cfg.batch_size, out=out, overflow=overflow)
 
@@ -346,7 +383,8 @@ def finish(run: Run) -> RunReport:
     assert s is not None
     for stage in run.method.stages:
         stage.run(run)
-    compressed.complete_folder(out, run.reader, len(run.layers), run.ranks, run.save_dtype, run.method.info, run.manifest)
+    info = {**run.method.info, "allocation": report.allocation}
+    compressed.complete_folder(out, run.reader, len(run.layers), run.ranks, run.save_dtype, info, run.manifest)
     report.seconds = round(time.perf_counter() - run.start, 1)
     if run.teacher is not None:
         report.teacher_cache = {"folder": str(run.teacher.folder), "files_read": run.teacher.read, "files_written": run.teacher.written}
@@ -366,10 +404,10 @@ def finish(run: Run) -> RunReport:
     return report
 
 
-def overflow_message(run: Run, index: int, which: str) -> str:
+def overflow_message(compute_dtype: torch.dtype, index: int, which: str) -> str:
     """What to say when decoder layer ``index``'s dense or compressed outputs are not finite, for the dtype in use."""
-    dtype = str(run.dtype).removeprefix("torch.")
-    if run.dtype == torch.float32:
+    dtype = str(compute_dtype).removeprefix("torch.")
+    if compute_dtype == torch.float32:
         advice = "that is not a rounding overflow: check the checkpoint's weights and the calibration text"
     else:
         advice = f"the layer overflows {dtype}: run with dtype=float32"

@@ -190,6 +190,26 @@ def whiten_factors(W: Tensor, rank: int, stats: Moments, damping: float = 1e-6) 
     return A.float(), B.float()
 
 
+def whitened_spectrum(W: Tensor, stats: Moments) -> Tensor:
+    """σ² of ``W S`` (``S Sᵀ = E[x xᵀ]``), largest first, float64: ``Σ_{i>r} σ_i²`` is the output error
+    ``E‖(W − W_r) x‖²`` of the best rank-r pair over the calibration inputs (what ``whiten`` truncates).
+
+    No damping is needed: the eigenvalues of ``W M Wᵀ`` (out ≤ in) or of ``Lᵀ Wᵀ W L`` (``M = L Lᵀ``) are these σ².
+    """
+    W64 = W.detach().double()
+    moment = stats.second_moment().to(W64.device)
+    if stats.of_outputs:
+        values = torch.linalg.eigvalsh(moment)
+    elif W64.shape[0] <= W64.shape[1]:
+        values = torch.linalg.eigvalsh(W64 @ moment @ W64.T)
+    else:
+        eigenvalues, Q = torch.linalg.eigh(moment)
+        L = Q * eigenvalues.clamp(min=0).sqrt()
+        WL = W64 @ L
+        values = torch.linalg.eigvalsh(WL.T @ WL)
+    return values.flip(0).clamp(min=0)
+
+
 def balance_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """Rescale each rank-one term ``b_i a_iᵀ`` of ``B @ A`` so that ``‖a_i‖ = ‖b_i‖``; the product is unchanged.
 

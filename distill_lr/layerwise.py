@@ -198,6 +198,29 @@ def head_nll(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor
     return total, count
 
 
+def head_loss_gradient(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """∂L/∂h of the mean next-token loss over all sequences w.r.t. the last layer's outputs, via the model's own head."""
+    grads = torch.empty_like(final_hidden)
+    tokens = input_ids.numel() - len(input_ids)
+    for i in range(len(input_ids)):
+        hidden = final_hidden[i : i + 1].to(input_ids.device).detach().requires_grad_()
+        actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
+        with _stand_ins(layers, actions), torch.enable_grad():
+            ids = input_ids[i : i + 1]
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[1] - 1) / tokens
+            (grad,) = torch.autograd.grad(loss, hidden)
+        grads[i : i + 1] = grad.to(grads.dtype)
+    return grads
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits from given last-layer outputs (its final norm, head and any soft-capping), for a batch."""
+    actions = [lambda _h, _k, h=final_hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
+    with _stand_ins(layers, actions):
+        return model(input_ids=input_ids, use_cache=False).logits
+
+
 @torch.no_grad()
 def head_span_logprobs(
     model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int]]

@@ -50,6 +50,13 @@ def expert_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def expert_group(name: str) -> str:
+    """``<experts>.<projection>`` for an expert's projection (``...experts.3.down_proj``), else the name itself."""
+    head, _, projection = name.rpartition(".")
+    path, _, index = head.rpartition(".")
+    return f"{path}.{projection}" if projection in EXPERT_PROJECTIONS and index.isdigit() else name
+
+
 def module_ranks(ranks: dict[str, int], experts: dict[str, nn.Module]) -> dict[str, int]:
     """The plan's per-expert ranks as the modules hold them: one rank per projection of each experts module.
 

@@ -11,12 +11,17 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from distill_lr import moe
-from distill_lr.errors import UserInputError
+from distill_lr import allocation, moe
+from distill_lr.allocation import Budget, kept
+from distill_lr.errors import UserInputError, check
 from distill_lr.factorize import break_even_rank
+from distill_lr.prepass import Sensitivity
 from distill_lr.schema import RankConfig
+
+BUDGET_TOLERANCE = 0.005  # the automatic allocations meet ranks.target within half a percentage point
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -89,19 +94,66 @@ def _rank_for_fraction(keep: float, out_f: int, in_f: int) -> int:
     return max(1, round(keep * break_even_rank(out_f, in_f)))
 
 
-def plan_ranks(shapes: dict[str, tuple[int, int]], cfg: RankConfig, name_prefix: str = "") -> RankPlan:
-    """Resolve rules (last match wins), spread ``target`` over the rest, drop unprofitable ranks.
+def plan_ranks(
+    shapes: dict[str, tuple[int, int]], cfg: RankConfig, name_prefix: str = "", sensitivity: Sensitivity | None = None
+) -> RankPlan:
+    """Resolve rules (last match wins), spread ``target`` over the rest by ``cfg.allocation``, drop unprofitable ranks.
 
     ``shapes`` maps full module names to (out, in); patterns are matched against the names with
-    ``name_prefix`` (``model.``) removed, so rules read ``layers.3.mlp.down_proj``.
+    ``name_prefix`` (``model.``) removed, so rules read ``layers.3.mlp.down_proj``. The loss-aware
+    allocation needs the pre-pass's ``sensitivity`` of the free matrices (``needs_prepass``).
     """
     short = {n: n[len(name_prefix) :] if n.startswith(name_prefix) else n for n in shapes}
+    fixed = _fixed_by_rules(shapes, cfg, short)
+    candidates = {n: s for n, s in shapes.items() if not any(matches(p, short[n]) for p in cfg.exclude)}
+    free = {n: s for n, s in candidates.items() if n not in fixed}
+    ranks = {n: r for n, r in fixed.items() if r is not None}
+    if cfg.target is not None and free:
+        dense_total = sum(o * i for o, i in shapes.values())
+        kept_elsewhere = sum(kept(s, fixed.get(n)) for n, s in shapes.items() if n not in free)
+        budget = (1.0 - cfg.target) * dense_total - kept_elsewhere
+        if budget <= 0.0:
+            raise UserInputError(
+                f"ranks.target={cfg.target} cannot be reached: the rules and exclusions already keep "
+                f"{kept_elsewhere / dense_total:.1%} of the parameters; lower the target or the rules' ranks"
+            )
+        if cfg.allocation == "uniform":
+            keep = min(budget / sum(o * i for o, i in free.values()), 1.0)
+            ranks |= {name: _rank_for_fraction(keep, out_f, in_f) for name, (out_f, in_f) in free.items()}
+        else:
+            ranks |= _allocate(free, cfg, Budget(int(budget), cfg.floor, cfg.rank_multiple), short, sensitivity)
+            removed = 1.0 - (kept_elsewhere + sum(kept(s, ranks.get(n)) for n, s in free.items())) / dense_total
+            check(
+                abs(removed - cfg.target) <= BUDGET_TOLERANCE,
+                f"ranks.allocation={cfg.allocation} removes {removed:.1%}, not ranks.target={cfg.target:.1%}: "
+                f"every matrix keeps ranks.floor={cfg.floor} of its parameters; lower ranks.floor or raise the target",
+            )
+    return RankPlan(
+        ranks=dict(sorted(_profitable(ranks, shapes, cfg.rank_multiple).items(), key=lambda kv: _natural_key(kv[0]))), shapes=shapes
+    )
+
+
+def needs_prepass(cfg: RankConfig) -> bool:
+    """Whether the plan needs ``prepass.measure`` first (the loss-aware allocation of a target)."""
+    return cfg.target is not None and cfg.allocation == "loss-aware"
+
+
+def free_matrices(shapes: dict[str, tuple[int, int]], cfg: RankConfig, name_prefix: str = "") -> set[str]:
+    """The matrices the target is spread over: neither excluded nor set by a rule (what the pre-pass measures)."""
+    short = {n: n[len(name_prefix) :] if n.startswith(name_prefix) else n for n in shapes}
+    excluded = {n for n in shapes if any(matches(p, short[n]) for p in cfg.exclude)}
+    return {n for n in shapes if n not in excluded and not any(matches(p, short[n]) for p in cfg.rules)}
+
+
+def _fixed_by_rules(shapes: dict[str, tuple[int, int]], cfg: RankConfig, short: dict[str, str]) -> dict[str, int | None]:
+    """The modules a rule sets: their rank, or None when a 'skip' rule keeps them dense."""
     for pattern in cfg.rules:
         if not any(matches(pattern, n) for n in short.values()):
-            warnings.warn(f"rank rule '{pattern}' matches no linear of this model", stacklevel=2)
-    candidates = {n: s for n, s in shapes.items() if not any(matches(p, short[n]) for p in cfg.exclude)}
-    fixed: dict[str, int | None] = {}  # None: kept dense by a 'skip' rule
-    for name, (out_f, in_f) in candidates.items():
+            warnings.warn(f"rank rule '{pattern}' matches no linear of this model", stacklevel=3)
+    fixed: dict[str, int | None] = {}
+    for name, (out_f, in_f) in shapes.items():
+        if any(matches(p, short[name]) for p in cfg.exclude):
+            continue
         value = None
         for pattern, rule in cfg.rules.items():
             if matches(pattern, short[name]):
@@ -116,38 +168,53 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], cfg: RankConfig, name_prefix:
             if value > min(out_f, in_f):
                 raise UserInputError(f"rank {value} for {name} is above min(out, in) = {min(out_f, in_f)}: lower the rule's rank")
             fixed[name] = value
-    free = {n: s for n, s in candidates.items() if n not in fixed}
-    ranks = {n: r for n, r in fixed.items() if r is not None}
-    if cfg.target is not None and free:
-        dense_total = sum(o * i for o, i in shapes.values())
-        kept_fixed = sum(o * i if fixed[n] is None else fixed[n] * (o + i) for n, (o, i) in shapes.items() if n in fixed)
-        kept_fixed += sum(o * i for n, (o, i) in shapes.items() if n not in candidates)
-        free_total = sum(o * i for o, i in free.values())
-        keep = ((1.0 - cfg.target) * dense_total - kept_fixed) / free_total
-        if keep <= 0.0:
-            raise UserInputError(
-                f"ranks.target={cfg.target} cannot be reached: the rules and exclusions already keep "
-                f"{kept_fixed / dense_total:.1%} of the parameters; lower the target or the rules' ranks"
-            )
-        for name, (out_f, in_f) in free.items():
-            ranks[name] = _rank_for_fraction(min(keep, 1.0), out_f, in_f)
-    kept_dense = []
-    for name in list(ranks):
-        out_f, in_f = shapes[name]
-        r = ranks[name]
-        if cfg.rank_multiple > 1 and r >= cfg.rank_multiple:
-            r = r // cfg.rank_multiple * cfg.rank_multiple
-        ranks[name] = r
-        if r >= break_even_rank(out_f, in_f):
+    return fixed
+
+
+def _allocate(
+    free: dict[str, tuple[int, int]], cfg: RankConfig, budget: Budget, short: dict[str, str], sensitivity: Sensitivity | None
+) -> dict[str, int]:
+    """The bottom or loss-aware ranks of the free matrices (dense ones left out).
+
+    The experts of one MoE layer share a rank per projection (``moe.module_ranks``): each such group is
+    allocated as one unit of ``(out, in, copies)``, its spectrum the sum of its experts'.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in sorted(free):
+        groups.setdefault(moe.expert_group(name), []).append(name)
+    shapes = {g: (*free[members[0]], len(members)) for g, members in groups.items()}
+    if cfg.allocation == "bottom":
+        chosen = allocation.bottom(shapes, {g: layer_index(short[m[0]]) for g, m in groups.items()}, budget, cfg.bottom_step)
+    else:
+        if sensitivity is None:
+            raise ValueError("the loss-aware allocation needs the pre-pass's measurements (prepass.measure)")
+        spectra = {g: torch.stack([sensitivity.spectra[n] for n in members]).sum(0) for g, members in groups.items()}
+        chosen = allocation.loss_aware(shapes, spectra, {g: sensitivity.weights[m[0]] for g, m in groups.items()}, budget)
+    return {n: chosen[g] for g, members in groups.items() for n in members if chosen[g] is not None}
+
+
+def layer_index(short_name: str) -> int:
+    """The decoder layer of a module name relative to the stack (``layers.3.mlp.down_proj`` -> 3)."""
+    return next(int(s) for s in short_name.split(".") if s.isdigit())
+
+
+def _profitable(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], multiple: int) -> dict[str, int]:
+    """Ranks rounded down to ``multiple``; those at or above the break-even rank dropped (the matrix stays dense), with a warning."""
+    kept_dense, out = [], {}
+    for name, r in ranks.items():
+        if multiple > 1 and r >= multiple:
+            r = r // multiple * multiple
+        if r >= break_even_rank(*shapes[name]):
             kept_dense.append(name)
-            del ranks[name]
+        else:
+            out[name] = r
     if kept_dense:
         warnings.warn(
             f"{len(kept_dense)} linear(s) stay dense because their rank is at or above the break-even rank "
             f"m*n/(m+n), where factors save nothing (e.g. {kept_dense[0]})",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return RankPlan(ranks=dict(sorted(ranks.items(), key=lambda kv: _natural_key(kv[0]))), shapes=shapes)
+    return out
 
 
 def _natural_key(name: str) -> list[object]:

@@ -68,6 +68,7 @@ class ParamSummary:
     model_before: int
     model_after: int
     compressed_linears: int
+    factor_params: int = 0  # in the factor pairs: what an end-to-end stage trains
     counted: str = "weights of the decoder layers' linear projections (no embeddings, norms, head or biases)"
 
     @classmethod
@@ -79,6 +80,7 @@ class ParamSummary:
             model_before=model_params,
             model_after=model_params - (plan.dense_params - plan.kept_params),
             compressed_linears=len(plan.ranks),
+            factor_params=sum(r * sum(plan.shapes[n]) for n, r in plan.ranks.items()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +121,8 @@ class RunReport:
     teacher_cache: dict[str, Any] | None = None  # folder, files read and written
     perplexity: Perplexity | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)  # per task: its name, dense and compressed scores
+    allocation: dict[str, Any] | None = None  # how the ranks were chosen, and the kept fraction per layer and module
+    e2e: dict[str, Any] | None = None  # the end-to-end stage: steps, held-out KL before and after, its curve
     dense_export: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,3 +161,14 @@ def describe_plan(plan: RankPlan) -> str:
         f"rank plan: {len(plan.ranks)} of {len(plan.shapes)} decoder linears low-rank; decoder-linear weights "
         f"{plan.dense_params:,} -> {plan.kept_params:,} ({plan.removed_fraction:.1%} removed; embeddings, norms and head not counted)"
     )
+
+
+def describe_kept(kept: dict[str, dict[str, float]]) -> str:
+    """The plan per layer and module as a table of kept parameter fractions (1 = dense)."""
+    modules = list(dict.fromkeys(m for row in kept.values() for m in row))
+    short = [m.removeprefix("self_attn.").removeprefix("mlp.").removeprefix("block_sparse_moe.") for m in modules]
+    width = max(6, *(len(s) for s in short)) if short else 6
+    lines = ["kept fraction of each matrix's parameters:", "layer " + " ".join(f"{s:>{width}}" for s in short)]
+    for layer, row in kept.items():
+        lines.append(f"{layer:>5} " + " ".join(f"{row[m]:>{width}.2f}" if m in row else " " * width for m in modules))
+    return "\n".join(lines)

@@ -7,9 +7,10 @@ name is checked there, against the method registry, which itself builds on this 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from distill_lr.allocation import ALLOCATIONS
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT
 from distill_lr.cache import PLACEMENTS
 from distill_lr.errors import check
@@ -73,9 +74,15 @@ class DataConfig:
 class RankConfig:
     """Which linears become low-rank, and at which rank (see ``distill_lr.ranks``)."""
 
-    # Fraction of the decoder layers' linear parameters to remove, spread uniformly over the
-    # modules that no rule sets; null: only the rules apply.
+    # Fraction of the decoder layers' linear parameters to remove from the modules that no rule sets;
+    # null: only the rules apply.
     target: float | None = 0.2
+    # How `target` is spread (distill_lr.allocation): loss-aware (a streamed pre-pass estimates each matrix's
+    # damage to the model's loss), uniform (the same kept fraction everywhere) or bottom (Lillama's greedy baseline).
+    allocation: str = "loss-aware"
+    floor: float = 0.1  # loss-aware and bottom: every matrix keeps at least this fraction of its parameters
+    bottom_step: float = 0.1  # bottom: kept fraction lowered per step, layer by layer from the first
+    allocation_sequences: int = 16  # calibration sequences of the loss-aware pre-pass
     # pattern -> int rank | float fraction of the matrix's parameters to keep | "skip".
     # Patterns match dotted module names segment by segment: "*" one segment, "**" any number,
     # "0-3" a layer range. When several rules match, the last one wins.
@@ -90,6 +97,10 @@ class RankConfig:
     def __post_init__(self) -> None:
         if self.target is not None:
             check(0.0 < self.target < 1.0, f"ranks.target must be in (0, 1) or null, got {self.target}")
+        check(self.allocation in ALLOCATIONS, f"ranks.allocation '{self.allocation}' is unknown: use one of {ALLOCATIONS}")
+        check(0.0 < self.floor < 1.0, f"ranks.floor must be in (0, 1), got {self.floor}")
+        check(0.0 < self.bottom_step < 1.0, f"ranks.bottom_step must be in (0, 1), got {self.bottom_step}")
+        check(self.allocation_sequences > 0, f"ranks.allocation_sequences must be > 0, got {self.allocation_sequences}")
         check(self.rank_multiple >= 1, f"ranks.rank_multiple must be >= 1, got {self.rank_multiple}")
         check(self.min_expert_tokens >= 1, f"ranks.min_expert_tokens must be >= 1, got {self.min_expert_tokens}")
         for pattern, value in self.rules.items():
@@ -149,6 +160,46 @@ class TrainConfig:
 
 
 @dataclass
+class E2EConfig:
+    """The end-to-end stage after the layer-wise pass (``distill_lr.e2e``): every factor of the whole model trained
+    together on KL to the dense model's next-token distribution over the calibration set."""
+
+    enabled: bool = False
+    epochs: int = 1
+    max_steps: int | None = None  # caps epochs
+    batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 1  # sequences per forward/backward (gradients accumulate)
+    lr: float = 1e-3  # relative to each factor's RMS, as train.lr with train.relative_lr
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    holdout_fraction: float = 0.0625  # calibration sequences held out to pick the best factors and stop early
+    evals_per_epoch: int = 4  # also how often a resumable state is saved
+    patience: int = 2
+    divergence_factor: float = 10.0  # roll back to the best factors when a step's loss exceeds this multiple of the first
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: far less memory
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, f"e2e.epochs must be > 0, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps > 0, f"e2e.max_steps must be > 0 or null, got {self.max_steps}")
+        check(self.batch_size > 0, f"e2e.batch_size must be > 0, got {self.batch_size}")
+        micro_ok = 0 < self.micro_batch_size <= self.batch_size
+        check(micro_ok, f"e2e.micro_batch_size must be in [1, e2e.batch_size], got {self.micro_batch_size}")
+        check(self.lr > 0, f"e2e.lr must be > 0, got {self.lr}")
+        check(0.0 <= self.warmup_fraction < 1.0, f"e2e.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, f"e2e.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(0.0 < self.holdout_fraction < 1.0, f"e2e.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        check(self.evals_per_epoch > 0, f"e2e.evals_per_epoch must be > 0, got {self.evals_per_epoch}")
+        check(self.patience > 0, f"e2e.patience must be > 0, got {self.patience}")
+        check(self.divergence_factor > 1.0, f"e2e.divergence_factor must be > 1, got {self.divergence_factor}")
+
+
+# The stage's settings do not decide the layer-wise files: a finished run may get the stage later. The stage
+# records the settings it ran with in the manifest and refuses a folder trained with others (distill_lr.e2e).
+RUN_ONLY_FIELDS += tuple(f"e2e.{f.name}" for f in fields(E2EConfig))
+
+
+@dataclass
 class CompressConfig:
     """One compression run: input checkpoint, output folder, method, ranks, data, training."""
 
@@ -161,6 +212,7 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU
     save_dtype: str = "auto"  # dtype of the saved tensors: auto = the input checkpoint's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,14 +15,21 @@ from distill_lr.moments import Moments, records_outputs
 
 
 def collect_stats(
-    layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int
+    layer: nn.Module,
+    names: list[str],
+    inputs: torch.Tensor,
+    kwargs: LayerKwargs,
+    batch_size: int,
+    out: torch.Tensor | None = None,
+    overflow: Callable[[], str] | None = None,
 ) -> tuple[dict[str, Any], moe.Routing]:
     """Moments of the named modules over the calibration inputs (for ``pca`` and ``whiten``), and the MoE routing.
 
     A linear gets one ``Moments`` of its inputs (one object for linears that read the same tensor, as
     q/k/v do), or of its outputs when it has fewer (``moments.records_outputs``: the smaller moment holds
     all pca/whiten need); an expert projection one per expert, over the tokens routed to it.
-    The layer runs only when there is something to record.
+    The layer runs only when there is something to record, or when its outputs are wanted in ``out``
+    (checked by ``overflow`` as in ``run_layer``).
     """
     modules = dict(layer.named_modules())
     device = layer_device(layer)  # the statistics live where the layer computes, wherever the caches are
@@ -44,6 +52,6 @@ def collect_stats(
     hooks = [modules[n].register_forward_hook(lambda _m, args, out, n=n: record(n, args[0], out)) for n in linears]
     experts = [n for n in names if n not in linears]
     with hooks_removed([*hooks, shared.hook]), moe.record_routing(layer, experts, device) as routing:
-        if names or any(isinstance(m, LowRankExperts) for m in modules.values()):
-            run_layer(layer, inputs, kwargs, batch_size)
+        if names or out is not None or any(isinstance(m, LowRankExperts) for m in modules.values()):
+            run_layer(layer, inputs, kwargs, batch_size, out=out, overflow=overflow)
     return stats | routing.stats, routing

@@ -96,7 +96,8 @@ def test_per_expert_and_fused_checkpoints_load_alike(tmp_path: Path, tiny_mixtra
 )
 def test_compress_load_generate_and_export(tmp_path: Path, corpus: Path, kind: str, rules: dict) -> None:
     model = save_tiny(tmp_path / kind, kind)
-    report = run(model, corpus, tmp_path / "out", export_dense=True, save_dtype="float32", **{"ranks.rules": json.dumps(rules)})
+    overrides = {"ranks.rules": json.dumps(rules), "ranks.allocation": "uniform"}  # every free matrix low-rank
+    report = run(model, corpus, tmp_path / "out", export_dense=True, save_dtype="float32", **overrides)
     out = Path(report.output)
     ranks = json.loads((out / "config.json").read_text())["distill_lr"]["ranks"]
     assert "model.layers.0.mlp.experts.up_proj" in ranks and not any(".experts.0." in n for n in ranks)
@@ -148,7 +149,8 @@ def test_experts_that_copy_one_mlp_compress_like_the_dense_model(tmp_path: Path,
     """
     dense_dir = save_tiny(tmp_path / "mistral", "mistral")
     moe_dir = copies_of_one_mlp(dense_dir, tmp_path / "mixtral", top_k)
-    dense, moe = (run(d, corpus, tmp_path / f"out-{d.name}", method=method) for d in (dense_dir, moe_dir))
+    uniform = {"ranks.allocation": "uniform"}  # the same ranks for both (loss-aware prices E expert copies differently)
+    dense, moe = (run(d, corpus, tmp_path / f"out-{d.name}", method=method, **uniform) for d in (dense_dir, moe_dir))
     dense_ranks, moe_ranks = (json.loads((Path(r.output) / "config.json").read_text())["distill_lr"]["ranks"] for r in (dense, moe))
     assert moe_ranks == {n.replace(".mlp.", ".mlp.experts."): r for n, r in dense_ranks.items()}
     for a, b in zip(dense.layers, moe.layers, strict=True):

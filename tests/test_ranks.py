@@ -30,7 +30,7 @@ def test_patterns() -> None:
 
 
 def test_uniform_target_is_met_and_router_stays_dense() -> None:
-    plan = plan_ranks(shapes(), RankConfig(target=0.3), name_prefix="model.")
+    plan = plan_ranks(shapes(), RankConfig(target=0.3, allocation="uniform"), name_prefix="model.")
     assert abs(plan.removed_fraction - 0.3) < 0.02
     assert not any(n.endswith(".gate") for n in plan.ranks)
     assert plan.for_layer("model.layers.2.").keys() == {"self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"}
@@ -38,7 +38,7 @@ def test_uniform_target_is_met_and_router_stays_dense() -> None:
 
 def test_rules_last_match_wins_and_target_spreads_over_the_rest() -> None:
     rules = {"layers.*.mlp.down_proj": 40, "layers.0.mlp.down_proj": "skip", "layers.*.self_attn.k_proj": 0.5}
-    plan = plan_ranks(shapes(), RankConfig(target=0.3, rules=rules), name_prefix="model.")
+    plan = plan_ranks(shapes(), RankConfig(target=0.3, rules=rules, allocation="uniform"), name_prefix="model.")
     assert "model.layers.0.mlp.down_proj" not in plan.ranks
     assert plan.ranks["model.layers.1.mlp.down_proj"] == 40
     assert plan.ranks["model.layers.1.self_attn.k_proj"] == round(0.5 * break_even_rank(32, 64))
@@ -59,14 +59,14 @@ def test_rank_at_break_even_stays_dense_with_warning() -> None:
 
 def test_rule_matching_nothing_warns() -> None:
     with pytest.warns(UserWarning, match="matches no linear"):
-        plan_ranks(shapes(), RankConfig(target=0.2, rules={"layers.*.mlp.up_proj": 8}), name_prefix="model.")
+        plan_ranks(shapes(), RankConfig(target=0.2, rules={"layers.*.mlp.up_proj": 8}, allocation="uniform"), name_prefix="model.")
 
 
 def test_unreachable_target_is_an_error() -> None:
     with pytest.raises(UserInputError, match="cannot be reached"):
-        plan_ranks(shapes(), RankConfig(target=0.9, rules={"layers.*.mlp.down_proj": "skip"}), name_prefix="model.")
+        plan_ranks(shapes(), RankConfig(target=0.9, rules={"layers.*.mlp.down_proj": "skip"}, allocation="uniform"), name_prefix="model.")
 
 
 def test_rank_multiple_rounds_down() -> None:
-    plan = plan_ranks(shapes(), RankConfig(target=0.3, rank_multiple=8), name_prefix="model.")
+    plan = plan_ranks(shapes(), RankConfig(target=0.3, rank_multiple=8, allocation="uniform"), name_prefix="model.")
     assert all(r % 8 == 0 for r in plan.ranks.values())

@@ -27,7 +27,8 @@ def layer_file(index: int) -> str:
 
 MANIFEST_NAME = "distill_lr_manifest.json"
 EXPORT_MARKER = "distill_lr_export.json"  # in a dense export: the files it wrote
-_RUN_FILES = {OTHER_FILE, INDEX_NAME, MANIFEST_NAME, "config.json", "report.json", *CODE_FILES, *TOKENIZER_FILES}
+E2E_STATE = "distill_lr_e2e_state.pt"  # the end-to-end stage's resumable state, removed once the stage is done
+_RUN_FILES = {OTHER_FILE, INDEX_NAME, MANIFEST_NAME, E2E_STATE, "config.json", "report.json", *CODE_FILES, *TOKENIZER_FILES}
 _RUN_PATTERN = re.compile(r"model-layer-\d{5}\.safetensors")
 
 

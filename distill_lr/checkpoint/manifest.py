@@ -32,6 +32,8 @@ class RunManifest:
         elif old is not None:
             self._check_same_run(old, settings, input_fingerprint)
             self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
+            if "stages" in old and len(self.data["layers"]) == len(old["layers"]):  # a recomputed layer undoes the stages
+                self.data["stages"] = old["stages"]
             self._clear(temporary_only=True)  # what a killed run was writing
         elif self.path.is_file():  # unreadable, and overwrite=true
             self._clear()
@@ -94,8 +96,35 @@ class RunManifest:
                 stacklevel=2,
             )
             del self.data["layers"][str(index)]
+            self.data.pop("stages", None)  # the layer is computed again: a stage after the loop must run again too
             return None
         return entry
+
+    @staticmethod
+    def saved_plan(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, int] | None:
+        """The rank plan an earlier run of the same settings recorded in ``folder``: a resumed run keeps its layers' ranks."""
+        path = folder / MANIFEST_NAME
+        try:
+            old = json.loads(path.read_text()) if path.is_file() and not overwrite else None
+        except (ValueError, OSError):
+            return None  # the constructor reports the unreadable manifest
+        if not isinstance(old, dict) or old.get("settings") != settings or not isinstance(old.get("plan"), dict):
+            return None
+        return old["plan"]
+
+    def record_plan(self, ranks: dict[str, int]) -> None:
+        """The ranks of this run, so that a resumed run needs no pre-pass to find them again."""
+        self.data["plan"] = ranks
+        self.save()
+
+    def record_stage(self, name: str, settings: dict[str, Any], report: dict[str, Any]) -> None:
+        """A stage after the layer loop has rewritten the layer files it changed, with these settings."""
+        self.data.setdefault("stages", {})[name] = {"settings": settings, "report": report}
+        self.save()
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        """The entry ``record_stage`` left: the stage's settings and report, or None when it has not run here."""
+        return self.data.get("stages", {}).get(name)
 
     def record_other(self, file: str, sha256: str) -> None:
         """The hash of the non-layer weights' file, for ``load_compressed`` to verify."""

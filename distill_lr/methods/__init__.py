@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from distill_lr.errors import check
 from distill_lr.methods import distill, pca, svd, whiten
 from distill_lr.methods.base import Method
+from distill_lr.methods.e2e import EndToEnd
 from distill_lr.schema import CompressConfig
 
 REGISTRY: dict[str, Callable[[CompressConfig], Method]] = {
@@ -20,4 +22,7 @@ REGISTRY: dict[str, Callable[[CompressConfig], Method]] = {
 def get_method(cfg: CompressConfig) -> Method:
     """The method ``cfg.method`` names, built for this config."""
     check(cfg.method in REGISTRY, f"method '{cfg.method}' is unknown: use one of {tuple(REGISTRY)}")
-    return REGISTRY[cfg.method](cfg)
+    method = REGISTRY[cfg.method](cfg)
+    if cfg.e2e.enabled:  # any method's layers may be trained end to end afterwards
+        method = replace(method, stages=(*method.stages, EndToEnd()), info={**method.info, "e2e": True})
+    return method

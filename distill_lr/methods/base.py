@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 from distill_lr import moe
+from distill_lr.cache import ActivationCache
+from distill_lr.checkpoint.manifest import RunManifest
+from distill_lr.checkpoint.reader import CheckpointReader
+from distill_lr.data import TokenSets
 from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import LayerKwargs
 from distill_lr.modeling.hf_modeling import apply_low_rank_
@@ -75,10 +79,20 @@ class FinishedLayers(Protocol):
     """What a stage after the layer loop sees of the run (``driver.Run``): the files and the streams at the top."""
 
     cfg: CompressConfig
+    method: Method
+    device: torch.device
+    dtype: torch.dtype  # compute
+    save_dtype: torch.dtype
     out: Path  # the output folder: every layer file is written and in the manifest
+    reader: CheckpointReader
     model: nn.Module  # the skeleton with embeddings, final norm and head materialised
-    layers: nn.ModuleList  # on meta again
+    prefix: str  # of the decoder layers' names
+    layers: nn.ModuleList  # on meta again, with their compressed modules
+    tokens: TokenSets
+    cache: ActivationCache
+    manifest: RunManifest
     report: RunReport
+    streams: Any  # driver.Streams: the teacher and student streams after the last layer
 
 
 class RunStage(ABC):
@@ -86,6 +100,9 @@ class RunStage(ABC):
     end-to-end training of all factors, say, that rewrites the layer files it changes."""
 
     name: ClassVar[str]
+
+    def check(self, run: FinishedLayers) -> None:  # noqa: B027 (optional hook)
+        """Before the layer loop (streams and files not there yet): refuse early what the stage could not do."""
 
     @abstractmethod
     def run(self, run: FinishedLayers) -> None:

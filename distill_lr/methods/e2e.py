@@ -1,0 +1,347 @@
+"""The end-to-end stage: after the layer-wise pass, every factor of the whole compressed model trains
+together to match the dense model's next-token distribution on the calibration set.
+
+The teacher's logits come from the dense final hidden states the streamed pass already holds (the
+teacher stream after the last layer), through the model's own final norm and head, one micro-batch at
+a time: no vocabulary-sized tensor is ever stored. A held-out slice of the calibration sequences picks
+the best factors and stops early; a step whose loss is not finite or explodes rolls back to the best.
+Unlike the layer loop, this stage holds the whole compressed model, its gradients and AdamW's state:
+``estimate`` says how much before anything runs, and the stage refuses when it does not fit.
+
+Resumable: at every held-out evaluation the factors, the best factors, the optimizer and the schedule
+go to ``E2E_STATE``; a run stopped in the stage resumes it from there (the layer loop only replays
+its saved layers). Once the best factors are written back into the layer files, the manifest records
+the stage's settings and the state file goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import psutil
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill_lr.checkpoint import compressed, files
+from distill_lr.checkpoint.layout import E2E_STATE, layer_file
+from distill_lr.checkpoint.manifest import RunManifest
+from distill_lr.checkpoint.reader import install_state_
+from distill_lr.errors import UserInputError
+from distill_lr.layerwise import embed, head_logits, run_layer
+from distill_lr.methods.base import FinishedLayers, RunStage
+from distill_lr.schema import CompressConfig, E2EConfig
+from distill_lr.train import FactorSlots, factor_modules, lr_factor, param_groups, split_holdout, training_autocast
+
+log = logging.getLogger("distill_lr")
+FIT_SHARE = 0.9  # of the free memory the estimate may take
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher ‖ p_student), in float32."""
+    t = teacher_logits.float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes the stage needs: weights (frozen in the compute dtype, factors in float32), gradients and AdamW
+    moments of the factors, activations of one micro-batch (Korthikanti et al. 2022's per-layer count), logits."""
+
+    weights: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.activations + self.logits
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k} {files.human_bytes(v)}" for k, v in asdict(self).items())
+        return f"{files.human_bytes(self.total)} ({parts})"
+
+
+def estimate(factor_params: int, other_params: int, compute_bytes: int, model: dict[str, int], cfg: E2EConfig, seq_len: int) -> Estimate:
+    """``model``: hidden, layers, heads, vocab. Activations: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer in 16 bits
+    (scaled to ``compute_bytes``); with gradient checkpointing one layer's worth plus each layer's input."""
+    tokens = cfg.micro_batch_size * seq_len
+    hidden, layers, heads, vocab = model["hidden"], model["layers"], model["heads"], model["vocab"]
+    per_layer = tokens * (34 * hidden + 5 * heads * seq_len) * compute_bytes // 2
+    activations = per_layer + tokens * hidden * compute_bytes * layers if cfg.gradient_checkpointing else per_layer * layers
+    return Estimate(
+        weights=other_params * compute_bytes + factor_params * 4,
+        optimizer=factor_params * 12,  # float32 gradient + AdamW's two moments
+        activations=activations,
+        logits=tokens * vocab * 4 * 4,  # teacher and student logits, their log-softmax, the gradient
+    )
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def check_folder(manifest: RunManifest, cfg: CompressConfig) -> None:
+    """A folder whose layer files an earlier run trained end to end resumes only with the same stage settings."""
+    done = manifest.stage(EndToEnd.name)
+    if done is not None and (not cfg.e2e.enabled or done["settings"] != asdict(cfg.e2e)):
+        raise UserInputError(
+            f"{manifest.folder} holds layers trained by the end-to-end stage with other settings "
+            f"({'e2e.enabled=false now' if not cfg.e2e.enabled else 'changed e2e.* values'}): run with the same e2e settings, "
+            "a new output folder, or overwrite=true"
+        )
+
+
+@dataclass(frozen=True)
+class EndToEnd(RunStage):
+    """The stage as a ``RunStage``: the methods' registry adds it to every method when ``e2e.enabled``."""
+
+    name: ClassVar[str] = "e2e"
+
+    def check(self, run: FinishedLayers) -> None:
+        cfg, text = run.cfg, run.reader.config.get_text_config()
+        shape = {"hidden": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads, "vocab": text.vocab_size}
+        p = run.report.params
+        need = estimate(p.factor_params, p.model_after - p.factor_params, run.dtype.itemsize, shape, cfg.e2e, cfg.data.seq_len)
+        free = free_memory(run.device)
+        log.info("end-to-end stage: needs about %s; %s free on %s", need.line(), files.human_bytes(free), run.device)
+        if need.total > FIT_SHARE * free:
+            raise UserInputError(
+                f"the end-to-end stage needs about {need.line()} but {run.device} has {files.human_bytes(free)} free: set "
+                "e2e.gradient_checkpointing=true and e2e.micro_batch_size=1, use a device with more memory, or e2e.enabled=false"
+            )
+
+    def run(self, run: FinishedLayers) -> None:
+        done = run.manifest.stage(self.name)
+        if done is not None:  # an earlier run wrote the trained layers; the loop has just replayed them
+            run.report.e2e = done["report"]
+            return
+        for i, layer in enumerate(run.layers):  # the whole model (its layers have their compressed modules), from the files
+            install_state_(layer, load_file(run.out / layer_file(i)), f"{run.prefix}{i}.", run.device, run.dtype)
+        try:
+            run.report.e2e = train_end_to_end(run)
+            for i, layer in enumerate(run.layers):
+                state = compressed.layer_state(layer, f"{run.prefix}{i}.", run.save_dtype)
+                run.manifest.save_layer(i, layer_file(i), state)
+                run.manifest.mark_done(i, run.manifest.data["layers"][str(i)]["report"])
+            run.manifest.record_stage(self.name, asdict(run.cfg.e2e), run.report.e2e)
+            (run.out / E2E_STATE).unlink(missing_ok=True)
+            restream_students(run)
+        finally:
+            for layer in run.layers:
+                layer.to("meta")
+
+
+def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
+    """AdamW on every factor, KL to the dense logits; the best held-out factors are left installed. Returns the stage's report."""
+    cfg, s = run.cfg.e2e, run.streams
+    modules = {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in factor_modules(layer).items()}
+    run.model.requires_grad_(False)
+    for module in modules.values():
+        module.float().requires_grad_(True)
+    factors = FactorSlots(modules)
+    if cfg.gradient_checkpointing:
+        run.model.gradient_checkpointing_enable()
+        run.model.train()  # transformers checkpoints only in training mode
+    objective = Objective(
+        run.model, run.layers, run.tokens.calibration, s.x_teacher, training_autocast(run.device, run.cfg.train.autocast), cfg
+    )
+    hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    optimizer = torch.optim.AdamW(param_groups(factors.params, cfg.lr, relative=True), lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, total, cfg.warmup_fraction, cfg.min_lr_ratio))
+    progress = Progress.open(run, factors, objective, hold, (optimizer, scheduler))
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    bar = tqdm(
+        range(progress.step, progress.step if progress.finished else total), desc="e2e", unit="step", initial=progress.step, total=total
+    )
+    start = time.perf_counter()
+    for step in bar:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))]
+        optimizer.zero_grad(set_to_none=True)
+        value = objective.loss(order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
+        progress.first_loss = progress.first_loss if progress.first_loss is not None else value
+        if not math.isfinite(value) or value > cfg.divergence_factor * progress.first_loss:
+            progress.rolled_back = f"loss {value:.4g} at step {step} (first {progress.first_loss:.4g})"
+            warnings.warn(f"end-to-end training diverged ({progress.rolled_back}): the best factors so far are kept", stacklevel=2)
+            break
+        torch.nn.utils.clip_grad_norm_(factors.params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        progress.running.append(value)
+        bar.set_postfix(kl=f"{value:.4f}")
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            stop = progress.evaluate(step + 1, objective, factors, hold)
+            progress.save(run, factors, optimizer, scheduler)
+            log.info("%s (%.0fs)", progress.line(epoch + 1, cfg.epochs), time.perf_counter() - start)
+            if stop:
+                break
+    bar.close()
+    if not progress.finished:  # the best factors are final: a stop while they are written resumes here
+        progress.finished = True
+        progress.save(run, factors, optimizer, scheduler)
+    factors.restore(progress.best_factors)
+    for module in modules.values():
+        module.to(run.dtype).requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        run.model.gradient_checkpointing_disable()
+    run.model.eval()
+    return progress.report()
+
+
+@dataclass
+class Objective:
+    """KL of the compressed model's next-token distribution to the dense one's, on calibration sequences."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    input_ids: torch.Tensor
+    teacher_hidden: torch.Tensor  # the dense final hidden states (the teacher stream after the last layer)
+    autocast: torch.autocast
+    cfg: E2EConfig
+
+    def loss(self, idx: torch.Tensor, backward: bool) -> float:
+        """Mean KL over the sequences ``idx``, one micro-batch at a time (gradients accumulate with ``backward``)."""
+        total, device = 0.0, self.input_ids.device
+        for start in range(0, len(idx), self.cfg.micro_batch_size):
+            part = idx[start : start + self.cfg.micro_batch_size]
+            ids = self.input_ids[part].to(device)
+            teacher = head_logits(self.model, self.layers, self.teacher_hidden[part].to(device), ids)
+            with torch.set_grad_enabled(backward), self.autocast:
+                student = self.model(input_ids=ids, use_cache=False).logits
+            value = kl_to_teacher(student, teacher) * len(part) / len(idx)
+            if backward:
+                value.backward()
+            total += float(value.detach())
+        return total
+
+    def mean(self, idx: torch.Tensor) -> float:
+        """The held-out KL: mean over ``idx``, without gradients."""
+        return sum(
+            self.loss(idx[i : i + self.cfg.batch_size], backward=False) * len(idx[i : i + self.cfg.batch_size])
+            for i in range(0, len(idx), self.cfg.batch_size)
+        ) / len(idx)
+
+
+@dataclass
+class Progress:
+    """Where the stage stands: what ``E2E_STATE`` keeps between evaluations, and what the report says."""
+
+    init_holdout: float
+    best: float
+    best_factors: list[torch.Tensor]
+    step: int = 0
+    best_step: int = 0
+    bad: int = 0
+    first_loss: float | None = None
+    rolled_back: str | None = None
+    stopped_early: bool = False
+    finished: bool = False
+    curve: list[dict[str, float]] | None = None
+    running: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self.curve = self.curve if self.curve is not None else []
+        self.running = self.running if self.running is not None else []
+
+    @classmethod
+    def open(
+        cls,
+        run: FinishedLayers,
+        factors: FactorSlots,
+        objective: Objective,
+        hold: torch.Tensor,
+        schedule: tuple[torch.optim.Optimizer, Any],
+    ) -> Progress:
+        """From the saved state (factors, optimizer and schedule restored) when it belongs to these layers and
+        settings, else from the layer-wise factors."""
+        saved = _load_state(run)
+        if saved is None:
+            init = objective.mean(hold)
+            return cls(init_holdout=init, best=init, best_factors=factors.snapshot())
+        factors.restore(saved["factors"])
+        schedule[0].load_state_dict(saved["optimizer"])
+        schedule[1].load_state_dict(saved["scheduler"])
+        log.info("end-to-end stage: resumed at step %d from %s", saved["step"], run.out / E2E_STATE)
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
+
+    def evaluate(self, step: int, objective: Objective, factors: FactorSlots, hold: torch.Tensor) -> bool:
+        """A held-out evaluation after ``step`` steps; True when patience has run out."""
+        held = objective.mean(hold)
+        assert self.curve is not None and self.running is not None
+        self.curve.append({"step": step, "train_kl": sum(self.running) / max(1, len(self.running)), "holdout_kl": held})
+        self.running, self.step = [], step
+        if held < self.best:
+            self.best, self.best_step, self.bad = held, step, 0
+            self.best_factors = factors.snapshot(self.best_factors)
+            return False
+        self.bad += 1
+        self.stopped_early = self.bad >= objective.cfg.patience
+        return self.stopped_early
+
+    def save(self, run: FinishedLayers, factors: FactorSlots, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        state = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        state |= {"factors": factors.snapshot(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state |= {"settings": asdict(run.cfg.e2e), "layers": _layer_hashes(run)}
+        with files.atomic_file(run.out / E2E_STATE) as tmp:
+            torch.save(state, tmp)
+
+    def line(self, epoch: int, epochs: int) -> str:
+        last = self.curve[-1] if self.curve else {"train_kl": float("nan"), "holdout_kl": float("nan")}
+        return (
+            f"e2e epoch {epoch}/{epochs} | step {self.step} | train KL {last['train_kl']:.4f} | held-out KL {last['holdout_kl']:.4f} "
+            f"(start {self.init_holdout:.4f}, best {self.best:.4f} at step {self.best_step})"
+        )
+
+    def report(self) -> dict[str, Any]:
+        keys = ("init_holdout", "best", "step", "best_step", "stopped_early", "rolled_back", "curve")
+        return {("best_holdout" if k == "best" else "steps" if k == "step" else k): getattr(self, k) for k in keys}
+
+
+def _layer_hashes(run: FinishedLayers) -> dict[str, str]:
+    return {k: v["sha256"] for k, v in sorted(run.manifest.data["layers"].items())}
+
+
+def _load_state(run: FinishedLayers) -> dict[str, Any] | None:
+    """The saved state, if it is readable and belongs to this run: its settings, and the layer-wise files it
+    started from (a finished state: its best factors are final, whatever the layer files already rewritten)."""
+    path = run.out / E2E_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: never used
+        warnings.warn(f"{path} cannot be read ({type(err).__name__}): the end-to-end stage starts over", stacklevel=3)
+        return None
+    same = isinstance(state, dict) and state.get("settings") == asdict(run.cfg.e2e)
+    if not (same and (state.get("finished") or state.get("layers") == _layer_hashes(run))):
+        warnings.warn(f"{path} belongs to other settings or other layer files: the end-to-end stage starts over", stacklevel=3)
+        return None
+    return state
+
+
+def restream_students(run: FinishedLayers) -> None:
+    """The compressed model's final hidden states on the evaluation and task rows again, from the trained layers."""
+    s = run.streams
+
+    def final(ids: torch.Tensor, kwargs: list[Any], like: torch.Tensor) -> torch.Tensor:
+        x = embed(run.model, run.layers, ids.to(run.device), run.cfg.batch_size, out=run.cache.empty_like(like))
+        for i, layer in enumerate(run.layers):
+            run_layer(layer, x, kwargs[i], run.cfg.batch_size, out=x)
+        return x
+
+    if s.eval_student is not None:
+        s.eval_student = final(run.tokens.evaluation, s.kwargs, s.eval_student)
+    for ts in s.tasks:
+        ts.student = final(ts.ids, ts.kwargs, ts.student)

@@ -1,0 +1,107 @@
+"""The end-to-end stage: it lowers the held-out KL, its resume equals an unbroken run, it refuses what does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fails, layer_bytes, run
+
+from distill_lr.checkpoint.compressed import load_compressed
+from distill_lr.checkpoint.layout import E2E_STATE
+from distill_lr.checkpoint.manifest import RunManifest
+from distill_lr.methods import e2e
+from distill_lr.schema import E2EConfig
+from distill_lr.testing import save_tiny
+
+# A wide init gives peaked next-token distributions, so low rank costs a KL the stage can win back.
+STAGE = {"method": "svd", "ranks.target": 0.5, "e2e.enabled": "true", "e2e.epochs": 4, "e2e.batch_size": 4, "e2e.micro_batch_size": 2}
+STAGE |= {"e2e.holdout_fraction": 0.25, "e2e.lr": 3e-2, "e2e.evals_per_epoch": 1, "e2e.patience": 4}
+
+
+@pytest.fixture
+def peaked(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "peaked", "llama", initializer_range=0.2)
+
+
+def test_the_stage_lowers_held_out_kl(tmp_path: Path, peaked: Path, corpus: Path) -> None:
+    layerwise = run(peaked, corpus, tmp_path / "plain", **{k: v for k, v in STAGE.items() if not k.startswith("e2e")})
+    trained = run(peaked, corpus, tmp_path / "e2e", **STAGE)
+    assert trained.e2e["best_holdout"] < 0.95 * trained.e2e["init_holdout"] and trained.e2e["steps"] > 0
+    # a random teacher's perplexity on real text is no target: closer to it need not mean a lower perplexity
+    assert trained.perplexity.compressed != layerwise.perplexity.compressed
+    assert trained.perplexity.dense == pytest.approx(layerwise.perplexity.dense)
+    assert not (tmp_path / "e2e" / E2E_STATE).exists()
+    # the perplexity reported is the saved model's: the student streams were recomputed from the trained layers
+    model = load_compressed(tmp_path / "e2e", dtype=torch.float32)
+    assert layer_bytes(tmp_path / "e2e") != layer_bytes(tmp_path / "plain") and model is not None
+
+
+def test_a_stop_in_the_stage_resumes_it_and_equals_an_unbroken_run(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:
+    whole = run(peaked, corpus, tmp_path / "whole", **STAGE)
+    real = e2e.Progress.save
+    saves = []
+
+    def stop_after_two(self, *args, **kwargs):  # a kill right after the second saved state
+        real(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e.Progress, "save", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(peaked, corpus, tmp_path / "resumed", **STAGE)
+    monkeypatch.setattr(e2e.Progress, "save", real)
+    assert (tmp_path / "resumed" / E2E_STATE).is_file()
+    resumed = run(peaked, corpus, tmp_path / "resumed", **STAGE)
+    assert layer_bytes(tmp_path / "resumed") == layer_bytes(tmp_path / "whole")
+    assert resumed.perplexity.compressed == pytest.approx(whole.perplexity.compressed, rel=1e-6)
+    again = run(peaked, corpus, tmp_path / "whole", **STAGE)  # done: replayed from the manifest, through the trained layers
+    assert again.e2e == whole.e2e and again.perplexity.compressed == pytest.approx(whole.perplexity.compressed, rel=1e-6)
+
+
+def test_a_stop_while_the_trained_layers_are_written_resumes_the_writing(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:
+    run(peaked, corpus, tmp_path / "whole", **STAGE)
+    monkeypatch.setattr(RunManifest, "record_stage", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(peaked, corpus, tmp_path / "resumed", **STAGE)
+    monkeypatch.undo()
+    run(peaked, corpus, tmp_path / "resumed", **STAGE)
+    assert layer_bytes(tmp_path / "resumed") == layer_bytes(tmp_path / "whole")
+
+
+def test_a_folder_trained_end_to_end_refuses_other_stage_settings(tmp_path: Path, peaked: Path, corpus: Path) -> None:
+    run(peaked, corpus, tmp_path / "out", **STAGE)
+    fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.enabled": "false"})
+    fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.lr": 1e-3})
+
+
+def test_a_finished_layer_wise_run_gets_the_stage_later(tmp_path: Path, peaked: Path, corpus: Path) -> None:
+    plain = {k: v for k, v in STAGE.items() if not k.startswith("e2e")}
+    run(peaked, corpus, tmp_path / "later", **plain)
+    later = run(peaked, corpus, tmp_path / "later", **STAGE)
+    run(peaked, corpus, tmp_path / "direct", **STAGE)
+    assert later.e2e["steps"] > 0 and layer_bytes(tmp_path / "later") == layer_bytes(tmp_path / "direct")
+
+
+def test_a_stage_that_does_not_fit_is_refused_before_the_layer_loop(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:
+    monkeypatch.setattr(e2e, "free_memory", lambda _device: 1 << 20)
+    fails(peaked, corpus, tmp_path / "out", "e2e.gradient_checkpointing=true", **STAGE)
+    assert not any((tmp_path / "out").glob("model-layer-*"))
+
+
+def test_the_estimate_counts_optimizer_state_and_checkpointing_saves_activations() -> None:
+    shape = {"hidden": 4096, "layers": 32, "heads": 32, "vocab": 32000}
+    plain = e2e.estimate(5_000_000_000, 1_500_000_000, 2, shape, E2EConfig(), seq_len=512)
+    light = e2e.estimate(5_000_000_000, 1_500_000_000, 2, shape, E2EConfig(gradient_checkpointing=True), seq_len=512)
+    assert plain.optimizer == 12 * 5_000_000_000 and plain.weights == 2 * 1_500_000_000 + 4 * 5_000_000_000
+    assert light.activations < plain.activations / 10 and light.total < plain.total
+
+
+def test_kl_is_zero_for_equal_logits_and_positive_otherwise() -> None:
+    logits = torch.randn(2, 5, 11)
+    assert float(e2e.kl_to_teacher(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    p, q = logits.log_softmax(-1), (logits * 2).log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum(-1).mean()
+    assert float(e2e.kl_to_teacher(logits * 2, logits)) == pytest.approx(float(expected), rel=1e-5)
