@@ -109,6 +109,21 @@ class RankConfig:
             check(ok, f"ranks.rules['{pattern}'] = {value!r}: use a rank > 0, a fraction in (0, 1], or 'skip'")
 
 
+def check_optimisation(section: Any, name: str) -> None:
+    """The checks the layer-wise training and the end-to-end stage share: epochs, steps, batch, schedule, early stopping."""
+    s = section
+    check(s.epochs > 0, f"{name}.epochs must be > 0, got {s.epochs}")
+    check(s.max_steps is None or s.max_steps > 0, f"{name}.max_steps must be > 0 or null, got {s.max_steps}")
+    check(s.batch_size > 0, f"{name}.batch_size must be > 0, got {s.batch_size}")
+    check(s.lr > 0, f"{name}.lr must be > 0, got {s.lr}")
+    check(0.0 <= s.warmup_fraction < 1.0, f"{name}.warmup_fraction must be in [0, 1), got {s.warmup_fraction}")
+    check(0.0 <= s.min_lr_ratio <= 1.0, f"{name}.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    check(0.0 < s.holdout_fraction < 1.0, f"{name}.holdout_fraction must be in (0, 1), got {s.holdout_fraction}")
+    check(s.evals_per_epoch > 0, f"{name}.evals_per_epoch must be > 0, got {s.evals_per_epoch}")
+    check(s.patience > 0, f"{name}.patience must be > 0, got {s.patience}")
+    check(s.divergence_factor > 1.0, f"{name}.divergence_factor must be > 1, got {s.divergence_factor}")
+
+
 @dataclass
 class TrainConfig:
     """Feature distillation of each decoder layer (``method: distill``, see ``distill_lr.train``)."""
@@ -142,21 +157,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.inputs in TRAIN_INPUTS, f"train.inputs '{self.inputs}' is unknown: use one of {TRAIN_INPUTS}")
-        check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
-        check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0 or null, got {self.max_steps}")
-        check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        check_optimisation(self, "train")
         micro_ok = self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size
         check(micro_ok, f"train.micro_batch_size must be in [1, train.batch_size] or null, got {self.micro_batch_size}")
-        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        check(0.0 <= self.warmup_fraction < 1.0, f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        check(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(0.0 < self.holdout_fraction < 1.0, f"train.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        check(self.evals_per_epoch > 0, f"train.evals_per_epoch must be > 0, got {self.evals_per_epoch}")
-        check(self.patience > 0, f"train.patience must be > 0, got {self.patience}")
         check(self.precondition_damping > 0, f"train.precondition_damping must be > 0, got {self.precondition_damping}")
         check(self.precondition_max_features > 0, f"train.precondition_max_features must be > 0, got {self.precondition_max_features}")
         check(self.autocast in AUTOCASTS, f"train.autocast '{self.autocast}' is unknown: use one of {AUTOCASTS}")
-        check(self.divergence_factor > 1.0, f"train.divergence_factor must be > 1, got {self.divergence_factor}")
 
 
 @dataclass
@@ -180,18 +186,9 @@ class E2EConfig:
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: far less memory
 
     def __post_init__(self) -> None:
-        check(self.epochs > 0, f"e2e.epochs must be > 0, got {self.epochs}")
-        check(self.max_steps is None or self.max_steps > 0, f"e2e.max_steps must be > 0 or null, got {self.max_steps}")
-        check(self.batch_size > 0, f"e2e.batch_size must be > 0, got {self.batch_size}")
+        check_optimisation(self, "e2e")
         micro_ok = 0 < self.micro_batch_size <= self.batch_size
         check(micro_ok, f"e2e.micro_batch_size must be in [1, e2e.batch_size], got {self.micro_batch_size}")
-        check(self.lr > 0, f"e2e.lr must be > 0, got {self.lr}")
-        check(0.0 <= self.warmup_fraction < 1.0, f"e2e.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        check(0.0 <= self.min_lr_ratio <= 1.0, f"e2e.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(0.0 < self.holdout_fraction < 1.0, f"e2e.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        check(self.evals_per_epoch > 0, f"e2e.evals_per_epoch must be > 0, got {self.evals_per_epoch}")
-        check(self.patience > 0, f"e2e.patience must be > 0, got {self.patience}")
-        check(self.divergence_factor > 1.0, f"e2e.divergence_factor must be > 1, got {self.divergence_factor}")
 
 
 # The stage's settings do not decide the layer-wise files: a finished run may get the stage later. The stage
