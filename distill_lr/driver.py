@@ -141,7 +141,8 @@ def prepare(cfg: CompressConfig) -> Run:
     params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
     rows = [tokens.calibration, tokens.evaluation, *(task.input_ids for task in tasks)]
     cache = plan_cache(cfg, sum(ids.numel() for ids in rows), reader.config.get_text_config().hidden_size, layers, (device, dtype), out)
-    teacher, manifest = open_outputs(cfg, reader, out, cache, params.model_after * save_dtype.itemsize, tokens, (device, dtype))
+    writes = params.model_after * save_dtype.itemsize + (e2e.state_bytes(params.factor_params) if cfg.e2e.enabled else 0)
+    teacher, manifest = open_outputs(cfg, reader, out, cache, writes, tokens, (device, dtype))
     placement = {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
     manifest.record_plan(plan.ranks)
     report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement, allocation=allocated)

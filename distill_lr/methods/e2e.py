@@ -84,6 +84,11 @@ def estimate(factor_params: int, other_params: int, compute_bytes: int, model: d
     )
 
 
+def state_bytes(factor_params: int) -> int:
+    """Disk the resumable state takes at its largest: the factors, the best factors and AdamW's two moments, float32."""
+    return 16 * factor_params
+
+
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
