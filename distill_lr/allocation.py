@@ -64,29 +64,23 @@ def loss_aware(
     ranks: dict[str, int | None] = {n: floor_rank(s[0], s[1], budget) for n, s in shapes.items()}
     used = sum(kept(shapes[n], r) for n, r in ranks.items())
     tails = {n: torch.flip(torch.cumsum(torch.flip(spectra[n].double(), [0]), 0), [0]).tolist() for n in shapes}
-    heap: list[tuple[float, str]] = []
+    heap: list[tuple[float, str, int | None, int]] = []  # (-damage removed per parameter, name, next rank, its cost)
 
     def push(name: str) -> None:
-        rank = ranks[name]
+        """Queue the matrix's next rank unit: ``step`` more ranks, or dense once at the largest factor rank."""
+        rank, shape = ranks[name], shapes[name]
         if rank is None:
             return
-        tail, top = tails[name], max_factor_rank(*shapes[name][:2])
-        nxt = min(rank + budget.step, top)
-        if rank >= top:  # the last unit: dense, the whole remaining tail gone
-            gain, cost = _tail(tail, rank), kept(shapes[name], None) - kept(shapes[name], rank)
-        else:
-            gain, cost = _tail(tail, rank) - _tail(tail, nxt), kept(shapes[name], nxt) - kept(shapes[name], rank)
-        heapq.heappush(heap, (-weights[name] * gain / max(cost, 1), name))
+        tail, top = tails[name], max_factor_rank(*shape[:2])
+        new = None if rank >= top else min(rank + budget.step, top)
+        gain = _tail(tail, rank) - (0.0 if new is None else _tail(tail, new))  # dense: the whole remaining tail goes
+        cost = kept(shape, new) - kept(shape, rank)
+        heapq.heappush(heap, (-weights[name] * gain / max(cost, 1), name, new, cost))
 
     for name in sorted(shapes):
         push(name)
     while heap:
-        _, name = heapq.heappop(heap)
-        rank = ranks[name]
-        assert rank is not None
-        top = max_factor_rank(*shapes[name][:2])
-        new = None if rank >= top else min(rank + budget.step, top)
-        cost = kept(shapes[name], new) - kept(shapes[name], rank)
+        _, name, new, cost = heapq.heappop(heap)
         if used + cost > budget.params:
             continue  # this matrix cannot grow any more; smaller units of others may still fit
         ranks[name], used = new, used + cost

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -54,6 +54,12 @@ def _stand_ins(layers: nn.ModuleList, actions: list[Callable[[torch.Tensor, Laye
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+
+
+def _handing_over(layers: nn.ModuleList, final_hidden: torch.Tensor) -> AbstractContextManager[None]:
+    """Stand-ins that pass ``final_hidden`` on as the last layer's outputs: the model's forward then runs only
+    its embedding (ignored), final norm, head and loss on them."""
+    return _stand_ins(layers, [lambda _h, _k: final_hidden] + [lambda h, _k: h] * (len(layers) - 1))
 
 
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerKwargs]]:
@@ -188,8 +194,7 @@ def head_nll(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor
     total, count = 0.0, 0
     for i in range(len(input_ids)):
         hidden = final_hidden[i : i + 1].to(input_ids.device)
-        actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
-        with _stand_ins(layers, actions):
+        with _handing_over(layers, hidden):
             ids = input_ids[i : i + 1]
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         tokens = ids.shape[1] - 1
@@ -204,8 +209,7 @@ def head_loss_gradient(model: nn.Module, layers: nn.ModuleList, final_hidden: to
     tokens = input_ids.numel() - len(input_ids)
     for i in range(len(input_ids)):
         hidden = final_hidden[i : i + 1].to(input_ids.device).detach().requires_grad_()
-        actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
-        with _stand_ins(layers, actions), torch.enable_grad():
+        with _handing_over(layers, hidden), torch.enable_grad():
             ids = input_ids[i : i + 1]
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[1] - 1) / tokens
             (grad,) = torch.autograd.grad(loss, hidden)
@@ -216,8 +220,7 @@ def head_loss_gradient(model: nn.Module, layers: nn.ModuleList, final_hidden: to
 @torch.no_grad()
 def head_logits(model: nn.Module, layers: nn.ModuleList, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """The model's logits from given last-layer outputs (its final norm, head and any soft-capping), for a batch."""
-    actions = [lambda _h, _k, h=final_hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
-    with _stand_ins(layers, actions):
+    with _handing_over(layers, final_hidden):
         return model(input_ids=input_ids, use_cache=False).logits
 
 
@@ -233,8 +236,7 @@ def head_span_logprobs(
     sums = []
     for row, (start, end) in enumerate(spans):
         hidden = final_hidden[row : row + 1, :end].to(input_ids.device)
-        actions = [lambda _h, _k, h=hidden: h] + [lambda h, _k: h] * (len(layers) - 1)
-        with _stand_ins(layers, actions):
+        with _handing_over(layers, hidden):
             sums.append(span_logprob(model, input_ids[row], start, end))
     return sums
 

@@ -135,7 +135,8 @@ def _layer_gradients(
     """Mean squared loss gradient per output coordinate of every linear and experts module, and ∂L/∂x."""
     for p in layer.parameters():
         p.requires_grad_(False)
-    hooked = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) or n in moe.fused_experts(layer)}
+    experts = moe.fused_experts(layer)
+    hooked = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) or n in experts}
     energy: dict[str, float] = dict.fromkeys(hooked, 0.0)
     widths: dict[str, int] = {}
 

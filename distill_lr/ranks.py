@@ -61,11 +61,7 @@ class RankPlan:
 
     @property
     def kept_params(self) -> int:
-        total = 0
-        for name, (o, i) in self.shapes.items():
-            r = self.ranks.get(name)
-            total += o * i if r is None else r * (o + i)
-        return total
+        return sum(kept(shape, self.ranks.get(name)) for name, shape in self.shapes.items())
 
     @property
     def removed_fraction(self) -> float:
@@ -103,10 +99,10 @@ def plan_ranks(
     ``name_prefix`` (``model.``) removed, so rules read ``layers.3.mlp.down_proj``. The loss-aware
     allocation needs the pre-pass's ``sensitivity`` of the free matrices (``needs_prepass``).
     """
-    short = {n: n[len(name_prefix) :] if n.startswith(name_prefix) else n for n in shapes}
+    short = _short_names(shapes, name_prefix)
     fixed = _fixed_by_rules(shapes, cfg, short)
-    candidates = {n: s for n, s in shapes.items() if not any(matches(p, short[n]) for p in cfg.exclude)}
-    free = {n: s for n, s in candidates.items() if n not in fixed}
+    free_names = free_matrices(shapes, cfg, name_prefix)
+    free = {n: s for n, s in shapes.items() if n in free_names}
     ranks = {n: r for n, r in fixed.items() if r is not None}
     if cfg.target is not None and free:
         dense_total = sum(o * i for o, i in shapes.values())
@@ -140,9 +136,14 @@ def needs_prepass(cfg: RankConfig) -> bool:
 
 def free_matrices(shapes: dict[str, tuple[int, int]], cfg: RankConfig, name_prefix: str = "") -> set[str]:
     """The matrices the target is spread over: neither excluded nor set by a rule (what the pre-pass measures)."""
-    short = {n: n[len(name_prefix) :] if n.startswith(name_prefix) else n for n in shapes}
+    short = _short_names(shapes, name_prefix)
     excluded = {n for n in shapes if any(matches(p, short[n]) for p in cfg.exclude)}
     return {n for n in shapes if n not in excluded and not any(matches(p, short[n]) for p in cfg.rules)}
+
+
+def _short_names(shapes: dict[str, tuple[int, int]], name_prefix: str) -> dict[str, str]:
+    """Full module names -> the names the patterns match (``name_prefix`` removed)."""
+    return {n: n[len(name_prefix) :] if n.startswith(name_prefix) else n for n in shapes}
 
 
 def _fixed_by_rules(shapes: dict[str, tuple[int, int]], cfg: RankConfig, short: dict[str, str]) -> dict[str, int | None]:

@@ -175,7 +175,9 @@ class E2EConfig:
     max_steps: int | None = None  # caps epochs
     batch_size: int = 8  # sequences per optimizer step
     micro_batch_size: int = 1  # sequences per forward/backward (gradients accumulate)
-    lr: float = 1e-3  # relative to each factor's RMS, as train.lr with train.relative_lr
+    lr: float = 1e-3  # relative to each factor's RMS with relative_lr, as train.lr
+    relative_lr: bool = True
+    weight_decay: float = 0.0
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from distill_lr import moe
 from distill_lr.layerwise import LayerKwargs, SharedInputs, call_layer, hooks_removed, layer_device
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
-from distill_lr.schema import TrainConfig
+from distill_lr.schema import E2EConfig, TrainConfig
 
 MIN_LOSS = -math.log(1 / (1 + math.exp(-1.0)))  # -log sigmoid(1): the loss of a perfect student
 
@@ -338,14 +338,16 @@ def distill_layer(
     return result
 
 
-def _schedule(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
+def schedule(cfg: TrainConfig | E2EConfig, n_train: int) -> tuple[int, int, int]:
     """(steps per epoch, total steps, steps between held-out evaluations) for ``n_train`` training sequences."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     return steps_per_epoch, total, max(1, steps_per_epoch // cfg.evals_per_epoch)
 
 
-def _adamw(params: list[nn.Parameter], cfg: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def adamw(
+    params: list[nn.Parameter], cfg: TrainConfig | E2EConfig, total: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the factors with linear warm-up and cosine decay over ``total`` steps."""
     optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
@@ -364,12 +366,12 @@ def _optimise(
 
     Returns what happened and the best snapshot (``init_state`` itself when nothing beat it or the loss diverged).
     """
-    steps_per_epoch, total, eval_every = _schedule(cfg, len(train))
+    steps_per_epoch, total, eval_every = schedule(cfg, len(train))
     best_state = init_state
     init_holdout, init_cos = objective.mean(hold, cfg.batch_size)
     best, best_cos, best_step, bad = init_holdout, init_cos, 0, 0
     params = factors.params
-    optimizer, scheduler = _adamw(params, cfg, total)
+    optimizer, scheduler = adamw(params, cfg, total)
     nan = float("nan")
     result = TrainResult(nan, nan, init_holdout=init_holdout, best_holdout=best, holdout_cos=best_cos, steps=0, best_step=0)
     running: list[float] = []

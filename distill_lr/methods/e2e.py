@@ -37,7 +37,7 @@ from distill_lr.errors import UserInputError
 from distill_lr.layerwise import embed, head_logits, run_layer
 from distill_lr.methods.base import FinishedLayers, RunStage
 from distill_lr.schema import CompressConfig, E2EConfig
-from distill_lr.train import FactorSlots, factor_modules, lr_factor, param_groups, split_holdout, training_autocast
+from distill_lr.train import FactorSlots, adamw, factor_modules, schedule, split_holdout, training_autocast
 
 log = logging.getLogger("distill_lr")
 FIT_SHARE = 0.9  # of the free memory the estimate may take
@@ -161,12 +161,9 @@ def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
         run.model, run.layers, run.tokens.calibration, s.x_teacher, training_autocast(run.device, run.cfg.train.autocast), cfg
     )
     hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW(param_groups(factors.params, cfg.lr, relative=True), lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, total, cfg.warmup_fraction, cfg.min_lr_ratio))
+    steps_per_epoch, total, eval_every = schedule(cfg, len(train))
+    optimizer, scheduler = adamw(factors.params, cfg, total)
     progress = Progress.open(run, factors, objective, hold, (optimizer, scheduler))
-    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     bar = tqdm(
         range(progress.step, progress.step if progress.finished else total), desc="e2e", unit="step", initial=progress.step, total=total
     )
@@ -217,7 +214,8 @@ class Objective:
     cfg: E2EConfig
 
     def loss(self, idx: torch.Tensor, backward: bool) -> float:
-        """Mean KL over the sequences ``idx``, one micro-batch at a time (gradients accumulate with ``backward``)."""
+        """Mean KL over the sequences ``idx`` (a step's batch, or the whole held-out slice), one micro-batch at a
+        time; with ``backward`` the gradients accumulate."""
         total, device = 0.0, self.input_ids.device
         for start in range(0, len(idx), self.cfg.micro_batch_size):
             part = idx[start : start + self.cfg.micro_batch_size]
@@ -230,13 +228,6 @@ class Objective:
                 value.backward()
             total += float(value.detach())
         return total
-
-    def mean(self, idx: torch.Tensor) -> float:
-        """The held-out KL: mean over ``idx``, without gradients."""
-        return sum(
-            self.loss(idx[i : i + self.cfg.batch_size], backward=False) * len(idx[i : i + self.cfg.batch_size])
-            for i in range(0, len(idx), self.cfg.batch_size)
-        ) / len(idx)
 
 
 @dataclass
@@ -273,7 +264,7 @@ class Progress:
         settings, else from the layer-wise factors."""
         saved = _load_state(run)
         if saved is None:
-            init = objective.mean(hold)
+            init = objective.loss(hold, backward=False)
             return cls(init_holdout=init, best=init, best_factors=factors.snapshot())
         factors.restore(saved["factors"])
         schedule[0].load_state_dict(saved["optimizer"])
@@ -283,7 +274,7 @@ class Progress:
 
     def evaluate(self, step: int, objective: Objective, factors: FactorSlots, hold: torch.Tensor) -> bool:
         """A held-out evaluation after ``step`` steps; True when patience has run out."""
-        held = objective.mean(hold)
+        held = objective.loss(hold, backward=False)
         assert self.curve is not None and self.running is not None
         self.curve.append({"step": step, "train_kl": sum(self.running) / max(1, len(self.running)), "holdout_kl": held})
         self.running, self.step = [], step
