@@ -136,7 +136,7 @@ def prepare(cfg: CompressConfig) -> Run:
     reader.check({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})  # before any work, not at layer i
     tokens, tasks = tokenize(cfg, reader.folder, reader)
     load_non_layer_(model, reader, prefix, device, dtype)
-    plan, allocated = plan_layers(cfg, reader, model, (prefix, layers), tokens, (device, dtype), out)
+    plan, allocated = plan_layers(cfg, method, reader, model, (prefix, layers), tokens, (device, dtype), out)
     ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
     params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
     rows = [tokens.calibration, tokens.evaluation, *(task.input_ids for task in tasks)]
@@ -186,6 +186,7 @@ def open_input(cfg: CompressConfig) -> tuple[torch.device, Method, CheckpointRea
 
 def plan_layers(
     cfg: CompressConfig,
+    method: Method,
     reader: CheckpointReader,
     model: PreTrainedModel,
     stack: tuple[str, nn.ModuleList],
@@ -198,7 +199,10 @@ def plan_layers(
     shapes = linear_shapes(layers, prefix)
     record: dict[str, Any] = {"allocation": cfg.ranks.allocation if cfg.ranks.target is not None else "rules"}
     saved = RunManifest.saved_plan(out, cfg.result_fingerprint(), cfg.overwrite) if needs_prepass(cfg.ranks) else None
-    if saved is not None:
+    if not method.factorizes:
+        plan = RankPlan(ranks={}, shapes=shapes)
+        record["allocation"] = f"none (method {method.name})"
+    elif saved is not None:
         plan = RankPlan(ranks=saved, shapes=shapes)
         record["reused"] = True
     elif needs_prepass(cfg.ranks):
@@ -335,11 +339,12 @@ def fresh_layer(
     s = run.streams
     assert s is not None
     report = LayerReport(layer=index, linears=len(ranks))
-    work = LayerWork(index, layer, ranks, s.x_teacher, s.x_student, y, s.kwargs[index], run.cfg, report)
+    work = LayerWork(index, layer, ranks, s.x_teacher, s.x_student, y, s.kwargs[index], run.cfg, report, run.save_dtype)
     for step in run.method.steps:
         t = time.perf_counter()
         step.run(work)
         times[step.name] = _elapsed(t)
+    report.linear_bytes = compressed.linear_bytes(layer, run.save_dtype)
     state = compressed.layer_state(layer, f"{run.prefix}{index}.", run.save_dtype)
     times["save"] = round(run.writer.drain(), 3)  # the previous layer's write, overlapped with this layer until now
     run.writer.submit(partial(run.manifest.save_layer, index, layer_file(index), state))
@@ -348,7 +353,7 @@ def fresh_layer(
 
 def resumed_layer(run: Run, layer: nn.Module, ranks: dict[str, int], done: dict[str, Any]) -> tuple[LayerReport, dict[str, torch.Tensor]]:
     """The layer as an earlier run of the same config wrote it: its report and its saved state."""
-    run.method.prepare_resumed(layer, ranks)
+    run.method.prepare_resumed(layer, ranks, LayerReport.from_dict(done["report"]))
     state = load_file(run.out / done["file"])
     run.writer.drain()  # the teacher outputs being stored, if any: no stream is held past its layer
     return replace(LayerReport.from_dict(done["report"]), resumed=True), state
@@ -384,7 +389,11 @@ def finish(run: Run) -> RunReport:
     assert s is not None
     for stage in run.method.stages:
         stage.run(run)
-    info = {**run.method.info, "allocation": report.allocation}
+    info = {**run.method.info, "allocation": report.allocation, **compressed.folder_structure(report.layers, run.prefix)}
+    saved = [r.linear_bytes for r in report.layers]
+    if all(b is not None for b in saved):  # layers written before the field was recorded have none
+        dense = report.params.decoder_linear_before * run.save_dtype.itemsize
+        report.size = {"bytes": sum(saved), "dense_bytes": dense, "ratio": round(sum(saved) / dense, 4), "dtype": str(run.save_dtype)}
     compressed.complete_folder(out, run.reader, len(run.layers), run.ranks, run.save_dtype, info, run.manifest)
     report.seconds = round(time.perf_counter() - run.start, 1)
     if run.teacher is not None:

@@ -30,6 +30,8 @@ class LayerReport:
     err_teacher_input: float | None = None  # ‖student(X_t) − Y‖ / ‖Y‖ on a few calibration sequences
     err_student_input: float | None = None  # ‖student(X_s) − Y‖ / ‖Y‖ on the calibration set
     seconds: dict[str, float] | None = None  # per phase, for the run that computed the layer
+    quant: dict[str, Any] | None = None  # quantized linears and corrections (``methods.quantize.record``)
+    linear_bytes: int | None = None  # bytes of the layer's linears in its file (``compressed.linear_bytes``)
     resumed: bool = False  # read back from an earlier run's file
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +50,11 @@ class LayerReport:
                 f"loss {tr['init_loss']:.4f} -> {tr['final_loss']:.4f} (held-out {tr['best_holdout']:.4f}, cos {tr['holdout_cos']:.4f})"
             )
         parts.append(f"rel.err teacher-in {self.err_teacher_input:.4f} student-in {self.err_student_input:.4f}")
+        if self.quant is not None:
+            q = self.quant
+            error = f", output err {q['mean_error']:.4f}" if "mean_error" in q else ""
+            corrected = f", {len(q['corrections'])} corrected" if q.get("corrections") else ""
+            parts.append(f"int{q['bits']} g{q['group_size']} {len(q['modules'])} quantized{corrected}{error}")
         starved = {path: r["starved"] for path, r in (self.experts or {}).items() if r["starved"]}
         if starved:
             parts.append("starved experts " + " ".join(f"{path} {experts}" for path, experts in starved.items()))
@@ -123,6 +130,7 @@ class RunReport:
     tasks: list[dict[str, Any]] = field(default_factory=list)  # per task: its name, dense and compressed scores
     allocation: dict[str, Any] | None = None  # how the ranks were chosen, and the kept fraction per layer and module
     e2e: dict[str, Any] | None = None  # the end-to-end stage: steps, held-out KL before and after, its curve
+    size: dict[str, Any] | None = None  # bytes of the decoder linears as saved, against the dense ones in the save dtype
     dense_export: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +154,8 @@ class RunReport:
         for task in self.tasks:
             name = f"{task['task']} acc / acc_norm ({task['dense']['examples']} examples)"
             rows.append((name, *(f"{task[k]['acc']:.3f} / {task[k]['acc_norm']:.3f}" for k in ("dense", "compressed"))))
+        if self.size is not None:
+            rows.append(("decoder-linear bytes", f"{self.size['dense_bytes']:,}", f"{self.size['bytes']:,}"))
         rows.append(("wall time", "", f"{self.seconds:.1f} s"))
         width = max(len(r[0]) for r in rows)
         cols = [max(len(r[i]) for r in rows + [("", "before", "after")]) for i in (1, 2)]

@@ -193,6 +193,47 @@ class E2EConfig:
         check(micro_ok, f"e2e.micro_batch_size must be in [1, e2e.batch_size], got {self.micro_batch_size}")
 
 
+QUANT_METHODS = ("gptq", "rtn")
+QUANT_TARGETS = ("auto", "factors", "dense", "both")
+
+
+@dataclass
+class QuantConfig:
+    """Group-wise integer weights (``distill_lr.quant``): of the factors and/or the dense linears of any method,
+    and the bases of ``method: qlr`` (quantized weight plus a low-rank correction of its error)."""
+
+    bits: int | None = None  # 2, 3, 4 or 8; null: no quantization
+    # Columns per scale. A row whose width is not a multiple keeps a shorter last group with its own scale
+    # (576 = 4 x 128 + 64), so every width and every rank takes the same setting.
+    group_size: int = 128
+    symmetric: bool = True
+    method: str = "gptq"  # gptq (error compensation from the calibration inputs) | rtn (round to nearest)
+    # factors: the A, B of low-rank (and correction) modules; dense: the linears left dense (qlr: its bases);
+    # auto: both for the low-rank methods, dense for qlr and dense
+    targets: str = "auto"
+    damping: float = 0.01  # gptq: added to the diagonal of E[x xᵀ], times its mean
+    act_order: bool = True  # gptq: columns in order of decreasing input energy
+    # qlr: rank of each weight's correction: an int, or a float = fraction of the matrix's parameters the pair holds
+    correction_rank: Any = 32
+    correction_rules: dict[str, Any] = field(default_factory=dict)  # pattern -> rank | fraction | "skip", as ranks.rules
+    correction_train: bool = False  # qlr: train the corrections layer-wise (train.*), the quantized weights frozen
+
+    def __post_init__(self) -> None:
+        check(self.bits is None or self.bits in (2, 3, 4, 8), f"quant.bits must be 2, 3, 4, 8 or null, got {self.bits}")
+        group_ok = isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 8
+        check(group_ok, f"quant.group_size must be an integer >= 8, got {self.group_size!r}")
+        check(self.method in QUANT_METHODS, f"quant.method '{self.method}' is unknown: use one of {QUANT_METHODS}")
+        check(self.targets in QUANT_TARGETS, f"quant.targets '{self.targets}' is unknown: use one of {QUANT_TARGETS}")
+        check(0.0 < self.damping < 1.0, f"quant.damping must be in (0, 1), got {self.damping}")
+        for where, value in [
+            ("quant.correction_rank", self.correction_rank),
+            *((f"quant.correction_rules['{k}']", v) for k, v in self.correction_rules.items()),
+        ]:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ok = ok or (isinstance(value, float) and 0.0 < value < 1.0) or (value == "skip" and where != "quant.correction_rank")
+            check(ok, f"{where} = {value!r}: use a rank > 0, a fraction in (0, 1), or (rules) 'skip'")
+
+
 # The stage's settings do not decide the layer-wise files: a finished run may get the stage later. The stage
 # records the settings it ran with in the manifest and refuses a folder trained with others (distill_lr.e2e).
 RUN_ONLY_FIELDS += tuple(f"e2e.{f.name}" for f in fields(E2EConfig))
@@ -205,13 +246,16 @@ class CompressConfig:
     model: str = BUILTIN_MODEL  # a Hugging Face checkpoint folder (config.json + safetensors)
     tokenizer: str | None = None  # tokenizer folder; default: the model folder
     output: str = "runs/SmolLM2-135M-Instruct-lowrank"
-    method: str = "distill"  # svd | pca | whiten (training-free) | distill (trained, from `init`)
+    # svd | pca | whiten (training-free) | distill (trained, from `init`) | qlr (quantized weights plus low-rank
+    # corrections, trained when quant.correction_train) | dense (no low rank: with quant.bits, quantization alone)
+    method: str = "distill"
     init: str = "whiten"  # initialisation of the factors for method=distill
     ranks: RankConfig = field(default_factory=RankConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU
     save_dtype: str = "auto"  # dtype of the saved tensors: auto = the input checkpoint's
@@ -234,6 +278,13 @@ class CompressConfig:
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(self.cache in PLACEMENTS, f"cache '{self.cache}' is unknown: use one of {PLACEMENTS}")
         check(bool(self.output), "output is empty: give the folder to write the compressed checkpoint to")
+        if self.quant.bits is not None:
+            check(not self.e2e.enabled, "quant.bits with e2e.enabled is not supported: the end-to-end stage trains float factors; drop one")
+        check(self.quant.bits is not None or self.method not in ("qlr", "dense"), f"method={self.method} needs quant.bits (2, 3, 4 or 8)")
+        check(
+            self.method != "qlr" or self.quant.targets != "factors",
+            "method=qlr quantizes the dense weights: use quant.targets=dense (or both, to quantize the corrections too) or auto",
+        )
 
     @property
     def factor_init(self) -> str:
@@ -253,7 +304,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "rules":
+        if isinstance(value, dict) and key not in ("rules", "correction_rules"):
             out.update(_flatten(value, name + "."))
         else:
             out[name] = json.loads(json.dumps(value))

@@ -55,3 +55,25 @@ def collect_stats(
         if names or out is not None or any(isinstance(m, LowRankExperts) for m in modules.values()):
             run_layer(layer, inputs, kwargs, batch_size, out=out, overflow=overflow)
     return stats | routing.stats, routing
+
+
+def input_moments(layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int) -> dict[str, Moments]:
+    """``E[x xᵀ]`` of the inputs of each named linear over the calibration inputs: GPTQ's Hessian, and the whitening
+    of a quantization residual. Linears that read one tensor (q/k/v; the A factors of q/k/v) share one ``Moments``."""
+    modules = dict(layer.named_modules())
+    device = layer_device(layer)
+    stats: dict[str, Moments] = {}
+    shared = SharedInputs(layer)
+
+    def record(name: str, x: torch.Tensor) -> None:
+        first = shared.first_reader(name, x)
+        if first is not None:
+            stats[name] = stats[first]
+            return
+        stats.setdefault(name, Moments.empty(modules[name].in_features, device)).update(x)
+
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n in names]
+    with hooks_removed([*hooks, shared.hook]):
+        if names:
+            run_layer(layer, inputs, kwargs, batch_size)
+    return stats

@@ -24,12 +24,35 @@ from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, read_header
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
-from distill_lr.modeling.lowrank import LowRankExperts
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, QuantLinear, dequantize
+from distill_lr.report import LayerReport
 
 
 def layer_state(layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A compressed layer's tensors as its file holds them: full names, floating ones in ``dtype``, on the host."""
     return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+
+
+def linear_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes the layer's linears (plain, factors, quantized, experts' projections) take in its file, floating tensors in ``dtype``."""
+    total = 0
+    for module in layer.modules():
+        if isinstance(module, nn.Linear | QuantLinear | ExpertLinears):
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                total += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+    return total
+
+
+def folder_structure(layers: list[LayerReport], prefix: str) -> dict[str, Any]:
+    """What ``config.json`` records of the quantization: its settings, the quantized linears and the corrections, by full name."""
+    records = [(f"{prefix}{r.layer}.", r.quant) for r in layers if r.quant]
+    if not records:
+        return {}
+    first = records[0][1]
+    quant = {k: first[k] for k in ("bits", "group_size", "symmetric", "method")}
+    quant["modules"] = [p + n for p, q in records for n in q["modules"]]
+    quant["corrections"] = {p + n: r for p, q in records for n, r in q.get("corrections", {}).items()}
+    return {"quant": quant}
 
 
 def write_non_layer(reader: CheckpointReader, model: nn.Module, prefix: str, out: Path, dtype: torch.dtype, manifest: RunManifest) -> None:
@@ -148,7 +171,8 @@ def load_compressed(
 
 
 def export_dense(src: str | Path, dst: str | Path) -> None:
-    """Multiply the factors out, file by file, into a checkpoint of the original architecture (fused MoE experts included).
+    """Multiply the factors out (and dequantize the integers), file by file, into a checkpoint of the original architecture
+    (fused MoE experts included).
 
     ``dst`` may be new, empty, or an earlier export (only the files that export wrote are replaced).
     """
@@ -162,8 +186,10 @@ def export_dense(src: str | Path, dst: str | Path) -> None:
     _clear_export(dst)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
+    quant = info.get("quant") or {}
     for name in files:
         tensors = load_file(src / name)
+        _dequantize_(tensors, quant)
         for module in [m for m in ranks if f"{m}.A.weight" in tensors]:
             a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
             tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
@@ -178,6 +204,21 @@ def export_dense(src: str | Path, dst: str | Path) -> None:
     write_json_atomic(data, dst / "config.json")
     written = [*files, INDEX_NAME, "config.json", *(name for name in TOKENIZER_FILES if (dst / name).is_file())]
     write_json_atomic({"exported_from": str(src), "files": written}, dst / EXPORT_MARKER)
+
+
+def _dequantize_(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
+    """Quantized linears of one file as float weights, then each corrected weight as ``base + B A`` (a dense export)."""
+    for module in [m for m in quant.get("modules", []) if f"{m}.qweight" in tensors]:
+        out_features, in_features = tensors.pop(f"{module}.qshape").tolist()
+        scale, zero = tensors.pop(f"{module}.scale"), tensors.pop(f"{module}.zero", None)
+        weight = dequantize(tensors.pop(f"{module}.qweight"), scale, zero, quant["bits"], quant["group_size"], in_features)
+        tensors[f"{module}.weight"] = weight[:out_features].to(scale.dtype)
+    for module in [m for m in quant.get("corrections", {}) if f"{m}.base.weight" in tensors]:
+        a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
+        base = tensors.pop(f"{module}.base.weight")
+        tensors[f"{module}.weight"] = (base.float() + b.float() @ a.float()).to(base.dtype)
+        if f"{module}.base.bias" in tensors:
+            tensors[f"{module}.bias"] = tensors.pop(f"{module}.base.bias")
 
 
 def _clear_export(dst: Path) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from distill_lr.errors import check
-from distill_lr.methods import distill, pca, svd, whiten
+from distill_lr.methods import distill, pca, qlr, quantize, svd, whiten
 from distill_lr.methods.base import Method
 from distill_lr.methods.e2e import EndToEnd
 from distill_lr.schema import CompressConfig
@@ -16,6 +16,8 @@ REGISTRY: dict[str, Callable[[CompressConfig], Method]] = {
     "pca": pca.build,
     "whiten": whiten.build,
     "distill": distill.build,
+    "qlr": qlr.build,
+    "dense": lambda _cfg: Method("dense", (), {"method": "dense"}, factorizes=False),  # with quant.bits: quantization alone
 }
 
 
@@ -25,4 +27,6 @@ def get_method(cfg: CompressConfig) -> Method:
     method = REGISTRY[cfg.method](cfg)
     if cfg.e2e.enabled:  # any method's layers may be trained end to end afterwards
         method = replace(method, stages=(*method.stages, EndToEnd()), info={**method.info, "e2e": True})
+    if cfg.quant.bits is not None:  # any method's layers may be quantized once built
+        method = quantize.with_quantization(method, cfg)
     return method

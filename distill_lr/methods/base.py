@@ -25,7 +25,7 @@ from distill_lr.checkpoint.reader import CheckpointReader
 from distill_lr.data import TokenSets
 from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import LayerKwargs
-from distill_lr.modeling.hf_modeling import apply_low_rank_
+from distill_lr.modeling.hf_modeling import apply_compressed_, structure
 from distill_lr.report import LayerReport, RunReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import collect_stats
@@ -46,6 +46,7 @@ class LayerWork:
     kwargs: LayerKwargs
     cfg: CompressConfig
     report: LayerReport
+    save_dtype: torch.dtype  # of the layer's file: quantization scales are rounded to it before use
 
 
 class LayerStep(ABC):
@@ -117,10 +118,11 @@ class Method:
     steps: tuple[LayerStep, ...]
     info: dict[str, Any] = field(default_factory=dict)
     stages: tuple[RunStage, ...] = ()
+    factorizes: bool = True  # False: the method replaces no linear by a factor pair of ranks.* (qlr, dense)
 
-    def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int]) -> None:
+    def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int], report: LayerReport) -> None:
         """Give a dense layer the modules its saved state fills (the same as loading the checkpoint does)."""
-        apply_low_rank_(layer, ranks)
+        apply_compressed_(layer, ranks, **structure(report.quant))
 
 
 def training_free(init: str) -> Callable[[CompressConfig], Method]:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from distill_lr.methods.base import Factorize, LayerStep, LayerWork, Method
 from distill_lr.schema import CompressConfig
-from distill_lr.train import distill_layer
+from distill_lr.train import distill_layer, factor_modules
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Distill(LayerStep):
     name: ClassVar[str] = "train"
 
     def run(self, work: LayerWork) -> None:
-        if not work.ranks:
+        if not factor_modules(work.layer):
             return
         cfg = work.cfg
         frozen = {path: r["starved"] for path, r in (work.report.experts or {}).items()}

@@ -26,7 +26,16 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .lowrank import EXPERT_PROJECTIONS, LowRankExperts, LowRankLinear, is_fused_experts, replace_experts_, replace_linears_
+from .lowrank import (
+    EXPERT_PROJECTIONS,
+    CorrectedLinear,
+    LowRankExperts,
+    LowRankLinear,
+    QuantLinear,
+    is_fused_experts,
+    replace_experts_,
+    replace_linears_,
+)
 
 CONFIG_KEY = "distill_lr"
 MODEL_TYPE = "distill_lr"  # unknown to transformers: plain from_pretrained refuses the folder
@@ -72,12 +81,35 @@ def apply_low_rank_(model: nn.Module, ranks: dict[str, int]) -> None:
         raise ValueError(f"compressed checkpoint names modules the model does not have: {missing[:3]}")
 
 
+def structure(quant: dict[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments of ``apply_compressed_`` that a quantization record (``config.distill_lr["quant"]``) holds."""
+    return {} if not quant else {"corrections": quant.get("corrections", {}), "quant": quant}
+
+
+def apply_compressed_(
+    model: nn.Module, ranks: dict[str, int], corrections: dict[str, int] | None = None, quant: dict[str, Any] | None = None
+) -> None:
+    """Install empty compressed modules: low-rank ones (``ranks``), then quantized weights with a correction of the
+    given rank (``corrections``), then the quantized linears ``quant["modules"]`` (``<name>.A``, ``<name>.base``, ...)."""
+    apply_low_rank_(model, ranks)
+    for name, rank in (corrections or {}).items():
+        model.set_submodule(name, CorrectedLinear(model.get_submodule(name), rank))
+    if not quant:
+        return
+    for name in quant["modules"]:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"compressed checkpoint quantizes {name}, which is not a linear of the model")
+        model.set_submodule(name, QuantLinear.like(linear, quant["bits"], quant["group_size"], quant["symmetric"]))
+
+
 def low_rank_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """A subclass of the original architecture whose constructor installs the low-rank modules."""
 
     def __init__(self: PreTrainedModel, config: transformers.PretrainedConfig, *args: object, **kwargs: object) -> None:
         base.__init__(self, config, *args, **kwargs)
-        apply_low_rank_(self, getattr(config, CONFIG_KEY)["ranks"])
+        info = getattr(config, CONFIG_KEY)
+        apply_compressed_(self, info["ranks"], **structure(info.get("quant")))
 
     return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
 

@@ -101,6 +101,120 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned ``bits``-bit codes ``(rows, n)`` packed along each row: 8 codes per ``bits`` bytes, little-endian.
+
+    A row is padded with zero codes to a multiple of 8; 8-bit codes are stored as they are.
+    """
+    rows, n = codes.shape
+    padded = nn.functional.pad(codes, (0, -n % 8)).view(rows, -1, 8)
+    if bits == 8:
+        return padded.reshape(rows, -1).to(torch.uint8)
+    word = (padded.long() << (torch.arange(8, device=codes.device) * bits)).sum(-1)  # at most 32 bits used
+    return ((word[..., None] >> (torch.arange(bits, device=codes.device) * 8)) & 255).to(torch.uint8).reshape(rows, -1)
+
+
+def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
+    """``pack_codes`` undone: the ``(rows, n)`` codes as uint8."""
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed[:, :n]
+    parts = packed.view(rows, -1, bits).long() << (torch.arange(bits, device=packed.device) * 8)
+    word = parts.sum(-1)
+    codes = (word[..., None] >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
+
+
+def group_columns(per_group: Tensor, group_size: int, n: int) -> Tensor:
+    """Per-group values ``(rows, groups)`` repeated over their columns ``(rows, n)``; the last group may be shorter."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :n]
+
+
+def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
+    """The float32 weight ``(out, in)`` of packed group-wise codes: ``(codes − zero) · scale``; no ``zero``: symmetric."""
+    codes = unpack_codes(qweight, bits, in_features).float()
+    offset = float(1 << (bits - 1)) if zero is None else group_columns(zero, group_size, in_features).float()
+    return (codes - offset) * group_columns(scale, group_size, in_features).float()
+
+
+class QuantLinear(nn.Module):
+    """``y = x Ŵᵀ + bias`` with the weight stored as group-wise integers: ``Ŵ = (codes − zero) · scale``.
+
+    Each row's columns fall in groups of ``group_size`` (the last one may be shorter) with one ``scale``
+    (and, asymmetric, one integer ``zero``) per group; symmetric grids have the fixed zero ``2^(bits−1)``.
+    The codes are packed (``pack_codes``), so an int4 weight takes half a byte per entry plus the scales.
+    The forward pass dequantises the whole weight to the input's dtype and runs one dense matmul: no
+    kernel is needed, and the dense copy lives only for that matmul. ``qshape`` (out, in) makes the saved
+    tensors self-describing (a dense export dequantises them file by file).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in (2, 3, 4, 8) or group_size < 1:
+            raise ValueError(f"bits must be 2, 3, 4 or 8 and group_size >= 1, got {bits} and {group_size}")
+        self.in_features, self.out_features, self.bits, self.group_size, self.symmetric = (
+            in_features,
+            out_features,
+            bits,
+            group_size,
+            symmetric,
+        )
+        groups = -(-in_features // group_size)
+        self.register_buffer("qshape", torch.tensor([out_features, in_features], device=device))
+        self.register_buffer("qweight", torch.zeros(out_features, -(-in_features // 8) * bits, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        if not symmetric:
+            self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool) -> QuantLinear:
+        """Empty, shaped after ``linear`` and on its device and dtype."""
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, bits, group_size, symmetric, linear.bias is not None, w.device, w.dtype)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight ``(out, in)`` the integers stand for, in ``dtype`` (default: the scales')."""
+        zero = None if self.symmetric else self.zero
+        return dequantize(self.qweight, self.scale, zero, self.bits, self.group_size, self.in_features).to(dtype or self.scale.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        grid = "symmetric" if self.symmetric else "asymmetric"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, {grid}"
+
+
+class CorrectedLinear(LowRankLinear):
+    """``y = base(x) + B(A x)``: a quantized weight plus a low-rank correction of its error (LQER, CALDERA).
+
+    The factors are a ``LowRankLinear``'s (so the layer-wise training finds and trains them); the bias,
+    if any, stays on ``base``.
+    """
+
+    def __init__(self, base: nn.Module, rank: int) -> None:
+        weight = next(t for t in base.state_dict().values() if t.is_floating_point())
+        super().__init__(base.in_features, base.out_features, rank, bias=False, device=weight.device, dtype=weight.dtype)
+        self.base = base
+
+    def to_dense(self) -> nn.Linear:
+        raise TypeError("a CorrectedLinear stands for a quantized weight plus factors: it has no dense form to export")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.B(self.A(x))
+
+
 def replace_linears_(
     module: nn.Module,
     factory: Callable[[str, nn.Linear], nn.Module | None],

@@ -1,0 +1,53 @@
+"""``qlr``: each weight quantized (``quant.*``), plus a low-rank correction of its error: ``W ≈ Q(W) + B A``
+(LQER, CALDERA). The correction is the whitened SVD of the residual ``W − Q(W)`` over the layer's calibration inputs,
+the output-optimal pair of its rank, and is trained layer-wise with ``quant.correction_train`` (the integers frozen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from distill_lr.factorize import balance_factors, whiten_factors
+from distill_lr.methods.base import LayerStep, LayerWork, Method
+from distill_lr.methods.distill import Distill
+from distill_lr.methods.quantize import correction_rank, dense_linears, quantize_linear, record
+from distill_lr.modeling.lowrank import CorrectedLinear
+from distill_lr.schema import CompressConfig
+from distill_lr.stats import input_moments
+
+
+@dataclass(frozen=True)
+class Correct(LayerStep):
+    """Quantize every chosen linear of the dense layer and give it the correction its rank rule asks for."""
+
+    name: ClassVar[str] = "correct"
+
+    def run(self, work: LayerWork) -> None:
+        cfg, layer = work.cfg, work.layer
+        names = dense_linears(layer, cfg.ranks.exclude, work.index)
+        moments = input_moments(layer, names, work.x_student, work.kwargs, cfg.batch_size)
+        corrections, errors = {}, []
+        for name in names:
+            linear = layer.get_submodule(name)
+            base, error = quantize_linear(linear, cfg.quant, moments[name], work.save_dtype)
+            rank = correction_rank(cfg.quant, f"layers.{work.index}.{name}", tuple(linear.weight.shape))
+            module = base
+            if rank is not None:
+                residual = linear.weight.detach().float() - base.dequantized(torch.float32)
+                A, B = balance_factors(*whiten_factors(residual, rank, moments[name]))
+                module = CorrectedLinear(base, rank)
+                with torch.no_grad():
+                    module.A.weight.copy_(A)
+                    module.B.weight.copy_(B)
+                corrections[name] = rank
+            layer.set_submodule(name, module)
+            errors.append(error)
+        record(work, [f"{n}.base" if n in corrections else n for n in names], errors, corrections)
+
+
+def build(cfg: CompressConfig) -> Method:
+    steps = (Correct(), Distill()) if cfg.quant.correction_train else (Correct(),)
+    return Method("qlr", steps, {"method": "qlr", "correction_train": cfg.quant.correction_train}, factorizes=False)

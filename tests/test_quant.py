@@ -1,0 +1,269 @@
+"""Group-wise quantization: the grid against compressed-tensors', GPTQ's invariants, packed storage, the quantized
+methods' runs (load, remote code, resume) and their bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+from conftest import layer_bytes, run
+from safetensors import safe_open
+from test_pipeline import REMOTE_LOAD, nll_of
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill_lr import driver, quant
+from distill_lr.checkpoint import compressed
+from distill_lr.config import load_config
+from distill_lr.data import build_token_sets, load_documents
+from distill_lr.errors import UserInputError
+from distill_lr.factorize import whiten_factors
+from distill_lr.modeling.lowrank import CorrectedLinear, QuantLinear, pack_codes, unpack_codes
+from distill_lr.moments import Moments
+from distill_lr.testing import save_tiny
+
+torch.manual_seed(0)
+Q4 = {"quant.bits": 4, "quant.group_size": 16}
+
+
+def correlated(n: int, tokens: int = 2048) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(tokens, n, generator=g) @ torch.randn(n, n, generator=g) * 0.3 + torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_round_trips_at_every_width(bits: int) -> None:
+    for n in (1, 7, 8, 37, 576):
+        codes = torch.randint(0, 1 << bits, (5, n), dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.shape == (5, -(-n // 8) * bits)
+        assert torch.equal(unpack_codes(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_to_nearest_is_compressed_tensors_grid(bits: int, symmetric: bool) -> None:
+    W, g = torch.randn(48, 128), 32
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=g)
+    groups = W.view(48, -1, g)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    ours = quant.rtn(W, quant.QuantSpec(bits, g, symmetric))
+    assert torch.allclose(ours.scale, scale)
+    expected = fake_quantize(W, scale, zero, args)
+    differ = (ours.dequantized() - expected).abs() > 1e-5
+    assert differ.float().mean() < 1e-3  # a few exact ties round the other way
+
+
+def test_a_ragged_last_group_has_its_own_scale() -> None:
+    W = torch.randn(8, 576)
+    spec = quant.QuantSpec(4, 128)
+    whole = quant.rtn(W, spec)
+    assert whole.scale.shape == (8, 5)
+    head, tail = quant.rtn(W[:, :512], spec), quant.rtn(W[:, 512:], quant.QuantSpec(4, 64))
+    assert torch.equal(whole.dequantized(), torch.cat([head.dequantized(), tail.dequantized()], 1))
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest() -> None:
+    W, spec = torch.randn(16, 64), quant.QuantSpec(4, 16)
+    H = torch.diag(torch.rand(64) + 0.5)
+    assert torch.equal(quant.gptq(W, H, spec, act_order=False, damping=1e-6).codes, quant.rtn(W, spec).codes)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_lowers_the_output_error_of_correlated_inputs(bits: int, symmetric: bool) -> None:
+    W, x = torch.randn(32, 96), correlated(96)
+    H, spec = x.T @ x / len(x), quant.QuantSpec(bits, 32, symmetric)
+    errors = {
+        name: quant.output_error(W, q.dequantized(), H) for name, q in [("rtn", quant.rtn(W, spec)), ("gptq", quant.gptq(W, H, spec))]
+    }
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+
+
+def test_gptq_survives_inputs_that_never_fire() -> None:
+    x = correlated(32)
+    x[:, 5] = 0
+    q = quant.gptq(torch.randn(8, 32), x.T @ x / len(x), quant.QuantSpec(3, 8))
+    assert torch.isfinite(q.dequantized()).all()
+
+
+def test_quant_linear_computes_with_the_dequantized_weight_and_counts_its_bytes() -> None:
+    W, b = torch.randn(24, 40), torch.randn(24)
+    q = quant.rtn(W, quant.QuantSpec(3, 16, symmetric=False))
+    module = q.module(b, torch.float32)
+    x = torch.randn(5, 40)
+    assert torch.allclose(module(x), x @ q.dequantized().T + b, atol=1e-5)
+    assert compressed.linear_bytes(module, torch.bfloat16) == q.spec.bytes(24, 40, 2) + 24 * 2 + 16  # bias, qshape
+
+
+def test_a_full_rank_correction_reproduces_the_weight() -> None:
+    """W = Q(W) + B A exactly once the correction has full rank: the whitened SVD of the residual loses nothing."""
+    linear = torch.nn.Linear(20, 12, bias=False)
+    stats = Moments.empty(20)
+    stats.update(correlated(20))
+    base = quant.rtn(linear.weight.detach(), quant.QuantSpec(2, 8)).module(None, torch.float32)
+    residual = linear.weight.detach() - base.dequantized()
+    A, B = whiten_factors(residual, 12, stats)
+    module = CorrectedLinear(base, 12)
+    module.A.weight.data.copy_(A)
+    module.B.weight.data.copy_(B)
+    x = torch.randn(4, 20)
+    assert torch.allclose(module(x), linear(x), atol=1e-4)
+
+
+def quantized_modules(folder: Path) -> set[str]:
+    keys = set()
+    for f in folder.glob("model-layer-*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            keys |= {k.rpartition(".")[0] for k in fh.keys() if k.endswith(".qweight")}
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("dense-gptq", {"method": "dense"}),
+        ("whiten-both", {}),
+        ("distill-factors-rtn", {"method": "distill", "quant.targets": "factors", "quant.method": "rtn", "quant.symmetric": False}),
+        ("qlr", {"method": "qlr", "quant.correction_rank": 4, "quant.bits": 3}),
+    ],
+)
+def test_quantized_runs_load_generate_and_match_their_report(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, name: str, extra: dict
+) -> None:
+    report = run(tiny_llama, corpus, tmp_path / name, **{**Q4, "save_dtype": "float32", **extra})
+    out = Path(report.output)
+    info = compressed._compressed_config(out)["distill_lr"]["quant"]
+    assert set(info["modules"]) == quantized_modules(out) and info["bits"] == extra.get("quant.bits", 4)
+    assert report.size["bytes"] == sum(r.linear_bytes for r in report.layers) < 0.3 * report.size["dense_bytes"]
+    if name == "distill-factors-rtn":
+        assert all(m.endswith((".A", ".B")) for m in info["modules"]) and "model.layers.0.mlp.down_proj" not in info["modules"]
+    if name == "qlr":
+        assert len(info["corrections"]) == 7 * len(report.layers) and all(m.endswith(".base") for m in info["modules"])
+    loaded = compressed.load_compressed(out)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(info["modules"])
+    ids = torch.randint(3, 200, (1, 8))
+    assert loaded.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+    tokens = build_token_sets(
+        load_documents(str(corpus)),
+        AutoTokenizer.from_pretrained(tiny_llama),
+        num_sequences=16,
+        seq_len=32,
+        eval_sequences=4,
+        eval_fraction=0.2,
+        seed=0,
+    )  # overrides_for's settings
+    ppl = torch.exp(torch.tensor(nll_of(loaded, tokens.evaluation))).item()
+    assert ppl == pytest.approx(report.perplexity.compressed, rel=1e-4)  # saved then loaded = the run's own student
+
+
+@pytest.mark.parametrize("extra", [{"method": "whiten"}, {"method": "qlr", "quant.targets": "both", "quant.symmetric": False}])
+def test_dense_export_of_a_quantized_folder_matches_it(tmp_path: Path, tiny_llama: Path, corpus: Path, extra: dict) -> None:
+    report = run(tiny_llama, corpus, tmp_path / "out", export_dense=True, save_dtype="float32", **Q4, **extra)
+    dense = AutoModelForCausalLM.from_pretrained(report.dense_export).eval()
+    quantized = compressed.load_compressed(report.output)
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, quantized(ids).logits, atol=1e-4)
+
+
+def test_int4_files_hold_under_a_third_of_the_bf16_bytes(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    plain = run(tiny_llama, corpus, tmp_path / "bf16", save_dtype="bfloat16", **{"ranks.target": "null"})
+    int4 = run(tiny_llama, corpus, tmp_path / "int4", method="dense", save_dtype="bfloat16", **Q4)
+    assert plain.size["bytes"] == plain.size["dense_bytes"] == int4.size["dense_bytes"]
+    assert int4.size["ratio"] == pytest.approx((0.5 + 2 / 16) / 2, rel=0.02)  # half a byte and a bf16 scale per 16 entries
+
+    def stored(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.glob("model-layer-*.safetensors"))
+
+    assert stored(tmp_path / "int4") < 0.36 * stored(tmp_path / "bf16")  # the files, norms and headers included
+
+
+def test_corrections_beat_quantization_alone_and_training_improves_them(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    bits = {"quant.bits": 2, "quant.group_size": 16}
+    alone = run(tiny_llama, corpus, tmp_path / "alone", method="dense", **bits)
+    corrected = run(tiny_llama, corpus, tmp_path / "qlr", method="qlr", **bits, **{"quant.correction_rank": 8})
+    trained = run(
+        tiny_llama, corpus, tmp_path / "trained", method="qlr", **bits, **{"quant.correction_rank": 8, "quant.correction_train": True}
+    )
+    errors = [r.layers[-1].err_student_input for r in (alone, corrected, trained)]
+    assert errors[1] < 0.8 * errors[0] and errors[2] < errors[1]
+    assert all(r.train is not None for r in trained.layers)
+
+
+@pytest.mark.parametrize("extra", [{"method": "dense"}, {"method": "distill"}, {"method": "qlr", "quant.correction_train": True}])
+def test_resumed_quantized_run_equals_unbroken_run(tmp_path: Path, corpus: Path, extra: dict, monkeypatch) -> None:
+    model = save_tiny(tmp_path / "llama", num_hidden_layers=3)
+    unbroken = run(model, corpus, tmp_path / "unbroken", **Q4, **extra)
+    real = driver.compress_layer
+
+    def crash_at_layer_2(run_, index, *args, **kwargs):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(run_, index, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, corpus, tmp_path / "resumed", **Q4, **extra)
+    monkeypatch.setattr(driver, "compress_layer", real)
+    resumed = run(model, corpus, tmp_path / "resumed", **Q4, **extra)
+    assert [r.resumed for r in resumed.layers] == [True, True, False]
+    assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
+    assert resumed.perplexity == unbroken.perplexity and resumed.size == unbroken.size
+
+
+def test_remote_code_loads_a_quantized_folder_with_its_files_only(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    report = run(tiny_llama, corpus, tmp_path / "out", method="qlr", **Q4, **{"quant.targets": "both", "quant.correction_rank": 4})
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(report.output, copy)
+    ids = torch.randint(3, 200, (1, 12))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    command = [sys.executable, "-c", REMOTE_LOAD, str(copy), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path)
+    with torch.no_grad():
+        expected = compressed.load_compressed(report.output)(input_ids=ids).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["quant.bits=5"], "quant.bits must be 2, 3, 4, 8"),
+        (["quant.bits=4", "quant.group_size=4"], "quant.group_size must be an integer >= 8"),
+        (["quant.bits=4", "quant.method=awq"], "quant.method 'awq' is unknown"),
+        (["quant.bits=4", "quant.targets=all"], "quant.targets 'all' is unknown"),
+        (["quant.bits=4", "e2e.enabled=true"], "quant.bits with e2e.enabled is not supported"),
+        (["method=qlr"], "method=qlr needs quant.bits"),
+        (["method=dense"], "method=dense needs quant.bits"),
+        (["method=qlr", "quant.bits=3", "quant.targets=factors"], "method=qlr quantizes the dense weights"),
+        (["method=qlr", "quant.bits=3", "quant.correction_rank=0"], "quant.correction_rank = 0"),
+        (["quant.bits=4", "quant.damping=0"], "quant.damping must be in (0, 1)"),
+    ],
+)
+def test_bad_quantization_settings_are_refused_in_one_line(overrides: list[str], needle: str) -> None:
+    with pytest.raises(UserInputError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_rank_rule_above_the_matrix_is_clipped_and_skip_leaves_it_uncorrected(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    rules = '{"**.mlp.*": skip, "**.q_proj": 100000}'
+    report = run(tiny_llama, corpus, tmp_path / "out", method="qlr", **Q4, **{"quant.correction_rules": rules})
+    corrections = report.layers[0].quant["corrections"]
+    assert not any("mlp" in n for n in corrections) and corrections["self_attn.q_proj"] == 64  # min(out, in) of the tiny q_proj
+
+
+def test_moe_experts_are_named_as_left_unquantized(tmp_path: Path, corpus: Path) -> None:
+    report = run(save_tiny(tmp_path / "mixtral", "mixtral"), corpus, tmp_path / "out", method="dense", **Q4)
+    entry = report.layers[0].quant
+    assert entry["experts_not_quantized"] and all("experts" in n for n in entry["experts_not_quantized"])
+    assert not any("experts" in n for n in entry["modules"]) and any("self_attn" in n for n in entry["modules"])
+    compressed.load_compressed(report.output)
