@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill_lr import driver
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, load_non_layer_
 from distill_lr.config import load_config
 from distill_lr.driver import compress
@@ -75,3 +76,20 @@ def materialised_layer(folder: Path, index: int = 0):
     prefix, layers = decoder_layers(model)
     load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
     return model, layers, LayerLoader(reader, layers, prefix, read_ahead=False).load(index, "cpu", torch.float32)
+
+
+def interrupted_then_resumed(monkeypatch, model: Path, corpus: Path, output: Path, at_layer: int = 2, **extra) -> RunReport:
+    """A run stopped (KeyboardInterrupt) as it reaches layer ``at_layer``, then the same command again: the resumed report."""
+    real = driver.compress_layer
+
+    def crash(run_, index, *args, **kwargs):
+        if index == at_layer:
+            raise KeyboardInterrupt
+        return real(run_, index, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "compress_layer", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, corpus, output, **extra)
+    assert not (output / "config.json").exists()  # an unfinished folder never looks complete
+    monkeypatch.setattr(driver, "compress_layer", real)
+    return run(model, corpus, output, **extra)

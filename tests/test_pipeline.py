@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import layer_bytes, materialised_layer, overrides_for, run
+from conftest import interrupted_then_resumed, layer_bytes, materialised_layer, overrides_for, run
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill_lr import driver
 from distill_lr.checkpoint import compressed, files, reader
 from distill_lr.checkpoint.layout import MANIFEST_NAME, layer_file
 from distill_lr.config import load_config
@@ -131,19 +130,7 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str
     model = save_tiny(tmp_path / kind, kind)
     unbroken = run(model, corpus, tmp_path / "unbroken", method=method)
     extra = {"teacher_cache": str(tmp_path / "teacher")} if teacher_cache else {}
-    real = driver.compress_layer
-
-    def crash_at_layer_2(run_, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real(run_, index, *args, **kwargs)
-
-    monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(model, corpus, tmp_path / "resumed", method=method, **extra)
-    assert not (tmp_path / "resumed" / "config.json").exists()  # an unfinished folder never looks complete
-    monkeypatch.setattr(driver, "compress_layer", real)
-    resumed = run(model, corpus, tmp_path / "resumed", method=method, **extra)
+    resumed = interrupted_then_resumed(monkeypatch, model, corpus, tmp_path / "resumed", method=method, **extra)
     assert [r.resumed for r in resumed.layers] == [True, True, False]
     assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
     assert resumed.perplexity == unbroken.perplexity

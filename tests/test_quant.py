@@ -14,19 +14,21 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
-from conftest import layer_bytes, run
+from conftest import interrupted_then_resumed, layer_bytes, materialised_layer, run
 from safetensors import safe_open
 from test_pipeline import REMOTE_LOAD, nll_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill_lr import driver, quant
+from distill_lr import quant
 from distill_lr.checkpoint import compressed
 from distill_lr.config import load_config
 from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import UserInputError
-from distill_lr.factorize import whiten_factors
+from distill_lr.factorize import factorize_layer_, whiten_factors
+from distill_lr.layerwise import capture_inputs
 from distill_lr.modeling.lowrank import CorrectedLinear, QuantLinear, pack_codes, unpack_codes
 from distill_lr.moments import Moments
+from distill_lr.stats import input_moments
 from distill_lr.testing import save_tiny
 
 torch.manual_seed(0)
@@ -202,18 +204,7 @@ def test_corrections_beat_quantization_alone_and_training_improves_them(tmp_path
 def test_resumed_quantized_run_equals_unbroken_run(tmp_path: Path, corpus: Path, extra: dict, monkeypatch) -> None:
     model = save_tiny(tmp_path / "llama", num_hidden_layers=3)
     unbroken = run(model, corpus, tmp_path / "unbroken", **Q4, **extra)
-    real = driver.compress_layer
-
-    def crash_at_layer_2(run_, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real(run_, index, *args, **kwargs)
-
-    monkeypatch.setattr(driver, "compress_layer", crash_at_layer_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(model, corpus, tmp_path / "resumed", **Q4, **extra)
-    monkeypatch.setattr(driver, "compress_layer", real)
-    resumed = run(model, corpus, tmp_path / "resumed", **Q4, **extra)
+    resumed = interrupted_then_resumed(monkeypatch, model, corpus, tmp_path / "resumed", **Q4, **extra)
     assert [r.resumed for r in resumed.layers] == [True, True, False]
     assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
     assert resumed.perplexity == unbroken.perplexity and resumed.size == unbroken.size
@@ -267,3 +258,17 @@ def test_moe_experts_are_named_as_left_unquantized(tmp_path: Path, corpus: Path)
     assert entry["experts_not_quantized"] and all("experts" in n for n in entry["experts_not_quantized"])
     assert not any("experts" in n for n in entry["modules"]) and any("self_attn" in n for n in entry["modules"])
     compressed.load_compressed(report.output)
+
+
+def test_a_factors_hessians_are_its_inputs_moments(tiny_llama: Path) -> None:
+    """GPTQ's Hessian of A is E[x xᵀ] of the layer's input; that of B is A E[x xᵀ] Aᵀ; q/k/v's A share theirs."""
+    model, layers, layer = materialised_layer(tiny_llama)
+    ids = torch.randint(3, 200, (4, 16))
+    x, kwargs = capture_inputs(model, layers, ids)
+    factorize_layer_(layer, {"self_attn.q_proj": 8, "self_attn.k_proj": 8}, "svd", {})
+    names = ["self_attn.q_proj.A", "self_attn.q_proj.B", "self_attn.k_proj.A"]
+    moments = input_moments(layer, names, x, kwargs[0], batch_size=2)
+    assert moments["self_attn.q_proj.A"] is moments["self_attn.k_proj.A"]
+    H = moments["self_attn.q_proj.A"].second_moment()
+    A = layer.self_attn.q_proj.A.weight.double()
+    assert torch.allclose(moments["self_attn.q_proj.B"].second_moment(), A @ H @ A.T, rtol=1e-4, atol=1e-6)
