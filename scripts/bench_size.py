@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from distill_lr.bench import markdown_table, save_results
+from distill_lr.checkpoint.layout import MANIFEST_NAME
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 
@@ -92,7 +93,7 @@ DEFAULT_ROWS = [
     "qlr2-r64",
     "qlr2-r64-trained",
 ]
-# The longest runs first, so that two workers finish together.
+# The trained rows last: the training-free ones give a first table early (a stopped bench resumes each folder).
 SLOW = ("distill", "trained")
 
 
@@ -100,8 +101,12 @@ def run_one(name: str, workdir: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     family, overrides = ROWS[name]
-    where = [f"output={Path(workdir) / name}", f"teacher_cache={Path(workdir) / 'teacher'}", "overwrite=true"]
-    report = compress(load_config(None, [*BASE, *overrides, *where]))
+    out = Path(workdir) / name
+    where = [f"output={out}", f"teacher_cache={Path(workdir) / 'teacher'}"]
+    cfg = load_config(None, [*BASE, *overrides, *where])
+    manifest = out / MANIFEST_NAME  # a folder of these settings resumes (a stopped bench goes on); another is replaced
+    cfg.overwrite = not (manifest.is_file() and json.loads(manifest.read_text())["settings"] == cfg.result_fingerprint())
+    report = compress(cfg)
     assert report.perplexity is not None and report.size is not None
     return {
         "row": name,
@@ -230,7 +235,7 @@ def main() -> None:
     results = args.out / "size.json"
     rows = json.loads(results.read_text()) if args.append and results.is_file() else []
     args.out.mkdir(parents=True, exist_ok=True)
-    order = sorted(args.rows, key=lambda n: not any(s in n for s in SLOW))
+    order = sorted(args.rows, key=lambda n: any(s in n for s in SLOW))
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:
         workdir = str(args.workdir or tmp)
