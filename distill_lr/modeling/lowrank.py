@@ -119,9 +119,12 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :n]
-    parts = packed.view(rows, -1, bits).long() << (torch.arange(bits, device=packed.device) * 8)
-    word = parts.sum(-1)
-    codes = (word[..., None] >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
+    if 8 % bits == 0:  # 2 and 4 bits: each byte holds whole codes, lowest first
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :n]
+    parts = packed.view(rows, -1, bits).int() << (torch.arange(bits, device=packed.device, dtype=torch.int32) * 8)
+    word = parts.sum(-1, dtype=torch.int32)  # 3 bits: 24 of the 32
+    codes = (word[..., None] >> (torch.arange(8, device=packed.device, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
     return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
 
 
@@ -132,9 +135,11 @@ def group_columns(per_group: Tensor, group_size: int, n: int) -> Tensor:
 
 def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
     """The float32 weight ``(out, in)`` of packed group-wise codes: ``(codes − zero) · scale``; no ``zero``: symmetric."""
-    codes = unpack_codes(qweight, bits, in_features).float()
-    offset = float(1 << (bits - 1)) if zero is None else group_columns(zero, group_size, in_features).float()
-    return (codes - offset) * group_columns(scale, group_size, in_features).float()
+    rows, groups = scale.shape
+    codes = unpack_codes(qweight, bits, in_features)
+    grouped = nn.functional.pad(codes, (0, groups * group_size - in_features)).view(rows, groups, group_size).float()
+    offset = float(1 << (bits - 1)) if zero is None else zero.float()[..., None]
+    return ((grouped - offset) * scale.float()[..., None]).view(rows, -1)[:, :in_features]
 
 
 class QuantLinear(nn.Module):
