@@ -55,7 +55,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "bf16": ("dense", [*WHITEN, "ranks.target=null"]),
     **{f"int{b}-gptq-g128": ("quantized", ["method=dense", *_quant(b)]) for b in (8, 4, 3, 2)},
     **{f"int{b}-rtn-g128": ("quantized", ["method=dense", *_quant(b, "rtn")]) for b in (8, 4, 3)},
-    **{f"int{b}-gptq-g64": ("quantized", ["method=dense", *_quant(b, group=64)]) for b in (4, 3)},
+    **{f"int{b}-gptq-g{g}": ("quantized", ["method=dense", *_quant(b, group=g)]) for b in (4, 3) for g in (64, 32)},
     **{f"whiten-{p}": ("low rank", [*WHITEN, f"ranks.target=0.{p // 10}"]) for p in (20, 40)},
     **{f"distill-{p}": ("low rank", [*DISTILL, f"ranks.target=0.{p // 10}"]) for p in (20, 40)},
     **{
@@ -91,10 +91,10 @@ DEFAULT_ROWS = [
     "qlr3-r64",
     "qlr2-r16",
     "qlr2-r64",
-    "qlr3-r16-trained",
-    "distill-20",
+    "int4-gptq-g32",
     "distill-20+int4",
-    "distill-40",
+    "distill-20",
+    "qlr3-r16-trained",
 ]
 
 
