@@ -153,11 +153,12 @@ def pareto(rows: list[dict]) -> set[str]:
 
 
 def compositions_that_pay(rows: list[dict]) -> list[str]:
-    """Each low-rank composition that beats every quantization-alone row of no more bytes, with the row it beats."""
+    """Each low-rank composition on the Pareto front that beats every quantization-alone row of no more bytes, with that row."""
     alone = [r for r in rows if r["family"] in ("quantized", "library")]
+    front = pareto(rows)
     lines = []
     for r in rows:
-        if r["family"] not in ("low rank + quantized", "quantized + correction"):
+        if r["family"] not in ("low rank + quantized", "quantized + correction") or r["row"] not in front:
             continue
         cheaper = [q for q in alone if q["bytes"] <= r["bytes"]]
         rival = min(cheaper, key=lambda q: q["ppl"]) if cheaper else None
@@ -184,7 +185,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['bytes'] / bf16:.1%}",
             f"{r['ppl']:.4g}",
             f"{r['ppl'] / dense:.3g}×",
-            f"{r['seconds']:.0f} s",
+            f"{r['seconds']:.0f} s" if r["seconds"] else "—",
         )
         for r in sorted(rows, key=lambda r: r["bytes"])
     ]
@@ -207,16 +208,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    top = rows[0]["ppl"] * 20  # rows above (collapsed models) are drawn on the top edge with their value
+
+    def shown(r: dict) -> float:
+        return min(r["ppl"], top)
+
     markers = {"dense": "s", "quantized": "o", "library": "x", "low rank": "^", "low rank + quantized": "D", "quantized + correction": "P"}
     for family, marker in markers.items():
         pts = [r for r in rows if r["family"] == family]
         if pts:
-            ax.scatter([r["bytes"] / 1e6 for r in pts], [r["ppl"] for r in pts], marker=marker, label=family, s=40)
+            ax.scatter([r["bytes"] / 1e6 for r in pts], [shown(r) for r in pts], marker=marker, label=family, s=40)
             for r in pts:
-                ax.annotate(r["row"], (r["bytes"] / 1e6, r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                label = r["row"] if r["ppl"] <= top else f"{r['row']} ({r['ppl']:.3g}, off scale)"
+                ax.annotate(label, (r["bytes"] / 1e6, shown(r)), fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = sorted((r for r in rows if r["row"] in pareto(rows)), key=lambda r: r["bytes"])
-    ax.step([r["bytes"] / 1e6 for r in front], [r["ppl"] for r in front], where="post", color="black", linewidth=0.8, label="Pareto front")
+    ax.step([r["bytes"] / 1e6 for r in front], [shown(r) for r in front], where="post", color="black", linewidth=0.8, label="Pareto front")
+    ax.set_ylim(rows[0]["ppl"] * 0.9, top * 1.3)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("bytes of the decoder linears (MB, log)")
