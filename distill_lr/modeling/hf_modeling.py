@@ -96,7 +96,7 @@ def apply_compressed_(
         model.set_submodule(name, CorrectedLinear(model.get_submodule(name), rank))
     if not quant:
         return
-    for name in quant["modules"]:
+    for name in quant.get("modules", []):
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"compressed checkpoint quantizes {name}, which is not a linear of the model")
