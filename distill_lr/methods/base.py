@@ -25,7 +25,7 @@ from distill_lr.checkpoint.reader import CheckpointReader
 from distill_lr.data import TokenSets
 from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import LayerKwargs
-from distill_lr.modeling.hf_modeling import apply_compressed_, structure
+from distill_lr.modeling.hf_modeling import apply_compressed_
 from distill_lr.report import LayerReport, RunReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import collect_stats
@@ -122,7 +122,7 @@ class Method:
 
     def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int], report: LayerReport) -> None:
         """Give a dense layer the modules its saved state fills (the same as loading the checkpoint does)."""
-        apply_compressed_(layer, ranks, **structure(report.quant))
+        apply_compressed_(layer, ranks, report.quant)
 
 
 def training_free(init: str) -> Callable[[CompressConfig], Method]:

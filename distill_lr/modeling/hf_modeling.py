@@ -81,21 +81,15 @@ def apply_low_rank_(model: nn.Module, ranks: dict[str, int]) -> None:
         raise ValueError(f"compressed checkpoint names modules the model does not have: {missing[:3]}")
 
 
-def structure(quant: dict[str, Any] | None) -> dict[str, Any]:
-    """The keyword arguments of ``apply_compressed_`` that a quantization record (``config.distill_lr["quant"]``) holds."""
-    return {} if not quant else {"corrections": quant.get("corrections", {}), "quant": quant}
-
-
-def apply_compressed_(
-    model: nn.Module, ranks: dict[str, int], corrections: dict[str, int] | None = None, quant: dict[str, Any] | None = None
-) -> None:
-    """Install empty compressed modules: low-rank ones (``ranks``), then quantized weights with a correction of the
-    given rank (``corrections``), then the quantized linears ``quant["modules"]`` (``<name>.A``, ``<name>.base``, ...)."""
+def apply_compressed_(model: nn.Module, ranks: dict[str, int], quant: dict[str, Any] | None = None) -> None:
+    """Install empty compressed modules: low-rank ones (``ranks``), then, from a quantization record
+    (``config.distill_lr["quant"]``), the quantized weights with a correction of the given rank (``quant["corrections"]``)
+    and the quantized linears ``quant["modules"]`` (``<name>.A``, ``<name>.base``, ...)."""
     apply_low_rank_(model, ranks)
-    for name, rank in (corrections or {}).items():
-        model.set_submodule(name, CorrectedLinear(model.get_submodule(name), rank))
     if not quant:
         return
+    for name, rank in quant.get("corrections", {}).items():
+        model.set_submodule(name, CorrectedLinear(model.get_submodule(name), rank))
     for name in quant.get("modules", []):
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
@@ -109,7 +103,7 @@ def low_rank_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     def __init__(self: PreTrainedModel, config: transformers.PretrainedConfig, *args: object, **kwargs: object) -> None:
         base.__init__(self, config, *args, **kwargs)
         info = getattr(config, CONFIG_KEY)
-        apply_compressed_(self, info["ranks"], **structure(info.get("quant")))
+        apply_compressed_(self, info["ranks"], info.get("quant"))
 
     return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
 
