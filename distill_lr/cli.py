@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from distill_lr.config import load_config
 from distill_lr.driver import compress
-from distill_lr.errors import UserInputError
+from distill_lr.errors import ONE_LINE, error_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         with logging_redirect_tqdm():
             report = compress(cfg)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ONE_LINE as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     print(report.summary_table())
     return 0

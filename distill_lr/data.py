@@ -11,6 +11,7 @@ seen during calibration, and cuts each side into fixed-length windows determinis
 
 from __future__ import annotations
 
+import codecs
 import math
 import warnings
 from collections import defaultdict
@@ -84,6 +85,8 @@ def _load_local(path: Path, text_column: str) -> datasets.Dataset:
         raise UserInputError(f"{path} is empty: give a data.source with text")
     by_builder: dict[str, list[str]] = defaultdict(list)
     for file in files:
+        if BUILDERS[file.suffix.lower()] != "parquet":
+            _check_utf8(file)
         by_builder[BUILDERS[file.suffix.lower()]].append(str(file))
     parts = []
     for builder, data_files in sorted(by_builder.items()):
@@ -96,6 +99,27 @@ def _load_local(path: Path, text_column: str) -> datasets.Dataset:
             ds = ds.rename_column("text", text_column)  # plain text has no columns: it goes wherever the user said
         parts.append(_text_only(ds, text_column, str(path)))
     return datasets.concatenate_datasets(parts)
+
+
+def _check_utf8(path: Path, block: int = 1 << 20) -> None:
+    """Refuse a text file that is not UTF-8, naming the first bad byte (one streamed read; the readers fail far from it)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(block), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:  # err.object: the bytes kept from the last chunk, then this one
+                at = offset - (len(err.object) - len(chunk)) + err.start
+                raise UserInputError(
+                    f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {at:,}): re-encode it "
+                    "as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from data.source"
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path} ends inside a UTF-8 character: re-encode it as UTF-8 or remove it from data.source") from None
 
 
 def _text_only(ds: datasets.Dataset, text_column: str, source: str) -> datasets.Dataset:

@@ -7,7 +7,6 @@ student -> write it -> X_t <- Y, X_s <- student(X_s). Only one layer's weights a
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import ctypes.util
 import errno
@@ -15,6 +14,7 @@ import functools
 import logging
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,6 +48,7 @@ from distill_lr.tasks import EncodedTask, encode, load_tasks
 
 log = logging.getLogger("distill_lr")
 ERROR_PROBE_SEQUENCES = 32  # calibration sequences on which the teacher-input error is reported
+RUN_FACTS = ("prepass_seconds", "reused")  # of this invocation: in report.json, never in config.json (a function of the settings)
 
 
 @dataclass
@@ -101,87 +102,109 @@ class Run:
 
 def compress(cfg: CompressConfig) -> RunReport:
     """Run a whole compression; its report is also written to ``<output>/report.json``."""
-    run = prepare(cfg)
-    loader = LayerLoader(run.reader, run.layers, run.prefix, read_ahead=cfg.read_ahead)
-    try:
+    opened = open_input(cfg)
+    with files.claimed_folder(opened.out):  # one run per folder; a refused run leaves it as it was
+        run = prepare(cfg, opened)
         try:
-            for i in tqdm(range(len(run.layers)), desc="layers", unit="layer"):
-                t0 = time.perf_counter()
-                layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
-                times = {"load": _elapsed(t0)}
-                report = compress_layer(run, i, layer, times)
-                layer.to("meta")
-                release_freed_host_memory()
-                run.report.layers.append(report)
-                log.info("%s (%.1fs)", report.line(len(run.layers)), time.perf_counter() - t0)
-        finally:
-            loader.close()
-            run.writer.close()  # also on a crash: the layers finished so far reach the disk and the manifest
-        return finish(run)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise disk_full(run, err) from err
-        raise
+            compress_layers(run)
+            return finish(run)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise disk_full(run, err) from err
+            raise
 
 
-def prepare(cfg: CompressConfig) -> Run:
-    """Everything before the first layer: input, text, rank plan, caches, output folder, embeddings."""
-    start = time.perf_counter()
-    device, method, reader, out = open_input(cfg)
-    dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
-    save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
-    torch.manual_seed(cfg.seed)
-    model = build_skeleton(reader.config)
-    prefix, layers = decoder_layers(model)
-    reader.check({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})  # before any work, not at layer i
-    tokens, tasks = tokenize(cfg, reader.folder, reader)
-    load_non_layer_(model, reader, prefix, device, dtype)
-    plan, allocated = plan_layers(cfg, method, reader, model, (prefix, layers), tokens, (device, dtype), out)
-    ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
-    params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
-    rows = [tokens.calibration, tokens.evaluation, *(task.input_ids for task in tasks)]
-    cache = plan_cache(cfg, sum(ids.numel() for ids in rows), reader.config.get_text_config().hidden_size, layers, (device, dtype), out)
-    writes = params.model_after * save_dtype.itemsize + (e2e.state_bytes(params.factor_params) if cfg.e2e.enabled else 0)
-    teacher, manifest = open_outputs(cfg, reader, out, cache, writes, tokens, (device, dtype))
-    placement = {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
-    manifest.record_plan(plan.ranks)
-    report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement, allocation=allocated)
-    run = Run(
-        cfg,
-        method,
-        device,
-        dtype,
-        save_dtype,
-        out,
-        reader,
-        model,
-        prefix,
-        layers,
-        ranks,
-        tokens,
-        tasks,
-        cache,
-        manifest,
-        teacher,
-        report,
-        start=start,
-    )
-    e2e.check_folder(manifest, cfg)
-    for stage in method.stages:
-        stage.check(run)
-    run.streams = embed_streams(run)
-    return run
+def compress_layers(run: Run) -> None:
+    """The loop: each decoder layer from the bottom, its weights read while the layer below computes."""
+    loader = LayerLoader(run.reader, run.layers, run.prefix, read_ahead=run.cfg.read_ahead)
+    try:
+        for i in tqdm(range(len(run.layers)), desc="layers", unit="layer"):
+            t0 = time.perf_counter()
+            layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
+            times = {"load": _elapsed(t0)}
+            report = compress_layer(run, i, layer, times)
+            layer.to("meta")
+            release_freed_host_memory()
+            run.report.layers.append(report)
+            log.info("%s (%.1fs)", report.line(len(run.layers)), time.perf_counter() - t0)
+    finally:
+        loader.close()
+        run.writer.close()  # also on a crash: the layers finished so far reach the disk and the manifest
 
 
-def open_input(cfg: CompressConfig) -> tuple[torch.device, Method, CheckpointReader, Path]:
-    """The device, the method, the input checkpoint and the output folder, checked before anything is read or written."""
+@dataclass(frozen=True)
+class Opened:
+    """The device, the method, the input checkpoint and the output folder, checked before anything is written."""
+
+    device: torch.device
+    method: Method
+    reader: CheckpointReader
+    out: Path
+
+
+def open_input(cfg: CompressConfig) -> Opened:
+    """Resolve the device, the method and the input; refuse an output path that cannot be a separate folder."""
     device = resolve_device(cfg.device)
     method = get_method(cfg)
     reader = CheckpointReader(resolve_model_dir(cfg.model))
     out = Path(cfg.output).expanduser()
     apart = {"the input folder": reader.folder, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
     files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
-    return device, method, reader, out
+    files.check_folder_path(out, "output folder")
+    return Opened(device, method, reader, out)
+
+
+def prepare(cfg: CompressConfig, opened: Opened) -> Run:
+    """Everything before the first layer: checks of input and output, text, rank plan, caches, then the folder's first writes."""
+    start = time.perf_counter()
+    device, method, reader, out = opened.device, opened.method, opened.reader, opened.out
+    dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
+    torch.manual_seed(cfg.seed)
+    model = build_skeleton(reader.config)
+    prefix, layers = decoder_layers(model)
+    reader.check_model(model, prefix)  # before any work, not at layer i
+    fingerprint = reader.fingerprint()  # one stat per tensor: computed once for the manifest and the teacher cache
+    manifest = RunManifest(out, cfg.result_fingerprint(), fingerprint, cfg.overwrite)  # reads and checks; writes nothing yet
+    e2e.check_folder(manifest, cfg)
+    tokens, tasks = tokenize(cfg, reader.folder, reader)
+    load_non_layer_(model, reader, prefix, device, dtype)
+    plan, allocated = plan_layers(cfg, method, reader, model, (prefix, layers), tokens, (device, dtype), manifest.plan)
+    ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
+    params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
+    rows = [tokens.calibration, tokens.evaluation, *(task.input_ids for task in tasks)]
+    cache = plan_cache(cfg, sum(ids.numel() for ids in rows), reader.config.get_text_config().hidden_size, layers, (device, dtype), out)
+    writes = params.model_after * save_dtype.itemsize + (e2e.state_bytes(params.factor_params) if cfg.e2e.enabled else 0)
+    teacher = open_teacher(cfg, reader, out, cache, writes, tokens, (device, dtype), fingerprint)
+    placement = {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
+    report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement, allocation=allocated)
+    run = Run(
+        cfg=cfg,
+        method=method,
+        device=device,
+        dtype=dtype,
+        save_dtype=save_dtype,
+        out=out,
+        reader=reader,
+        model=model,
+        prefix=prefix,
+        layers=layers,
+        ranks=ranks,
+        tokens=tokens,
+        tasks=tasks,
+        cache=cache,
+        manifest=manifest,
+        teacher=teacher,
+        report=report,
+        start=start,
+    )
+    for step in method.steps:
+        step.check(cfg, layers)
+    for stage in method.stages:
+        stage.check(run)
+    manifest.start(plan.ranks)  # the first write into the output folder, once every check has passed
+    run.streams = embed_streams(run)
+    return run
 
 
 def plan_layers(
@@ -192,31 +215,51 @@ def plan_layers(
     stack: tuple[str, nn.ModuleList],
     tokens: TokenSets,
     compute: tuple[torch.device, torch.dtype],
-    out: Path,
+    saved: dict[str, int] | None,
 ) -> tuple[RankPlan, dict[str, Any]]:
-    """The rank plan, after the loss-aware pre-pass when the allocation needs one (a resumed run reuses its plan), and its record."""
+    """The rank plan, after the loss-aware pre-pass when the allocation needs one (``saved``: the plan a resumed run recorded), and
+    its record (``RUN_FACTS`` only in report.json)."""
     (prefix, layers), name_prefix = stack, stack[0][: -len("layers.")]
     shapes = linear_shapes(layers, prefix)
     record: dict[str, Any] = {"allocation": cfg.ranks.allocation if cfg.ranks.target is not None else "rules"}
-    saved = RunManifest.saved_plan(out, cfg.result_fingerprint(), cfg.overwrite) if needs_prepass(cfg.ranks) else None
     if not method.factorizes:
         plan = RankPlan(ranks={}, shapes=shapes)
         record["allocation"] = f"none (method {method.name})"
-    elif saved is not None:
-        plan = RankPlan(ranks=saved, shapes=shapes)
-        record["reused"] = True
     elif needs_prepass(cfg.ranks):
         ids = tokens.calibration[: cfg.ranks.allocation_sequences]
-        free = free_matrices(shapes, cfg.ranks, name_prefix)
-        overflow = partial(overflow_message, compute[1])
-        sensitivity = prepass.measure(model, reader, prefix, layers, free, ids, compute, cfg.batch_size, overflow)
-        plan = plan_ranks(shapes, cfg.ranks, name_prefix, sensitivity)
-        record |= {"prepass_seconds": sensitivity.seconds, "prepass_sequences": sensitivity.sequences}
+        record["prepass_sequences"] = len(ids)
+        if saved is not None:
+            plan = RankPlan(ranks=saved, shapes=shapes)
+            record["reused"] = True
+        else:
+            plan, record["prepass_seconds"] = measured_plan(cfg, (model, reader, prefix, layers), shapes, ids, compute)
     else:
         plan = plan_ranks(shapes, cfg.ranks, name_prefix)
     record["kept"] = kept_fractions(shapes, plan.ranks, {n: layer_index(n[len(name_prefix) :]) for n in shapes})
     log.info("%s\n%s", describe_plan(plan), describe_kept(record["kept"]))
     return plan, record
+
+
+def measured_plan(
+    cfg: CompressConfig,
+    source: tuple[PreTrainedModel, CheckpointReader, str, nn.ModuleList],
+    shapes: dict[str, tuple[int, int]],
+    ids: torch.Tensor,
+    compute: tuple[torch.device, torch.dtype],
+) -> tuple[RankPlan, float]:
+    """The loss-aware plan from the pre-pass's measurements on ``ids``, and the pre-pass's seconds."""
+    model, reader, prefix, layers = source
+    if len(ids) < cfg.ranks.allocation_sequences:
+        warnings.warn(
+            f"ranks.allocation_sequences={cfg.ranks.allocation_sequences} is more than the {len(ids)} calibration sequences "
+            f"(data.num_sequences): the pre-pass measures on all {len(ids)}",
+            stacklevel=3,
+        )
+    name_prefix = prefix[: -len("layers.")]
+    free = free_matrices(shapes, cfg.ranks, name_prefix)
+    overflow = partial(overflow_message, compute[1])
+    sensitivity = prepass.measure(model, reader, prefix, layers, free, ids, compute, cfg.batch_size, overflow)
+    return plan_ranks(shapes, cfg.ranks, name_prefix, sensitivity), sensitivity.seconds
 
 
 def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> tuple[TokenSets, list[EncodedTask]]:
@@ -252,7 +295,7 @@ def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> 
     return tokens, [encode(task, tokenizer, bos_prefix(tokenizer), max_positions) for task in tasks]
 
 
-def open_outputs(
+def open_teacher(
     cfg: CompressConfig,
     reader: CheckpointReader,
     out: Path,
@@ -260,11 +303,11 @@ def open_outputs(
     checkpoint_bytes: int,
     tokens: TokenSets,
     compute: tuple[torch.device, torch.dtype],
-) -> tuple[TeacherStore | None, RunManifest]:
-    """The teacher store and the resume manifest, once the disk is known to hold what the run will still write."""
+    model_fingerprint: str,
+) -> TeacherStore | None:
+    """The teacher store (``teacher_cache``), once the disk is known to hold what the run will still write."""
     needs = Counter({out: checkpoint_bytes - files.folder_bytes(out)})  # a resumed run wrote some
     needs[cache.folder] += cache.disk_bytes  # the same folder by default
-    model_fingerprint = reader.fingerprint()  # one stat per tensor: computed once for the manifest and the teacher cache
     teacher = None
     if cfg.teacher_cache:
         streams = {name: ids for name, ids in {"calibration": tokens.calibration, "evaluation": tokens.evaluation}.items() if len(ids)}
@@ -274,7 +317,7 @@ def open_outputs(
         layers = reader.config.get_text_config().num_hidden_layers
         needs[teacher.folder] += teacher.missing_bytes(layers, {k: (*v.shape, hidden) for k, v in streams.items()}, compute[1])
     files.check_disk_space(needs)
-    return teacher, RunManifest(out, cfg.result_fingerprint(), model_fingerprint, cfg.overwrite)
+    return teacher
 
 
 def embed_streams(run: Run) -> Streams:
@@ -328,7 +371,7 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
     times["student"] = _elapsed(t)
     if done is None:
         report.seconds = times
-        run.writer.submit(partial(run.manifest.mark_done, index, copy.deepcopy(report.to_dict())))
+        run.writer.submit(partial(run.manifest.mark_done, index, report.to_record()))
     return report
 
 
@@ -389,7 +432,8 @@ def finish(run: Run) -> RunReport:
     assert s is not None
     for stage in run.method.stages:
         stage.run(run)
-    info = {**run.method.info, "allocation": report.allocation, **compressed.folder_structure(report.layers, run.prefix)}
+    allocation = {k: v for k, v in (report.allocation or {}).items() if k not in RUN_FACTS}
+    info = {**run.method.info, "allocation": allocation, **compressed.folder_structure(report.layers, run.prefix)}
     saved = [r.linear_bytes for r in report.layers]
     if all(b is not None for b in saved):  # layers written before the field was recorded have none
         dense = report.params.decoder_linear_before * run.save_dtype.itemsize

@@ -15,3 +15,15 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an exception, short enough for a one-line error."""
     lines = str(err).strip().splitlines()
     return lines[0][:limit] if lines else type(err).__name__
+
+
+ONE_LINE = (UserInputError, OSError)  # what a command reports in one line: bad input, and the system refusing a path of the user's
+
+
+def error_line(err: BaseException) -> str:
+    """The line a command prints for one of ``ONE_LINE``: the problem and where, never a traceback."""
+    if isinstance(err, UserInputError):
+        return f"error: {err}"
+    assert isinstance(err, OSError)
+    where = f" at {err.filename}" if err.filename else ""
+    return f"error: {err.strerror or first_line(err)}{where}: check that path (it exists, is what was meant, can be written, has room)"

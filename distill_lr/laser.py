@@ -160,18 +160,16 @@ def apply_(layer: nn.Module, intervention: Intervention) -> dict[str, dict[str, 
     return stored
 
 
-def write_intervened(model_dir: str | Path, output: str | Path, intervention: Intervention, overwrite: bool = False) -> dict[str, Any]:
-    """Stream a checkpoint through one intervention into a folder that loads like a compressed one; returns its report."""
-    reader = CheckpointReader(model_dir)
-    out = Path(output).expanduser()
-    files.check_apart(out, "output folder", {"the input folder": reader.folder})
-    model = build_skeleton(reader.config)
-    prefix, layers = decoder_layers(model)
-    check(0 <= intervention.layer < len(layers), f"layer {intervention.layer} is outside the model's {len(layers)} decoder layers")
-    matched = [name for t in intervention.types for name in weights(layers[intervention.layer], t)]
-    check(bool(matched), f"{intervention.name()} matches no matrix of this model: check the module types")
-    settings = {"laser": {"layer": intervention.layer, "types": list(intervention.types), "value": intervention.value}}
-    manifest = RunManifest(out, {**settings, "higher": intervention.higher}, reader.fingerprint(), overwrite)
+def _write_layers(
+    reader: CheckpointReader,
+    model: nn.Module,
+    stack: tuple[str, nn.ModuleList],
+    out: Path,
+    intervention: Intervention,
+    manifest: RunManifest,
+) -> dict[str, dict[str, Any]]:
+    """Every layer's file, the intervened one changed; what was stored of each intervened matrix, by full name."""
+    prefix, layers = stack
     compressed.write_non_layer(reader, model, prefix, out, reader.dtype, manifest)
     loader = LayerLoader(reader, layers, prefix)
     stored: dict[str, dict[str, Any]] = {}
@@ -185,10 +183,30 @@ def write_intervened(model_dir: str | Path, output: str | Path, intervention: In
             layer.to("meta")
     finally:
         loader.close()
-    ranks = {name: info["rank"] for name, info in stored.items() if info["stored"] == "factorised"}
-    info = {"method": "laser", "intervention": {**settings["laser"], "higher": intervention.higher}}
-    compressed.complete_folder(out, reader, len(layers), ranks, reader.dtype, info, manifest)
-    change = sum(s["params"] - s["dense_params"] for s in stored.values())
-    report = {"intervention": intervention.name(), "matrices": stored, "parameter_change": change}
-    files.write_json_atomic(report, out / "report.json")
+    return stored
+
+
+def write_intervened(model_dir: str | Path, output: str | Path, intervention: Intervention, overwrite: bool = False) -> dict[str, Any]:
+    """Stream a checkpoint through one intervention into a folder that loads like a compressed one; returns its report."""
+    reader = CheckpointReader(model_dir)
+    out = Path(output).expanduser()
+    files.check_apart(out, "output folder", {"the input folder": reader.folder})
+    files.check_folder_path(out, "output folder")
+    model = build_skeleton(reader.config)
+    prefix, layers = decoder_layers(model)
+    reader.check_model(model, prefix)
+    check(0 <= intervention.layer < len(layers), f"layer {intervention.layer} is outside the model's {len(layers)} decoder layers")
+    matched = [name for t in intervention.types for name in weights(layers[intervention.layer], t)]
+    check(bool(matched), f"{intervention.name()} matches no matrix of this model: check the module types")
+    settings = {"laser": {"layer": intervention.layer, "types": list(intervention.types), "value": intervention.value}}
+    with files.claimed_folder(out):
+        manifest = RunManifest(out, {**settings, "higher": intervention.higher}, reader.fingerprint(), overwrite)
+        manifest.start()
+        stored = _write_layers(reader, model, (prefix, layers), out, intervention, manifest)
+        ranks = {name: info["rank"] for name, info in stored.items() if info["stored"] == "factorised"}
+        info = {"method": "laser", "intervention": {**settings["laser"], "higher": intervention.higher}}
+        compressed.complete_folder(out, reader, len(layers), ranks, reader.dtype, info, manifest)
+        change = sum(s["params"] - s["dense_params"] for s in stored.values())
+        report = {"intervention": intervention.name(), "matrices": stored, "parameter_change": change}
+        files.write_json_atomic(report, out / "report.json")
     return report

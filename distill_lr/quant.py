@@ -78,7 +78,7 @@ class Quantized:
 def grid(W: Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Per-group ``(scale, zero)`` of W, ``(out, groups)`` float32, the scales rounded to ``scale_dtype``."""
     out_features, in_features = W.shape
-    g = spec.group_size
+    g = min(spec.group_size, in_features)  # a group wider than the row is the row
     padded = torch.nn.functional.pad(W.float(), (0, -in_features % g)).view(out_features, -1, g)  # zeros change no range below
     top = (1 << spec.bits) - 1
     if spec.symmetric:

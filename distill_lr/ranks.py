@@ -119,10 +119,12 @@ def plan_ranks(
         else:
             ranks |= _allocate(free, cfg, Budget(int(budget), cfg.floor, cfg.rank_multiple), short, sensitivity)
             removed = 1.0 - (kept_elsewhere + sum(kept(s, ranks.get(n)) for n, s in free.items())) / dense_total
+            short_of = removed < cfg.target  # the floor keeps too much; the other way, rank steps overshoot
+            advice = "lower ranks.floor or ranks.target (the fraction removed)" if short_of else "lower ranks.rank_multiple"
             check(
                 abs(removed - cfg.target) <= BUDGET_TOLERANCE,
                 f"ranks.allocation={cfg.allocation} removes {removed:.1%}, not ranks.target={cfg.target:.1%}: "
-                f"every matrix keeps ranks.floor={cfg.floor} of its parameters; lower ranks.floor or raise the target",
+                f"every matrix keeps ranks.floor={cfg.floor} of its parameters; {advice}",
             )
     return RankPlan(
         ranks=dict(sorted(_profitable(ranks, shapes, cfg.rank_multiple).items(), key=lambda kv: _natural_key(kv[0]))), shapes=shapes

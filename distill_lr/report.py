@@ -6,6 +6,7 @@ produced from these objects; ``to_dict`` gives the JSON form, leaving out what a
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -36,6 +37,10 @@ class LayerReport:
 
     def to_dict(self) -> dict[str, Any]:
         return _without_empty(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """What the resume manifest keeps (a copy): all but the timings, so two runs of one config write the same manifest."""
+        return copy.deepcopy({k: v for k, v in self.to_dict().items() if k not in ("seconds", "resumed")})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerReport:

@@ -23,8 +23,9 @@ import torch
 from distill_lr.builtin import BUILTIN_TEXT, resolve_model_dir
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.files import human_bytes
+from distill_lr.checkpoint.reader import checkpoint_config
 from distill_lr.data import bos_prefix, held_out_documents, load_documents
-from distill_lr.errors import UserInputError, check
+from distill_lr.errors import ONE_LINE, UserInputError, check, error_line, first_line
 from distill_lr.tasks import BUILTIN_TASK, encode, lm_eval_scores, load_tasks, score_model
 
 
@@ -32,8 +33,9 @@ def load(folder: Path) -> torch.nn.Module:
     """The whole model, float32 on the CPU, after checking that it fits in the available memory."""
     from transformers import AutoModelForCausalLM
 
+    config = checkpoint_config(folder)
     stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    config = json.loads((folder / "config.json").read_text())
+    check(stored > 0, f"{folder} holds no *.safetensors weights: give a checkpoint folder with its weights")
     dtype = config.get("dtype", "float32")
     need = stored * (1 if dtype == "float32" else 2) * 1.2  # float32 copies, plus headroom for activations
     available = psutil.virtual_memory().available
@@ -44,7 +46,11 @@ def load(folder: Path) -> torch.nn.Module:
     )
     if "distill_lr" in config:
         return load_compressed(folder, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+    except (OSError, ValueError, KeyError) as err:
+        problem = f"{folder} cannot be loaded as a causal LM ({first_line(err)})"
+        raise UserInputError(f"{problem}: give a Hugging Face causal LM folder") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, scores in lm_eval_scores(model, tokenizer, args.lm_eval, args.include_path, args.limit).items():
                 results[f"lm-eval:{name}"] = scores
                 print(f"lm-eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ONE_LINE as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))
     return 0

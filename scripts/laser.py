@@ -28,7 +28,7 @@ from distill_lr import laser
 from distill_lr.bench import device_name, markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
 from distill_lr.data import bos_prefix, build_token_sets, held_out_documents, load_documents
-from distill_lr.errors import UserInputError
+from distill_lr.errors import ONE_LINE, error_line
 from distill_lr.sweep import Model, SweepResult, badness, best_per_type, run_sweep
 from distill_lr.tasks import BUILTIN_TASK, encode, load_tasks
 
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         {"sweep": sweep, "plot": plot, "apply": apply}[args.command](args)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ONE_LINE as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     return 0
 

@@ -33,7 +33,7 @@ from distill_lr.bench import markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers
 from distill_lr.data import build_token_sets, load_documents
-from distill_lr.errors import UserInputError, check
+from distill_lr.errors import ONE_LINE, check, error_line
 from distill_lr.stats import collect_stats
 from distill_lr.sweep import Model
 
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             result["sweep_correlations"] = correlations(result, json.loads(args.sweep.read_text()))
         save_results(result, args.out / "spectra.json")
         plots(result, args.out)
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ONE_LINE as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     text = [summary(result)]
     print(text[0])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -65,8 +67,14 @@ def fails(model: Path, corpus: Path, output: Path, needle: str, **extra) -> None
 
 
 def layer_bytes(folder: Path) -> dict[str, bytes]:
-    """Every weight file of a checkpoint folder, by name: for byte-for-byte comparisons."""
+    """Every weight file of a checkpoint folder, by name: for byte-for-byte comparisons of runs on different inputs."""
     return {p.name: p.read_bytes() for p in sorted(folder.glob("model-*.safetensors"))}
+
+
+def run_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a run's folder but report.json (the one record of timings), by name: a resumed run must equal an
+    unbroken one in all of them, weights, manifest and config.json alike."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "report.json"}
 
 
 def materialised_layer(folder: Path, index: int = 0):
@@ -76,6 +84,20 @@ def materialised_layer(folder: Path, index: int = 0):
     prefix, layers = decoder_layers(model)
     load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
     return model, layers, LayerLoader(reader, layers, prefix, read_ahead=False).load(index, "cpu", torch.float32)
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module, for the tests of the commands that live there."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def folder_state(folder: Path) -> dict[str, bytes] | None:
+    """Every file under ``folder`` with its bytes (None: no such folder): to check that a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
 
 
 def interrupted_then_resumed(monkeypatch, model: Path, corpus: Path, output: Path, at_layer: int = 2, **extra) -> RunReport:

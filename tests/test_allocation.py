@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import layer_bytes, run
+from conftest import run, run_files
 from transformers import AutoModelForCausalLM
 
 from distill_lr import allocation, prepass
 from distill_lr.allocation import Budget, kept
 from distill_lr.checkpoint.reader import CheckpointReader, build_skeleton, decoder_layers, load_non_layer_
+from distill_lr.errors import UserInputError
 from distill_lr.ranks import free_matrices, linear_shapes, plan_ranks
 from distill_lr.schema import RankConfig
 from distill_lr.testing import save_tiny
@@ -58,7 +59,7 @@ def test_a_resumed_run_reuses_the_plan_and_writes_the_same_files(tmp_path: Path,
     next(iter(sorted((tmp_path / "resumed").glob("model-layer-*")))).unlink()
     again = run(tiny_llama, corpus, tmp_path / "resumed")
     assert calls == [1] and again.allocation.get("reused") and again.allocation["kept"] == first.allocation["kept"]
-    assert layer_bytes(tmp_path / "resumed") == layer_bytes(tmp_path / "whole") and whole.allocation["kept"] == first.allocation["kept"]
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole") and whole.allocation["kept"] == first.allocation["kept"]
 
 
 def test_streamed_gradient_weights_equal_the_whole_model_backward(tmp_path: Path) -> None:
@@ -125,5 +126,12 @@ def test_bottom_cuts_the_lowest_layers_first_down_to_the_floor() -> None:
 def test_a_floor_above_the_budget_is_a_clear_error() -> None:
     shapes = {f"layers.{i}.q": (64, 64) for i in range(2)}
     cfg = RankConfig(target=0.9, allocation="bottom", floor=0.5)
-    with pytest.raises(Exception, match="ranks.floor"):
+    with pytest.raises(UserInputError, match=r"removes \d+\.\d%, not ranks.target=90.0%: .* lower ranks.floor or ranks.target") as err:
         plan_ranks(shapes, cfg)
+    assert "raise" not in str(err.value)  # a higher target removes more: the floor is further out of reach
+
+
+def test_more_allocation_sequences_than_calibration_sequences_is_said(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    with pytest.warns(UserWarning, match=r"ranks.allocation_sequences=64 is more than the 16 calibration sequences"):
+        report = run(tiny_llama, corpus, tmp_path / "out", **{"ranks.allocation_sequences": 64})
+    assert report.allocation["prepass_sequences"] == 16

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, layer_bytes, run
+from conftest import fails, folder_state, layer_bytes, run, run_files
 
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.layout import E2E_STATE
@@ -55,7 +55,7 @@ def test_a_stop_in_the_stage_resumes_it_and_equals_an_unbroken_run(tmp_path: Pat
     monkeypatch.setattr(e2e.Progress, "save", real)
     assert (tmp_path / "resumed" / E2E_STATE).is_file()
     resumed = run(peaked, corpus, tmp_path / "resumed", **STAGE)
-    assert layer_bytes(tmp_path / "resumed") == layer_bytes(tmp_path / "whole")
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
     assert resumed.perplexity.compressed == pytest.approx(whole.perplexity.compressed, rel=1e-6)
     again = run(peaked, corpus, tmp_path / "whole", **STAGE)  # done: replayed from the manifest, through the trained layers
     assert again.e2e == whole.e2e and again.perplexity.compressed == pytest.approx(whole.perplexity.compressed, rel=1e-6)
@@ -68,13 +68,15 @@ def test_a_stop_while_the_trained_layers_are_written_resumes_the_writing(tmp_pat
         run(peaked, corpus, tmp_path / "resumed", **STAGE)
     monkeypatch.undo()
     run(peaked, corpus, tmp_path / "resumed", **STAGE)
-    assert layer_bytes(tmp_path / "resumed") == layer_bytes(tmp_path / "whole")
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
 
 
 def test_a_folder_trained_end_to_end_refuses_other_stage_settings(tmp_path: Path, peaked: Path, corpus: Path) -> None:
     run(peaked, corpus, tmp_path / "out", **STAGE)
+    before = folder_state(tmp_path / "out")
     fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.enabled": "false"})
     fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.lr": 1e-3})
+    assert folder_state(tmp_path / "out") == before  # a refused command leaves every file as it was (the manifest still complete)
 
 
 def test_a_finished_layer_wise_run_gets_the_stage_later(tmp_path: Path, peaked: Path, corpus: Path) -> None:
@@ -82,7 +84,7 @@ def test_a_finished_layer_wise_run_gets_the_stage_later(tmp_path: Path, peaked: 
     run(peaked, corpus, tmp_path / "later", **plain)
     later = run(peaked, corpus, tmp_path / "later", **STAGE)
     run(peaked, corpus, tmp_path / "direct", **STAGE)
-    assert later.e2e["steps"] > 0 and layer_bytes(tmp_path / "later") == layer_bytes(tmp_path / "direct")
+    assert later.e2e["steps"] > 0 and run_files(tmp_path / "later") == run_files(tmp_path / "direct")
 
 
 def test_a_stage_that_does_not_fit_is_refused_before_the_layer_loop(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:

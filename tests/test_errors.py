@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import fails, run
+import pytest
+from conftest import fails, load_script, overrides_for, run
 
+from distill_lr import prepass
+from distill_lr.checkpoint import files
+from distill_lr.checkpoint.compressed import load_compressed
+from distill_lr.checkpoint.layout import LOCK_NAME
 from distill_lr.cli import main
+from distill_lr.errors import UserInputError
 
 
 def test_missing_model_folder(tmp_path: Path, corpus: Path) -> None:
@@ -22,7 +32,7 @@ def test_folder_without_config(tmp_path: Path, corpus: Path) -> None:
 
 def test_unreadable_config(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     (tiny_llama / "config.json").write_text("{not json")
-    fails(tiny_llama, corpus, tmp_path / "out", "cannot be read as a transformers config")
+    fails(tiny_llama, corpus, tmp_path / "out", "config.json is not valid JSON")
 
 
 def test_not_a_causal_lm(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
@@ -99,3 +109,125 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys) -> None:
 def test_teacher_cache_that_is_a_file(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     fails(tiny_llama, corpus, tmp_path / "out", "teacher_cache folder", teacher_cache=str(tmp_path / "file"))
+
+
+# --- the output path, checked before any work ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path: Path, tiny_llama: Path, corpus: Path, overwrite: bool) -> None:
+    (tmp_path / "file").write_text("mine")
+    fails(tiny_llama, corpus, tmp_path / "file", f"output folder {tmp_path / 'file'} is a file, not a folder", overwrite=overwrite)
+    fails(tiny_llama, corpus, tmp_path / "file" / "sub", f"cannot be created: {tmp_path / 'file'} is a file", overwrite=overwrite)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a read-only file system (a tmpfs mounted read-only; skipped where mounting is not allowed)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "none", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only file system here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("where", ["new", "the-folder"])
+def test_a_read_only_output_is_one_line_naming_it(read_only: Path, tiny_llama: Path, corpus: Path, where: str) -> None:
+    out = read_only / "out" if where == "new" else read_only
+    fails(tiny_llama, corpus, out, f"cannot write to output folder {out} (Read-only file system)")
+
+
+def test_a_failed_lock_write_is_one_line_and_leaves_no_folder(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    real_open = os.open
+
+    def refuse(path, flags, mode=0o777):
+        if str(path).endswith(LOCK_NAME):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", refuse)
+    fails(tiny_llama, corpus, tmp_path / "a" / "b", f"cannot write to output folder {tmp_path / 'a' / 'b'} (Permission denied)")
+    assert not (tmp_path / "a").exists()  # the folders it made for the run went with it
+
+
+def test_the_output_folder_is_checked_before_the_pre_pass(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(prepass, "measure", lambda *a, **k: pytest.fail("the pre-pass ran before the output folder was checked"))
+    fails(tiny_llama, corpus, tmp_path / "out", "holds no distill_lr run", **{"ranks.allocation": "loss-aware"})
+
+
+def test_the_cli_turns_an_os_error_into_one_line(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch, capsys) -> None:
+    def broken(*_args, **_kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "out" / "x"))
+
+    monkeypatch.setattr(files, "write_json_atomic", broken)
+    assert main(overrides_for(tiny_llama, corpus, tmp_path / "out")) == 2
+    err = capsys.readouterr().err  # progress bars, then the one line
+    assert err.strip().splitlines()[-1].startswith(f"error: Input/output error at {tmp_path / 'out' / 'x'}: check that path")
+    assert "Traceback" not in err
+
+
+# --- the input ------------------------------------------------------------------------------------------------
+
+
+def test_a_config_whose_sizes_do_not_match_the_weights(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    fails(tiny_llama, corpus, tmp_path / "out", "tensor 'model.embed_tokens.weight' of checkpoint")
+    fails(tiny_llama, corpus, tmp_path / "out", "has shape [256, 64] but config.json implies [256, 48]")
+
+
+def test_a_compressed_folder_is_no_input(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    out = run(tiny_llama, corpus, tmp_path / "out").output
+    fails(Path(out), corpus, tmp_path / "again", "is a distill_lr compressed checkpoint, not a dense one")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_text_that_is_not_utf8_is_named_with_the_byte(tmp_path: Path, tiny_llama: Path, corpus: Path, suffix: str) -> None:
+    data = corpus.read_bytes()
+    bad = tmp_path / f"latin1{suffix}"
+    bad.write_bytes(data[:20] + b"\xff" + data[20:])
+    fails(tiny_llama, bad, tmp_path / "out", f"{bad} is not UTF-8 text (byte 0xff at offset 20)")
+
+
+# --- evaluate.py, load_compressed and spectra.py on bad folders ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_text("x"), "is a file, not a model folder"),
+        (lambda p: p.mkdir(), "has no config.json"),
+        (lambda p: (p.mkdir(), (p / "config.json").write_text("{oops")), "config.json is not valid JSON"),
+        (lambda p: (p.mkdir(), (p / "config.json").write_text("[]")), "holds a JSON list, not a config object"),
+        (lambda p: (p.mkdir(), (p / "config.json").write_text('{"model_type": "llama"}')), "holds no *.safetensors weights"),
+    ],
+    ids=["missing", "a-file", "empty", "bad-json", "json-list", "no-weights"],
+)
+def test_evaluate_on_a_bad_folder_is_one_line(tmp_path: Path, capsys, make, needle: str) -> None:
+    make(tmp_path / "m")
+    assert load_script("evaluate").main(["--model", str(tmp_path / "m"), "--tasks"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_load_compressed_on_a_missing_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"model folder .*nope does not exist"):
+        load_compressed(tmp_path / "nope")
+
+
+def test_spectra_compare_with_a_compressed_folder_is_one_line_without_a_prompt(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, capsys, monkeypatch
+) -> None:
+    out = run(tiny_llama, corpus, tmp_path / "out").output
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked the user a question"))
+    args = ["--model", str(tiny_llama), "--compare", out, "--activations", "0", "--out", str(tmp_path / "spectra")]
+    assert load_script("spectra").main(args) == 2
+    captured = capsys.readouterr()
+    assert "is a distill_lr compressed checkpoint" in captured.err and "[y/N]" not in captured.out + captured.err

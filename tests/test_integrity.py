@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, layer_bytes, overrides_for, run
+from conftest import fails, folder_state, overrides_for, run, run_files
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertLMHeadModel
+from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
 
 from distill_lr.checkpoint import compressed, files
-from distill_lr.checkpoint.layout import MANIFEST_NAME, layer_file
+from distill_lr.checkpoint.layout import LOCK_NAME, MANIFEST_NAME, layer_file
+from distill_lr.checkpoint.reader import read_header
 from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
 from distill_lr.testing import save_tiny, word_tokenizer
@@ -60,7 +61,7 @@ def test_a_changed_layer_file_is_recomputed_with_a_warning(tmp_path: Path, tiny_
     with pytest.warns(UserWarning, match=rf"{layer_file(1)} has changed since it was written"):
         again = run(tiny_llama, corpus, out, method=method)
     assert [layer.resumed for layer in again.layers] == [True, False, True]
-    assert layer_bytes(out) == layer_bytes(Path(unbroken.output))
+    assert run_files(out) == run_files(Path(unbroken.output))
     compressed.load_compressed(out)  # verified again
 
 
@@ -83,6 +84,94 @@ def test_load_compressed_names_a_truncated_or_missing_file(tmp_path: Path, tiny_
     (out / layer_file(2)).unlink()
     with pytest.raises(UserInputError, match=rf"{layer_file(2)}, named in .* is missing"):
         compressed.load_compressed(out)
+
+
+def test_a_config_with_fewer_layers_than_the_checkpoint_is_refused(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    needle = f"checkpoint {tiny_llama} holds tensors of decoder layer 2 but config.json has num_hidden_layers=2"
+    fails(tiny_llama, corpus, tmp_path / "out", needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_the_model_does_not_use_is_named(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    shard = sorted(tiny_llama.glob("model-*.safetensors"))[0]
+    save_file({**load_file(shard), "model.vision_tower.proj.weight": torch.zeros(4, 4)}, shard, metadata={"format": "pt"})
+    needle = "holds 1 tensor(s) that the 'llama' model of its config.json does not use (e.g. 'model.vision_tower.proj.weight')"
+    fails(tiny_llama, corpus, tmp_path / "out", needle)
+
+
+def flip_tensor_bytes(path: Path, suffix: str, count: int = 64) -> None:
+    """Invert ``count`` bytes inside the first tensor of a safetensors file whose name ends with ``suffix``."""
+    name, info = next((k, v) for k, v in read_header(path).items() if k.endswith(suffix))
+    data = bytearray(path.read_bytes())
+    start = info["data_offsets"][0]
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_quantized_file_is_refused_by_the_remote_code_and_the_export(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    out = Path(run(tiny_llama, corpus, tmp_path / "out", method="qlr", **{"quant.bits": 4, "quant.group_size": 16}).output)
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # intact: loads
+    flip_tensor_bytes(out / layer_file(1), ".qweight")
+    with pytest.raises(ValueError, match=rf"{layer_file(1)} has changed since it was written"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with pytest.raises(UserInputError, match=rf"{layer_file(1)} has changed since it was written"):
+        compressed.export_dense(out, tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, distill_lr_verify=False)  # the documented way around it
+
+
+def test_a_truncated_or_deleted_layer_file_is_recomputed_with_a_warning(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    out = tmp_path / "out"
+    run(tiny_llama, corpus, out)
+    unbroken = run_files(out)
+    (out / "config.json").unlink()  # as if stopped before the end
+    data = (out / layer_file(1)).read_bytes()
+    (out / layer_file(1)).write_bytes(data[:100])
+    (out / layer_file(2)).unlink()
+    with pytest.warns(UserWarning) as caught:
+        again = run(tiny_llama, corpus, out)
+    said = [str(w.message) for w in caught]
+    assert any(f"{layer_file(1)} has 100 bytes, not the {len(data):,} written: layer 1 is computed again" in m for m in said), said
+    assert any(f"{layer_file(2)} is missing: layer 2 is computed again" in m for m in said), said
+    assert [layer.resumed for layer in again.layers] == [True, False, False] and run_files(out) == unbroken
+
+
+def test_two_unbroken_runs_write_the_same_files_but_report_json(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    a, b = (run(tiny_llama, corpus, tmp_path / name, method="distill", **{"ranks.allocation": "loss-aware"}) for name in "ab")
+    assert run_files(Path(a.output)) == run_files(Path(b.output))
+    config = json.loads((Path(a.output) / "config.json").read_text())["distill_lr"]["allocation"]
+    assert "prepass_seconds" not in config and "prepass_seconds" in a.allocation  # timings: report.json only
+
+
+# --- one run per folder ----------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    out = tmp_path / "out"
+    run(tiny_llama, corpus, out)
+    before = folder_state(out)
+    with files.claimed_folder(out):  # as a first run holds it
+        fails(tiny_llama, corpus, out, f"output folder {out} is in use by another distill_lr run (pid {os.getpid()} on ")
+        fails(tiny_llama, corpus, out, "is in use by another distill_lr run", overwrite=True)
+    assert folder_state(out) == before  # the lock file went with its holder
+    (out / LOCK_NAME).write_text("pid 1 on a machine that died")  # a killed run's lock file: no process holds it
+    again = run(tiny_llama, corpus, out)
+    assert all(layer.resumed for layer in again.layers) and not (out / LOCK_NAME).exists()
+
+
+def test_two_processes_on_one_folder_one_waits_out_the_other(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    holder = "import sys, time; from pathlib import Path; from distill_lr.checkpoint import files\n"
+    holder += "with files.claimed_folder(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        fails(tiny_llama, corpus, tmp_path / "out", f"is in use by another distill_lr run (pid {child.pid} on ")
+    finally:
+        child.kill()
+        child.wait()
+    run(tiny_llama, corpus, tmp_path / "out")  # the holder died: its lock went with it
 
 
 # --- safe overwrite --------------------------------------------------------------------------------------------
@@ -218,7 +307,7 @@ def test_a_full_disk_mid_run_says_how_much_and_resumes(tmp_path: Path, tiny_llam
         run(tiny_llama, corpus, tmp_path / "out")
     monkeypatch.setattr(files, "save_tensors_atomic", real)
     resumed = run(tiny_llama, corpus, tmp_path / "out")
-    assert resumed.layers[0].resumed and layer_bytes(tmp_path / "out") == layer_bytes(Path(unbroken.output))
+    assert resumed.layers[0].resumed and run_files(tmp_path / "out") == run_files(Path(unbroken.output))
 
 
 def test_sizes_are_written_in_the_unit_that_shows_them() -> None:
@@ -271,7 +360,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_bytes(tmp_path: Path, tin
     assert not (tmp_path / "out" / "config.json").exists()  # a killed run never looks complete
     resumed = run(tiny_llama, corpus, tmp_path / "out", method="distill")
     assert resumed.layers[0].resumed
-    assert layer_bytes(tmp_path / "out") == layer_bytes(Path(unbroken.output))
+    assert run_files(tmp_path / "out") == run_files(Path(unbroken.output))
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["complete"]
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # the killed write's temporary file too
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
+from conftest import load_script, run
 from transformers import AutoModelForCausalLM
 
 from distill_lr import laser
@@ -227,11 +227,7 @@ def test_lm_eval_gives_our_scores_on_a_local_task(tmp_path: Path, tiny_llama: Pa
 def test_evaluate_script_scores_a_compressed_folder_and_refuses_what_does_not_fit(
     tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch, capsys
 ) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parents[1] / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate")
     path = write_task(tmp_path / "tiny.jsonl")
     out = run(tiny_llama, corpus, tmp_path / "out", tokenizer=str(tiny_llama), **{"eval.tasks": f"[{path}]"})
     assert module.main(["--model", out.output, "--tasks", str(path)]) == 0
@@ -244,11 +240,7 @@ def test_evaluate_script_scores_a_compressed_folder_and_refuses_what_does_not_fi
 
 
 def test_the_laser_script_sweeps_plots_and_writes_the_best(tmp_path: Path, tiny_llama: Path, corpus: Path, capsys) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("laser_script", Path(__file__).parents[1] / "scripts" / "laser.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("laser")
     task = write_task(tmp_path / "tiny.jsonl")
     common = ["--model", str(tiny_llama)]
     sweep = ["sweep", "--layers", "1", "2", "--types", "q", "mlp_out", "--rhos", "0.5", "0.1", "--tasks", str(task), "--data", str(corpus)]

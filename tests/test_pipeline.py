@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupted_then_resumed, layer_bytes, materialised_layer, overrides_for, run
+from conftest import interrupted_then_resumed, layer_bytes, materialised_layer, overrides_for, run, run_files
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill_lr.checkpoint import compressed, files, reader
@@ -132,7 +132,7 @@ def test_resumed_run_equals_unbroken_run(tmp_path: Path, corpus: Path, kind: str
     extra = {"teacher_cache": str(tmp_path / "teacher")} if teacher_cache else {}
     resumed = interrupted_then_resumed(monkeypatch, model, corpus, tmp_path / "resumed", method=method, **extra)
     assert [r.resumed for r in resumed.layers] == [True, True, False]
-    assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
+    assert run_files(tmp_path / "unbroken") == run_files(tmp_path / "resumed")
     assert resumed.perplexity == unbroken.perplexity
     if teacher_cache:  # the two finished layers' outputs were stored before the crash and read back
         assert resumed.teacher_cache["files_read"] == 4

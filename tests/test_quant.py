@@ -14,7 +14,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
-from conftest import interrupted_then_resumed, layer_bytes, materialised_layer, run
+from conftest import fails, interrupted_then_resumed, layer_bytes, materialised_layer, run, run_files
 from safetensors import safe_open
 from test_pipeline import REMOTE_LOAD, nll_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,7 +206,7 @@ def test_resumed_quantized_run_equals_unbroken_run(tmp_path: Path, corpus: Path,
     unbroken = run(model, corpus, tmp_path / "unbroken", **Q4, **extra)
     resumed = interrupted_then_resumed(monkeypatch, model, corpus, tmp_path / "resumed", **Q4, **extra)
     assert [r.resumed for r in resumed.layers] == [True, True, False]
-    assert layer_bytes(tmp_path / "unbroken") == layer_bytes(tmp_path / "resumed")
+    assert run_files(tmp_path / "unbroken") == run_files(tmp_path / "resumed")
     assert resumed.perplexity == unbroken.perplexity and resumed.size == unbroken.size
 
 
@@ -245,11 +245,28 @@ def test_bad_quantization_settings_are_refused_in_one_line(overrides: list[str],
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_rank_rule_above_the_matrix_is_clipped_and_skip_leaves_it_uncorrected(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
-    rules = '{"**.mlp.*": skip, "**.q_proj": 100000}'
-    report = run(tiny_llama, corpus, tmp_path / "out", method="qlr", **Q4, **{"quant.correction_rules": rules})
+def test_a_correction_above_the_matrix_is_refused_before_any_write_and_skip_leaves_it_uncorrected(
+    tmp_path: Path, tiny_llama: Path, corpus: Path
+) -> None:
+    needle = "correction rank 100000 for layers.0.self_attn.q_proj is above min(out, in) = 64"
+    fails(tiny_llama, corpus, tmp_path / "rule", needle, method="qlr", **Q4, **{"quant.correction_rules": '{"**.q_proj": 100000}'})
+    fails(tiny_llama, corpus, tmp_path / "all", needle, method="qlr", **Q4, **{"quant.correction_rank": 100000})
+    assert not (tmp_path / "rule").exists() and not (tmp_path / "all").exists()
+    rules = {"quant.correction_rules": '{"**.mlp.*": skip, "**.q_proj": 40}'}
+    with pytest.warns(UserWarning, match=r"at or above their break-even rank .* takes more bytes than its dense weight"):
+        report = run(tiny_llama, corpus, tmp_path / "out", method="qlr", **Q4, **rules)
     corrections = report.layers[0].quant["corrections"]
-    assert not any("mlp" in n for n in corrections) and corrections["self_attn.q_proj"] == 64  # min(out, in) of the tiny q_proj
+    assert not any("mlp" in n for n in corrections) and corrections["self_attn.q_proj"] == 40  # 64x64: break-even 32
+
+
+def test_a_group_wider_than_every_row_is_one_group_per_row_with_a_warning(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    with pytest.warns(UserWarning, match=r"quant.group_size=1000000 is wider than every linear's input \(at most 128 columns\)"):
+        wide = run(tiny_llama, corpus, tmp_path / "wide", method="dense", **{**Q4, "quant.group_size": 1000000})
+    per_row = run(tiny_llama, corpus, tmp_path / "row", method="dense", **{**Q4, "quant.group_size": 128})  # every row one group too
+    assert layer_bytes(Path(wide.output)) == layer_bytes(Path(per_row.output))  # same integers and scales, no padded columns
+    model = compressed.load_compressed(wide.output, dtype=torch.float32)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.scale.shape == (64, 1) and q.dequantized().shape == (64, 64)
 
 
 def test_moe_experts_are_named_as_left_unquantized(tmp_path: Path, corpus: Path) -> None:

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from transformers import AutoModelForCausalLM
 
 from distill_lr import spectra
 from distill_lr.moments import Moments
 from distill_lr.testing import save_tiny
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "spectra.py"
-
 
 def script():
-    spec = importlib.util.spec_from_file_location("spectra_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("spectra")
 
 
 def with_singular_values(s: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:

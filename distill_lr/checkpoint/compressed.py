@@ -18,10 +18,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from distill_lr.checkpoint.files import check_apart, file_sha256, save_tensors_atomic, write_json_atomic
-from distill_lr.checkpoint.layout import CODE_FILES, EXPORT_MARKER, INDEX_NAME, MANIFEST_NAME, OTHER_FILE, TOKENIZER_FILES, layer_file
+from distill_lr.checkpoint.files import check_apart, check_folder_path, save_tensors_atomic, write_json_atomic
+from distill_lr.checkpoint.layout import CODE_FILES, EXPORT_MARKER, INDEX_NAME, OTHER_FILE, TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
-from distill_lr.checkpoint.reader import CheckpointReader, read_header
+from distill_lr.checkpoint.reader import CheckpointReader, checkpoint_config
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, QuantLinear, dequantize
@@ -123,8 +123,7 @@ def _architecture(config: PretrainedConfig) -> str:
 
 
 def _compressed_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = checkpoint_config(folder)
     if hf_modeling.CONFIG_KEY not in data:
         raise UserInputError(
             f"{folder} is not a finished distill_lr checkpoint (no '{hf_modeling.CONFIG_KEY}' in config.json): "
@@ -135,22 +134,10 @@ def _compressed_config(folder: Path) -> dict[str, Any]:
 
 def verify_files(folder: Path) -> None:
     """Every file the index names is there and complete, and (with the run's manifest) has the content the run wrote."""
-    names = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
-    manifest = folder / MANIFEST_NAME
-    recorded = {}
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        recorded = {entry["file"]: entry["sha256"] for entry in [*data["layers"].values(), data.get("other", {})] if entry}
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            raise UserInputError(f"{path}, named in {INDEX_NAME}, is missing: rerun the compression into this folder to rewrite it")
-        read_header(path)  # a truncated file is named here, not deep inside safetensors
-        if name in recorded and file_sha256(path) != recorded[name]:
-            raise UserInputError(
-                f"{path} has changed since it was written (its sha256 does not match {MANIFEST_NAME}): "
-                "rerun the same compression command into this folder, which recomputes that layer"
-            )
+    try:
+        hf_modeling.verify_files(folder)
+    except hf_modeling.BrokenCheckpointError as err:
+        raise UserInputError(str(err)) from None
 
 
 def load_compressed(
@@ -178,11 +165,13 @@ def export_dense(src: str | Path, dst: str | Path) -> None:
     """
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     data = _compressed_config(src)
+    verify_files(src)  # a damaged file is named, not exported
     info = data.pop(hf_modeling.CONFIG_KEY)
     ranks = info["ranks"]
     data["model_type"] = info.get("base_model_type", data["model_type"])
     data.pop("auto_map", None)
     check_apart(dst, "dense export folder", {"the compressed checkpoint": src})
+    check_folder_path(dst, "dense export folder")
     _clear_export(dst)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))

@@ -6,10 +6,13 @@ into place, so a file that exists under its final name is complete, whatever cra
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import time
 import uuid
@@ -21,6 +24,7 @@ from typing import IO, Any
 
 import torch
 
+from distill_lr.checkpoint.layout import LOCK_NAME
 from distill_lr.errors import UserInputError
 
 
@@ -36,8 +40,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a read-only folder fails the unlink too: the first error is the one to see
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -136,15 +142,78 @@ def check_apart(folder: Path, role: str, others: dict[str, Path | None]) -> None
         theirs = other.expanduser().resolve()
         relation = "is" if mine == theirs else "lies inside" if theirs in mine.parents else "contains" if mine in theirs.parents else None
         if relation is not None:
-            raise UserInputError(f"{role} {folder} {relation} {what} ({other}): choose a {role} apart from it")
+            raise UserInputError(f"{role} {folder} {relation} {what} ({other}): choose another {role}, apart from it")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_folder_path(folder: Path, role: str) -> None:
+    """Refuse a ``folder`` that is a file, or lies below one, before anything is read or written."""
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{role} {folder} is a file, not a folder: give a folder path (a new or empty folder)")
+    blocked = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserInputError(f"{role} {folder} cannot be created: {blocked} is a file, not a folder; give another path")
+
+
+@contextmanager
+def claimed_folder(folder: Path, role: str = "output folder") -> Iterator[Path]:
+    """Create ``folder`` if needed and hold an exclusive lock on it (``LOCK_NAME``) until the block ends.
+
+    A second run on the same folder is refused in one line naming the first. On the way out the lock
+    file goes, and so do the folders this call created when they are still empty: a refused run leaves
+    the disk as it found it.
+    """
+    check_folder_path(folder, role)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(folder, role)
+    except OSError as err:
+        _remove_empty(created)
+        raise UserInputError(f"cannot write to {role} {folder} ({err.strerror}): choose a folder you can write to") from None
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            (folder / LOCK_NAME).unlink()  # still ours: nobody else can hold it, and a waiting run re-checks the inode
+        os.close(lock)
+        _remove_empty(created)
+
+
+def _take_lock(folder: Path, role: str) -> int:
+    """An open descriptor of ``folder/LOCK_NAME`` holding its ``flock``, with this process named in the file."""
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "a process that has not yet named itself"
+            os.close(fd)
+            raise UserInputError(
+                f"{role} {folder} is in use by another distill_lr run ({holder}): wait for it to end or stop it, or choose another folder"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file between our open and our lock: take the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the given folders, deepest first, as long as they are empty (what a refused run created)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 class BackgroundWriter:

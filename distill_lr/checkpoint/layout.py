@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-INDEX_NAME = "model.safetensors.index.json"
+from distill_lr.modeling.hf_modeling import INDEX_NAME, MANIFEST_NAME  # the remote code checks files by them too
+
 OTHER_FILE = "model-other.safetensors"
 CODE_FILES = ("modeling_distill_lr.py", "lowrank.py")  # the loading code copied beside the weights
 TOKENIZER_FILES = (
@@ -25,8 +26,8 @@ def layer_file(index: int) -> str:
     return f"model-layer-{index:05d}.safetensors"
 
 
-MANIFEST_NAME = "distill_lr_manifest.json"
 EXPORT_MARKER = "distill_lr_export.json"  # in a dense export: the files it wrote
+LOCK_NAME = "distill_lr.lock"  # held while a run writes the folder; removed at its end (a killed run's is taken over)
 E2E_STATE = "distill_lr_e2e_state.pt"  # the end-to-end stage's resumable state, removed once the stage is done
 _RUN_FILES = {OTHER_FILE, INDEX_NAME, MANIFEST_NAME, E2E_STATE, "config.json", "report.json", *CODE_FILES, *TOKENIZER_FILES}
 _RUN_PATTERN = re.compile(r"model-layer-\d{5}\.safetensors")

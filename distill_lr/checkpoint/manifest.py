@@ -14,36 +14,53 @@ from typing import Any
 import torch
 
 from distill_lr.checkpoint import files
-from distill_lr.checkpoint.layout import MANIFEST_NAME, written_by_a_run
+from distill_lr.checkpoint.layout import LOCK_NAME, MANIFEST_NAME, written_by_a_run
 from distill_lr.errors import UserInputError, first_line
+from distill_lr.modeling.hf_modeling import file_sha256
 
 
 class RunManifest:
     """Resume state kept beside the weights: which layers are written, for which config and input."""
 
     def __init__(self, folder: Path, settings: dict[str, Any], input_fingerprint: str, overwrite: bool) -> None:
+        """Read and check what ``folder`` holds, writing nothing: a refused run leaves it as it was (``start`` writes)."""
         self.folder = folder
         self.path = folder / MANIFEST_NAME
+        self.overwrite = overwrite
         self.data: dict[str, Any] = {"settings": settings, "input": input_fingerprint, "layers": {}, "complete": False}
         self._written: dict[int, tuple[str, str]] = {}  # layer -> (file, sha256), between its write and its mark_done
-        old = self._read(overwrite) if self.path.is_file() else None
-        if old is not None and overwrite:
-            self._clear()
-        elif old is not None:
-            self._check_same_run(old, settings, input_fingerprint)
-            self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(v)}
-            if "stages" in old and len(self.data["layers"]) == len(old["layers"]):  # a recomputed layer undoes the stages
-                self.data["stages"] = old["stages"]
+        self._old = self._read(overwrite) if self.path.is_file() else None
+        if self._old is not None and not overwrite:
+            self._check_same_run(self._old, settings, input_fingerprint)
+            if "stages" in self._old:
+                self.data["stages"] = self._old["stages"]
+        elif not self.path.is_file() and folder.is_dir():
+            found = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
+            if found:
+                raise UserInputError(
+                    f"output folder {folder} is not empty and holds no distill_lr run (it has {', '.join(found[:5])}): "
+                    "choose a new or empty output folder (overwrite=true replaces only an earlier run's folder)"
+                )
+
+    @property
+    def plan(self) -> dict[str, int] | None:
+        """The rank plan the earlier run of the same settings recorded here: a resumed run keeps its layers' ranks."""
+        plan = None if self._old is None or self.overwrite else self._old.get("plan")
+        return plan if isinstance(plan, dict) else None
+
+    def start(self, plan: dict[str, int] | None = None) -> None:
+        """Take the folder over: clear an earlier run's files (``overwrite``) or keep its intact layers, then record ``plan``."""
+        old = self._old
+        if old is not None and not self.overwrite:
+            self.data["layers"] = {k: v for k, v in old["layers"].items() if self._intact(int(k), v)}
+            if len(self.data["layers"]) < len(old["layers"]):  # a recomputed layer undoes the stages
+                self.data.pop("stages", None)
             self._clear(temporary_only=True)  # what a killed run was writing
-        elif self.path.is_file():  # unreadable, and overwrite=true
+        elif self.path.is_file():  # overwrite=true, or an unreadable manifest with it
             self._clear()
-        elif folder.exists() and any(folder.iterdir()):
-            found = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
-            raise UserInputError(
-                f"output folder {folder} is not empty and holds no distill_lr run (it has {found}): "
-                "choose a new or empty output folder (overwrite=true replaces only an earlier run's folder)"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
+        if plan is not None:
+            self.data["plan"] = plan
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.save()
 
     def _read(self, overwrite: bool) -> dict[str, Any] | None:
@@ -80,9 +97,15 @@ class RunManifest:
             if path.is_file() and written_by_a_run(path.name) and (not temporary_only or path.name.startswith(".")):
                 path.unlink()
 
-    def _intact(self, entry: dict[str, Any]) -> bool:
+    def _intact(self, index: int, entry: dict[str, Any]) -> bool:
+        """Whether a finished layer's file is still there at its size; else it is computed again, with a warning."""
         path = self.folder / entry["file"]
-        return path.is_file() and path.stat().st_size == entry["bytes"]
+        size = path.stat().st_size if path.is_file() else None
+        if size == entry["bytes"]:
+            return True
+        state = "is missing" if size is None else f"has {size:,} bytes, not the {entry['bytes']:,} written"
+        warnings.warn(f"{path} {state}: layer {index} is computed again", stacklevel=3)
+        return False
 
     def done(self, index: int) -> dict[str, Any] | None:
         """The finished layer's entry when its file still has the content the run wrote; else None (it is computed again)."""
@@ -90,7 +113,7 @@ class RunManifest:
         if entry is None:
             return None
         path = self.folder / entry["file"]
-        if files.file_sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             warnings.warn(
                 f"{path} has changed since it was written (its sha256 does not match the manifest): layer {index} is computed again",
                 stacklevel=2,
@@ -99,23 +122,6 @@ class RunManifest:
             self.data.pop("stages", None)  # the layer is computed again: a stage after the loop must run again too
             return None
         return entry
-
-    @staticmethod
-    def saved_plan(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, int] | None:
-        """The rank plan an earlier run of the same settings recorded in ``folder``: a resumed run keeps its layers' ranks."""
-        path = folder / MANIFEST_NAME
-        try:
-            old = json.loads(path.read_text()) if path.is_file() and not overwrite else None
-        except (ValueError, OSError):
-            return None  # the constructor reports the unreadable manifest
-        if not isinstance(old, dict) or old.get("settings") != settings or not isinstance(old.get("plan"), dict):
-            return None
-        return old["plan"]
-
-    def record_plan(self, ranks: dict[str, int]) -> None:
-        """The ranks of this run, so that a resumed run needs no pre-pass to find them again."""
-        self.data["plan"] = ranks
-        self.save()
 
     def record_stage(self, name: str, settings: dict[str, Any], report: dict[str, Any]) -> None:
         """A stage after the layer loop has rewritten the layer files it changed, with these settings."""
@@ -138,6 +144,7 @@ class RunManifest:
     def mark_done(self, index: int, report: dict[str, Any]) -> None:
         file, sha256 = self._written.pop(index)
         self.data["layers"][str(index)] = {"file": file, "bytes": (self.folder / file).stat().st_size, "sha256": sha256, "report": report}
+        self.data["layers"] = dict(sorted(self.data["layers"].items(), key=lambda kv: int(kv[0])))  # a recomputed layer: in its place
         self.data["complete"] = False
         self.save()
 

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import re
-import struct
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from distill_lr.checkpoint.layout import INDEX_NAME
 from distill_lr.errors import UserInputError, first_line
+from distill_lr.modeling import hf_modeling
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -88,25 +88,32 @@ def check_finite(state: dict[str, torch.Tensor], folder: Path, chunk: int = 1 <<
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check the file holds every byte the header promises."""
-    size = path.stat().st_size
+    """Parse a safetensors header and check the file holds every byte the header promises; offsets from the file's start."""
     try:
-        with path.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > size - 8:
-                raise ValueError
-            header = json.loads(fh.read(length))
-    except (ValueError, struct.error, UnicodeDecodeError):
-        raise UserInputError(f"{path} is not a readable safetensors file: re-download or re-copy it") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + length + end > size:
-        raise UserInputError(
-            f"shard {path} is truncated ({size:,} bytes, its header needs {8 + length + end:,}): re-download or re-copy it"
-        )
+        length, header = hf_modeling.safetensors_header(path)
+    except hf_modeling.BrokenCheckpointError as err:
+        raise UserInputError(f"{err}: re-download or re-copy it") from None
     for info in header.values():
-        info["data_offsets"] = [8 + length + offset for offset in info["data_offsets"]]  # from the start of the file
+        info["data_offsets"] = [8 + length + offset for offset in info["data_offsets"]]
     return header
+
+
+def checkpoint_config(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json`` as a dict; one-line errors for a missing folder, a file, a missing or broken config."""
+    if not folder.exists():
+        raise UserInputError(f"model folder {folder} does not exist: give a folder with config.json and *.safetensors")
+    if not folder.is_dir():
+        raise UserInputError(f"{folder} is a file, not a model folder: give the folder that holds config.json and *.safetensors")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserInputError(f"{folder} has no config.json: give a Hugging Face checkpoint folder")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserInputError(f"{path} is not valid JSON ({first_line(err)}): fix or replace it") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} holds a JSON {type(data).__name__}, not a config object: fix or replace it")
+    return data
 
 
 class CheckpointReader:
@@ -114,14 +121,14 @@ class CheckpointReader:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).expanduser()
-        if not self.folder.is_dir():
-            raise UserInputError(f"model folder {self.folder} does not exist: give a folder with config.json and *.safetensors")
         config_path = self.folder / "config.json"
-        if not config_path.is_file():
-            raise UserInputError(f"{self.folder} has no config.json: give a Hugging Face checkpoint folder")
+        if hf_modeling.CONFIG_KEY in checkpoint_config(self.folder):
+            raise UserInputError(
+                f"{self.folder} is a distill_lr compressed checkpoint, not a dense one: give the original model, or a dense "
+                "export of this one (export_dense=true when compressing, or distill_lr.export_dense(src, dst))"
+            )
         try:
-            json.loads(config_path.read_text())
-            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder)
+            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)  # never a prompt
         except (ValueError, OSError, KeyError) as err:
             raise UserInputError(f"{config_path} cannot be read as a transformers config ({first_line(err)}): fix or replace it") from None
         if self.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(self.config, "is_encoder_decoder", False):
@@ -133,8 +140,10 @@ class CheckpointReader:
     def _index(self) -> dict[str, TensorInfo]:
         index_path = self.folder / INDEX_NAME
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise UserInputError(f"{index_path} is not a readable index ({first_line(err)}): re-download or re-copy it") from None
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
@@ -222,6 +231,45 @@ class CheckpointReader:
             )
         for name, meta in expected.items():
             self._check_experts(name, meta)
+
+    def check_model(self, model: nn.Module, layer_prefix: str) -> None:
+        """The model built from config.json and the tensors on disk agree, read without a weight: every decoder-layer
+        parameter is there (every expert too), every tensor on disk has a use, and each one stored as it is has the shape
+        the config implies. A config that describes fewer layers or other sizes than the weights is refused here."""
+        expected = model.state_dict()
+        self.check({k: v for k, v in expected.items() if k.startswith(layer_prefix)})
+        for name, meta in expected.items():
+            source = self.sources.get(name)
+            if source is not None and source.converter is None and self.tensors[source.keys[0]].shape != tuple(meta.shape):
+                raise UserInputError(
+                    f"tensor '{source.keys[0]}' of checkpoint {self.folder} has shape {list(self.tensors[source.keys[0]].shape)} but "
+                    f"config.json implies {list(meta.shape)}: the weights do not match the config; fix config.json or give the "
+                    "matching checkpoint"
+                )
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        unused = {
+            target: key
+            for target, source in self.sources.items()
+            if target not in expected
+            for key in source.keys
+            if not any(p.search(key) or p.search(target) for p in ignored)
+        }
+        if not unused:
+            return
+        count = model.config.num_hidden_layers
+        above = sorted({int(m[1]) for t in unused if (m := re.match(re.escape(layer_prefix) + r"(\d+)\.", t)) and int(m[1]) >= count})
+        if above:
+            which = f"layer {above[0]}" if len(above) == 1 else f"layers {above[0]}..{above[-1]}"
+            raise UserInputError(
+                f"checkpoint {self.folder} holds tensors of decoder {which} but config.json has "
+                f"num_hidden_layers={count}: the model would be cut short; set num_hidden_layers to the checkpoint's layer count "
+                "or give the matching checkpoint"
+            )
+        raise UserInputError(
+            f"checkpoint {self.folder} holds {len(unused)} tensor(s) that the '{model.config.model_type}' model of its config.json "
+            f"does not use (e.g. '{next(iter(unused.values()))}'): config.json does not match the weights; fix it or give the "
+            "matching checkpoint"
+        )
 
     def read_state(self, expected: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The named model parameters read and converted, each checked against the shape of ``expected[name]``."""

@@ -54,6 +54,9 @@ class LayerStep(ABC):
 
     name: ClassVar[str]  # its key in the layer's timings
 
+    def check(self, cfg: CompressConfig, layers: nn.ModuleList) -> None:  # noqa: B027 (optional hook)
+        """Before anything is written (``layers`` dense, on meta): refuse what the step could not do, warn of what it would waste."""
+
     @abstractmethod
     def run(self, work: LayerWork) -> None:
         """Change ``work.layer`` (and record in ``work.report``) in place."""

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from distill_lr.factorize import balance_factors, whiten_factors
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.methods.distill import Distill
-from distill_lr.methods.quantize import correction_rank, dense_linears, quantize_linear, record
+from distill_lr.methods.quantize import check_group_size, correction_rank, dense_linears, quantize_linear, record
 from distill_lr.modeling.lowrank import CorrectedLinear
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import input_moments
@@ -24,6 +25,12 @@ class Correct(LayerStep):
     """Quantize every chosen linear of the dense layer and give it the correction its rank rule asks for."""
 
     name: ClassVar[str] = "correct"
+
+    def check(self, cfg: CompressConfig, layers: nn.ModuleList) -> None:
+        check_group_size(cfg.quant, layers)
+        for i, layer in enumerate(layers):  # the ranks each correction will get, refused or warned of now
+            for name in dense_linears(layer, cfg.ranks.exclude, i):
+                correction_rank(cfg.quant, f"layers.{i}.{name}", tuple(layer.get_submodule(name).weight.shape))
 
     def run(self, work: LayerWork) -> None:
         cfg, layer = work.cfg, work.layer

@@ -8,6 +8,7 @@ recorded on the finished student over the compressed stack's inputs, as every ot
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from distill_lr import quant
+from distill_lr.errors import UserInputError
+from distill_lr.factorize import break_even_rank
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
@@ -108,6 +111,9 @@ class Quantize(LayerStep):
     dense: bool
     name: ClassVar[str] = "quant"
 
+    def check(self, cfg: CompressConfig, layers: nn.ModuleList) -> None:
+        check_group_size(cfg.quant, layers)
+
     def run(self, work: LayerWork) -> None:
         cfg = work.cfg
         names = (factor_linears(work.layer) if self.factors else []) + (
@@ -116,6 +122,17 @@ class Quantize(LayerStep):
         needs = cfg.quant.method == "gptq"
         moments = input_moments(work.layer, names, work.x_student, work.kwargs, cfg.batch_size) if needs else {}
         record(work, names, quantize_named_(work, names, moments))
+
+
+def check_group_size(cfg: QuantConfig, layers: nn.ModuleList) -> None:
+    """Warn of a group size no row reaches: every row is one group (per-channel scales), surely not what was meant."""
+    widest = max(m.in_features for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
+    if cfg.group_size > widest:
+        warnings.warn(
+            f"quant.group_size={cfg.group_size} is wider than every linear's input (at most {widest} columns): each row "
+            f"is one group (per-channel scales); give a group size below {widest} for finer ones",
+            stacklevel=3,
+        )
 
 
 def with_quantization(method: Method, cfg: CompressConfig) -> Method:
@@ -136,5 +153,16 @@ def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -
     if value == "skip":
         return None
     out_f, in_f = shape
-    rank = value if isinstance(value, int) else max(1, round(value * out_f * in_f / (out_f + in_f)))
-    return min(rank, out_f, in_f)
+    if isinstance(value, int) and value > min(out_f, in_f):
+        raise UserInputError(
+            f"correction rank {value} for {short_name} is above min(out, in) = {min(out_f, in_f)}: lower quant.correction_rank "
+            "(or the matching quant.correction_rules), or give a fraction"
+        )
+    rank = value if isinstance(value, int) else max(1, round(value * break_even_rank(out_f, in_f)))
+    if rank >= break_even_rank(out_f, in_f):
+        warnings.warn(
+            "quant.correction_rank gives some matrices a correction at or above their break-even rank m·n/(m+n): each of those "
+            "modules takes more bytes than its dense weight; lower quant.correction_rank or give a fraction",
+            stacklevel=2,
+        )
+    return rank

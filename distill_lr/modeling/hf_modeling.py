@@ -7,7 +7,9 @@ loads on a machine without distill_lr::
 
 ``config.json`` names the model type ``distill_lr``, which transformers does not know: without
 ``trust_remote_code`` loading fails with transformers' own "requires trust_remote_code" error instead
-of building a dense model with random projections. With it, ``DistillLRConfig`` rebuilds the original
+of building a dense model with random projections. Loading a local folder first checks its weight
+files (``verify_files``: present, complete, and, with the run's manifest beside them, the content the
+run wrote); ``distill_lr_verify=False`` skips that read. With it, ``DistillLRConfig`` rebuilds the original
 architecture's config, the original class is built, the modules listed in ``config.distill_lr["ranks"]``
 are swapped for empty low-rank ones, and then transformers loads the factors as usual.
 
@@ -19,6 +21,10 @@ rank, and the experts module becomes a ``LowRankExperts`` whose unnamed projecti
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -39,6 +45,61 @@ from .lowrank import (
 
 CONFIG_KEY = "distill_lr"
 MODEL_TYPE = "distill_lr"  # unknown to transformers: plain from_pretrained refuses the folder
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "distill_lr_manifest.json"  # the run's record, with the sha256 of every weight file it wrote
+
+
+class BrokenCheckpointError(ValueError):
+    """A weight file of a compressed folder is missing, truncated or not what the run wrote."""
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(length, header) of a safetensors file, after checking that the file holds every byte the header promises."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                raise ValueError
+            header = json.loads(fh.read(length))
+    except (ValueError, struct.error):
+        raise BrokenCheckpointError(f"{path} is not a readable safetensors file") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + length + end > size:
+        raise BrokenCheckpointError(f"{path} is truncated ({size:,} bytes, its header needs {8 + length + end:,})")
+    return length, header
+
+
+def verify_files(folder: Path) -> None:
+    """Every weight file the index names is there and complete, and, when the run's manifest is beside them, has the sha256
+    the run recorded (one read of the weights). Raises ``BrokenCheckpointError`` naming the first bad file."""
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        raise BrokenCheckpointError(f"{folder} has no {INDEX_NAME}: the folder is incomplete; rerun the compression into it")
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    recorded = {}
+    if (folder / MANIFEST_NAME).is_file():
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+        recorded = {entry["file"]: entry["sha256"] for entry in [*data["layers"].values(), data.get("other", {})] if entry}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise BrokenCheckpointError(f"{path}, named in {INDEX_NAME}, is missing: rerun the compression into this folder to rewrite it")
+        safetensors_header(path)
+        if name in recorded and file_sha256(path) != recorded[name]:
+            raise BrokenCheckpointError(
+                f"{path} has changed since it was written (its sha256 does not match {MANIFEST_NAME}): "
+                "rerun the same compression command into this folder, which recomputes that layer"
+            )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def base_config(config_dict: dict[str, Any], **kwargs: Any) -> Any:
@@ -144,6 +205,8 @@ class DistillLRForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):  # type: ignore[override]
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("adapter_kwargs", None)
+        if kwargs.pop("distill_lr_verify", True) and Path(pretrained_model_name_or_path).is_dir():
+            verify_files(Path(pretrained_model_name_or_path))  # a damaged file is named here, not loaded
         if config is None:
             config = load_config(pretrained_model_name_or_path)
         model_class = low_rank_class(base_architecture(config))

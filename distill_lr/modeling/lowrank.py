@@ -129,13 +129,16 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 def group_columns(per_group: Tensor, group_size: int, n: int) -> Tensor:
-    """Per-group values ``(rows, groups)`` repeated over their columns ``(rows, n)``; the last group may be shorter."""
-    return per_group.repeat_interleave(group_size, dim=1)[:, :n]
+    """Per-group values ``(rows, groups)`` repeated over their columns ``(rows, n)``; the last group may be shorter.
+
+    A group wider than the row is the row (never padded out to ``group_size`` columns)."""
+    return per_group.repeat_interleave(min(group_size, n), dim=1)[:, :n]
 
 
 def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
     """The float32 weight ``(out, in)`` of packed group-wise codes: ``(codes − zero) · scale``; no ``zero``: symmetric."""
     rows, groups = scale.shape
+    group_size = min(group_size, in_features)  # one group per row: no padding out to a wider group
     codes = unpack_codes(qweight, bits, in_features)
     grouped = nn.functional.pad(codes, (0, groups * group_size - in_features)).view(rows, groups, group_size).float()
     offset = float(1 << (bits - 1)) if zero is None else zero.float()[..., None]
