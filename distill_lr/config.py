@@ -27,7 +27,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         if path is not None:
             if not Path(path).is_file():
-                raise UserInputError(f"config file {path} does not exist: give the path of a YAML file")
+                state = "is a folder" if Path(path).is_dir() else "does not exist"
+                raise UserInputError(f"config file {path} {state}: give the path of a YAML file")
             layers.append(_read_yaml(Path(path)))
         bad = [o for o in overrides if "=" not in o]
         if bad:

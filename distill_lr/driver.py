@@ -35,7 +35,7 @@ from distill_lr.cache import ActivationCache, TeacherStore, cache_bytes, choose_
 from distill_lr.checkpoint import compressed, files
 from distill_lr.checkpoint.layout import TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
-from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, install_state_, load_non_layer_
+from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, install_state_, load_non_layer_
 from distill_lr.data import TokenSets, bos_prefix, build_token_sets, held_out_documents, load_documents
 from distill_lr.errors import UserInputError, first_line
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, relative_error, run_layer
@@ -151,7 +151,16 @@ def open_input(cfg: CompressConfig) -> Opened:
     apart = {"the input folder": reader.folder, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
     files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
     files.check_folder_path(out, "output folder")
+    if cfg.cache_dir:
+        files.check_folder_path(Path(cfg.cache_dir).expanduser(), "cache_dir")
+    if cfg.export_dense:  # written at the end: refused now rather than after the run
+        compressed.check_export_target(dense_export_dir(out), out)
     return Opened(device, method, reader, out)
+
+
+def dense_export_dir(out: Path) -> Path:
+    """Where ``export_dense=true`` writes: beside the output folder, ``<output>-dense``."""
+    return out.with_name(out.name + "-dense")
 
 
 def prepare(cfg: CompressConfig, opened: Opened) -> Run:
@@ -161,9 +170,7 @@ def prepare(cfg: CompressConfig, opened: Opened) -> Run:
     dtype = resolve_dtype(cfg.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     save_dtype = resolve_dtype(cfg.save_dtype, reader.dtype)
     torch.manual_seed(cfg.seed)
-    model = build_skeleton(reader.config)
-    prefix, layers = decoder_layers(model)
-    reader.check_model(model, prefix)  # before any work, not at layer i
+    model, prefix, layers = reader.skeleton()  # checked against the tensors before any work, not at layer i
     fingerprint = reader.fingerprint()  # one stat per tensor: computed once for the manifest and the teacher cache
     manifest = RunManifest(out, cfg.result_fingerprint(), fingerprint, cfg.overwrite)  # reads and checks; writes nothing yet
     e2e.check_folder(manifest, cfg)
@@ -451,9 +458,8 @@ def finish(run: Run) -> RunReport:
         scores = [head_span_logprobs(run.model, run.layers, h, ts.ids, ts.task.spans) for h in (ts.teacher, ts.student)]
         report.tasks.append({"task": ts.task.task.name, "dense": ts.task.score(scores[0]), "compressed": ts.task.score(scores[1])})
     if cfg.export_dense:
-        dense_dir = out.with_name(out.name + "-dense")
-        compressed.export_dense(out, dense_dir)
-        report.dense_export = str(dense_dir)
+        compressed.export_dense(out, dense_export_dir(out))
+        report.dense_export = str(dense_export_dir(out))
     files.write_json_atomic(report.to_dict(), out / "report.json")
     return report
 

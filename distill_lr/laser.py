@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from distill_lr.checkpoint import compressed, files
 from distill_lr.checkpoint.layout import layer_file
 from distill_lr.checkpoint.manifest import RunManifest
-from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers
+from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader
 from distill_lr.errors import check
 from distill_lr.factorize import break_even_rank
 from distill_lr.modeling.lowrank import LowRankLinear, replace_linears_
@@ -192,9 +192,7 @@ def write_intervened(model_dir: str | Path, output: str | Path, intervention: In
     out = Path(output).expanduser()
     files.check_apart(out, "output folder", {"the input folder": reader.folder})
     files.check_folder_path(out, "output folder")
-    model = build_skeleton(reader.config)
-    prefix, layers = decoder_layers(model)
-    reader.check_model(model, prefix)
+    model, prefix, layers = reader.skeleton()
     check(0 <= intervention.layer < len(layers), f"layer {intervention.layer} is outside the model's {len(layers)} decoder layers")
     matched = [name for t in intervention.types for name in weights(layers[intervention.layer], t)]
     check(bool(matched), f"{intervention.name()} matches no matrix of this model: check the module types")

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from distill_lr import laser
 from distill_lr.cache import ActivationCache, choose_placement
-from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, load_non_layer_
+from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, load_non_layer_
 from distill_lr.errors import check
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, run_layer
 from distill_lr.tasks import EncodedTask
@@ -54,8 +54,7 @@ class Model:
     @classmethod
     def open(cls, folder: str | Path, device: torch.device, dtype: torch.dtype, batch_size: int) -> Model:
         reader = CheckpointReader(folder)
-        model = build_skeleton(reader.config)
-        prefix, layers = decoder_layers(model)
+        model, prefix, layers = reader.skeleton()
         load_non_layer_(model, reader, prefix, device, dtype)
         return cls(reader, model, prefix, layers, device, dtype, batch_size)
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from distill_lr import laser, spectra
 from distill_lr.bench import markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
-from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers
+from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader
 from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import ONE_LINE, check, error_line
 from distill_lr.stats import collect_stats
@@ -84,7 +84,7 @@ class Other:
                 f"--compare {path} is a checkpoint of another architecture ({other.config.model_type}, {len(theirs)} tensors; "
                 f"this one: {reader.config.model_type}, {len(mine)}): compare checkpoints of one architecture",
             )
-            skeleton_prefix, other_layers = decoder_layers(build_skeleton(other.config))
+            _, skeleton_prefix, other_layers = other.skeleton()
             self.loader = LayerLoader(other, other_layers, skeleton_prefix)
 
     def weights(self, index: int, mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ def compare(W: torch.Tensor, W_other: torch.Tensor, mine: dict[str, Any]) -> dic
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     folder = resolve_model_dir(args.model)
     reader = CheckpointReader(folder)
-    prefix, layers = decoder_layers(build_skeleton(reader.config))
+    _, prefix, layers = reader.skeleton()
     loader = LayerLoader(reader, layers, prefix)
     acts = activation_streams(args, folder)
     hidden = acts.embedded() if acts else {}

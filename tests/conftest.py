@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill_lr import driver
-from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers, load_non_layer_
+from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, load_non_layer_
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 from distill_lr.errors import UserInputError
@@ -80,8 +80,7 @@ def run_files(folder: Path) -> dict[str, bytes]:
 def materialised_layer(folder: Path, index: int = 0):
     """(model, layers, layer): the skeleton with embeddings and head loaded, and one real decoder layer."""
     reader = CheckpointReader(folder)
-    model = build_skeleton(reader.config)
-    prefix, layers = decoder_layers(model)
+    model, prefix, layers = reader.skeleton()
     load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
     return model, layers, LayerLoader(reader, layers, prefix, read_ahead=False).load(index, "cpu", torch.float32)
 

@@ -49,6 +49,8 @@ def test_bad_settings_give_one_line(overrides: list[str], needle: str) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserInputError, match="is a folder: give the path of a YAML file"):
+        load_config(tmp_path)
 
 
 def test_fingerprint_ignores_run_only_fields() -> None:

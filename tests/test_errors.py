@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -106,6 +107,12 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: model folder") and "\n" not in err
 
 
+def test_cache_dir_that_is_a_file(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    fails(tiny_llama, corpus, tmp_path / "out", f"cache_dir {tmp_path / 'file'} is a file, not a folder", cache_dir=str(tmp_path / "file"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_teacher_cache_that_is_a_file(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     fails(tiny_llama, corpus, tmp_path / "out", "teacher_cache folder", teacher_cache=str(tmp_path / "file"))
@@ -152,6 +159,31 @@ def test_a_failed_lock_write_is_one_line_and_leaves_no_folder(tmp_path: Path, ti
     monkeypatch.setattr(os, "open", refuse)
     fails(tiny_llama, corpus, tmp_path / "a" / "b", f"cannot write to output folder {tmp_path / 'a' / 'b'} (Permission denied)")
     assert not (tmp_path / "a").exists()  # the folders it made for the run went with it
+
+
+def test_a_dense_export_folder_in_the_way_is_refused_before_any_work(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    (tmp_path / "out-dense").mkdir()
+    (tmp_path / "out-dense" / "mine.txt").write_text("mine")
+    fails(tiny_llama, corpus, tmp_path / "out", "dense export folder", export_dense="true")
+    (tmp_path / "out-dense" / "mine.txt").unlink()
+    (tmp_path / "out-dense").rmdir()
+    (tmp_path / "out-dense").write_text("a file")
+    fails(tiny_llama, corpus, tmp_path / "out", f"dense export folder {tmp_path / 'out-dense'} is a file", export_dense="true")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    real_flock = fcntl.flock
+
+    def no_locks(fd, operation):  # on the output folder's lock file only (the datasets library locks its cache too)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(LOCK_NAME):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="is on a file system without locks .* a second run on it would not be refused"):
+        run(tiny_llama, corpus, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out" / LOCK_NAME).exists()
 
 
 def test_the_output_folder_is_checked_before_the_pre_pass(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:

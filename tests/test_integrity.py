@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, folder_state, overrides_for, run, run_files
+from conftest import fails, folder_state, load_script, overrides_for, run, run_files
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
 
@@ -23,6 +23,7 @@ from distill_lr.checkpoint.layout import LOCK_NAME, MANIFEST_NAME, layer_file
 from distill_lr.checkpoint.reader import read_header
 from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
+from distill_lr.sweep import Model
 from distill_lr.testing import save_tiny, word_tokenizer
 
 
@@ -86,12 +87,30 @@ def test_load_compressed_names_a_truncated_or_missing_file(tmp_path: Path, tiny_
         compressed.load_compressed(out)
 
 
+@pytest.mark.parametrize("name", [MANIFEST_NAME, "model.safetensors.index.json"])
+def test_load_compressed_names_a_broken_manifest_or_index(tmp_path: Path, tiny_llama: Path, corpus: Path, name: str) -> None:
+    out = Path(run(tiny_llama, corpus, tmp_path / "out").output)
+    (out / name).write_text('{"layers": [')
+    with pytest.raises(UserInputError, match=rf"{MANIFEST_NAME} is unreadable") as err:
+        compressed.load_compressed(out)
+    assert "\n" not in str(err.value)
+
+
 def test_a_config_with_fewer_layers_than_the_checkpoint_is_refused(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     config = json.loads((tiny_llama / "config.json").read_text())
     (tiny_llama / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     needle = f"checkpoint {tiny_llama} holds tensors of decoder layer 2 but config.json has num_hidden_layers=2"
     fails(tiny_llama, corpus, tmp_path / "out", needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_analysis_commands_refuse_a_truncated_config_too(tmp_path: Path, tiny_llama: Path, capsys) -> None:
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(UserInputError, match="holds tensors of decoder layer 2 but config.json has num_hidden_layers=2"):
+        Model.open(tiny_llama, torch.device("cpu"), torch.float32, batch_size=4)  # the LASER sweep's streams
+    assert load_script("spectra").main(["--model", str(tiny_llama), "--activations", "0", "--out", str(tmp_path / "s")]) == 2
+    assert "num_hidden_layers=2" in capsys.readouterr().err
 
 
 def test_a_tensor_the_model_does_not_use_is_named(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
@@ -230,7 +249,17 @@ def test_export_dense_takes_str_and_replaces_only_an_earlier_export(tmp_path: Pa
 # --- bad input, one line each ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", ["", '{"settings": {', '{"layers": {}}', "[1, 2]"], ids=["empty", "truncated", "no-keys", "a-list"])
+BROKEN_MANIFESTS = {
+    "empty": "",
+    "truncated": '{"settings": {',
+    "no-keys": '{"layers": {}}',
+    "a-list": "[1, 2]",
+    "settings-a-list": '{"settings": [1], "input": "x", "layers": {}}',
+    "a-layer-without-its-file": '{"settings": {}, "input": "x", "layers": {"0": {"bytes": 1, "sha256": "x", "report": {}}}}',
+}
+
+
+@pytest.mark.parametrize("content", list(BROKEN_MANIFESTS.values()), ids=list(BROKEN_MANIFESTS))
 def test_a_broken_manifest_is_one_line_and_overwrite_starts_over(tmp_path: Path, tiny_llama: Path, corpus: Path, content: str) -> None:
     run(tiny_llama, corpus, tmp_path / "out")
     (tmp_path / "out" / MANIFEST_NAME).write_text(content)

@@ -170,8 +170,7 @@ def export_dense(src: str | Path, dst: str | Path) -> None:
     ranks = info["ranks"]
     data["model_type"] = info.get("base_model_type", data["model_type"])
     data.pop("auto_map", None)
-    check_apart(dst, "dense export folder", {"the compressed checkpoint": src})
-    check_folder_path(dst, "dense export folder")
+    check_export_target(dst, src)
     _clear_export(dst)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
@@ -210,16 +209,22 @@ def _dequantize_(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> Non
             tensors[f"{module}.bias"] = tensors.pop(f"{module}.base.bias")
 
 
-def _clear_export(dst: Path) -> None:
-    """Delete an earlier export's files from ``dst``; refuse a folder with other content."""
-    if not dst.exists() or not any(dst.iterdir()):
-        return
-    marker = dst / EXPORT_MARKER
-    if not marker.is_file():
+def check_export_target(dst: Path, src: Path) -> None:
+    """Refuse a dense export folder that is a file, lies in or around ``src``, or holds anything but an earlier export."""
+    check_apart(dst, "dense export folder", {"the compressed checkpoint": src})
+    check_folder_path(dst, "dense export folder")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / EXPORT_MARKER).is_file():
         found = ", ".join(sorted(p.name for p in dst.iterdir())[:5])
         raise UserInputError(
             f"dense export folder {dst} is not empty and holds no distill_lr export (it has {found}): choose a new or empty folder"
         )
+
+
+def _clear_export(dst: Path) -> None:
+    """Delete an earlier export's files from ``dst`` (``check_export_target`` has passed)."""
+    marker = dst / EXPORT_MARKER
+    if not marker.is_file():
+        return
     for name in json.loads(marker.read_text())["files"]:
         (dst / name).unlink(missing_ok=True)
     marker.unlink()

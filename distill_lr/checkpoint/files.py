@@ -7,6 +7,7 @@ into place, so a file that exists under its final name is complete, whatever cra
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -16,6 +17,7 @@ import socket
 import struct
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -195,6 +197,13 @@ def _take_lock(folder: Path, role: str) -> int:
             raise UserInputError(
                 f"{role} {folder} is in use by another distill_lr run ({holder}): wait for it to end or stop it, or choose another folder"
             ) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(
+                f"{role} {folder} is on a file system without locks ({err.strerror}): a second run on it would not be refused", stacklevel=4
+            )
+            break
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

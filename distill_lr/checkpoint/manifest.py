@@ -18,6 +18,21 @@ from distill_lr.checkpoint.layout import LOCK_NAME, MANIFEST_NAME, written_by_a_
 from distill_lr.errors import UserInputError, first_line
 from distill_lr.modeling.hf_modeling import file_sha256
 
+_ENTRY = {"file": str, "bytes": int, "sha256": str, "report": dict}  # a finished layer's record
+
+
+def _check_shape(data: Any) -> None:
+    """Raise ``ValueError`` naming the first part of a manifest that is not as a run writes it (a hand edit, a bad copy)."""
+    if not isinstance(data, dict) or not {"settings", "input", "layers"} <= data.keys():
+        raise ValueError("its keys are missing")
+    if not isinstance(data["settings"], dict) or not isinstance(data["input"], str) or not isinstance(data["layers"], dict):
+        raise ValueError("settings, input or layers is of the wrong type")
+    for key, entry in data["layers"].items():
+        if not key.isdigit() or not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) for k, t in _ENTRY.items()):
+            raise ValueError(f"the record of layer {key!r} is incomplete")
+    if not isinstance(data.get("plan", {}), dict) or not isinstance(data.get("stages", {}), dict):
+        raise ValueError("plan or stages is of the wrong type")
+
 
 class RunManifest:
     """Resume state kept beside the weights: which layers are written, for which config and input."""
@@ -67,8 +82,7 @@ class RunManifest:
         """The earlier run's manifest; None when it cannot be read and ``overwrite`` (else a one-line error)."""
         try:
             old = json.loads(self.path.read_text())
-            if not isinstance(old, dict) or not {"settings", "input", "layers"} <= old.keys():
-                raise ValueError("its keys are missing")
+            _check_shape(old)
             return old
         except (ValueError, OSError) as err:
             if overwrite:

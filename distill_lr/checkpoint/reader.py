@@ -232,6 +232,14 @@ class CheckpointReader:
         for name, meta in expected.items():
             self._check_experts(name, meta)
 
+    def skeleton(self) -> tuple[PreTrainedModel, str, nn.ModuleList]:
+        """The model of config.json on meta, its decoder stack's name prefix and layers: how every stage opens a checkpoint,
+        checked against the tensors on disk first (``check_model``)."""
+        model = build_skeleton(self.config)
+        prefix, layers = decoder_layers(model)
+        self.check_model(model, prefix)
+        return model, prefix, layers
+
     def check_model(self, model: nn.Module, layer_prefix: str) -> None:
         """The model built from config.json and the tensors on disk agree, read without a weight: every decoder-layer
         parameter is there (every expert too), every tensor on disk has a use, and each one stored as it is has the shape

@@ -77,11 +77,16 @@ def verify_files(folder: Path) -> None:
     index = folder / INDEX_NAME
     if not index.is_file():
         raise BrokenCheckpointError(f"{folder} has no {INDEX_NAME}: the folder is incomplete; rerun the compression into it")
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    recorded = {}
-    if (folder / MANIFEST_NAME).is_file():
-        data = json.loads((folder / MANIFEST_NAME).read_text())
-        recorded = {entry["file"]: entry["sha256"] for entry in [*data["layers"].values(), data.get("other", {})] if entry}
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        recorded = {}
+        if (folder / MANIFEST_NAME).is_file():
+            data = json.loads((folder / MANIFEST_NAME).read_text())
+            recorded = {entry["file"]: entry["sha256"] for entry in [*data["layers"].values(), data.get("other", {})] if entry}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BrokenCheckpointError(
+            f"{folder}'s {INDEX_NAME} or {MANIFEST_NAME} is unreadable ({err!r}): rerun the compression into it"
+        ) from None
     for name in names:
         path = folder / name
         if not path.is_file():
