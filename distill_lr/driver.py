@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import hashlib
 import logging
 import sys
 import time
@@ -175,6 +176,7 @@ def prepare(cfg: CompressConfig, opened: Opened) -> Run:
     manifest = RunManifest(out, cfg.result_fingerprint(), fingerprint, cfg.overwrite)  # reads and checks; writes nothing yet
     e2e.check_folder(manifest, cfg)
     tokens, tasks = tokenize(cfg, reader.folder, reader)
+    manifest.check_text(hashlib.sha256(tokens.calibration.numpy().tobytes()).hexdigest())  # what the layer files are trained on
     load_non_layer_(model, reader, prefix, device, dtype)
     plan, allocated = plan_layers(cfg, method, reader, model, (prefix, layers), tokens, (device, dtype), manifest.plan)
     ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts

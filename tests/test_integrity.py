@@ -24,7 +24,7 @@ from distill_lr.checkpoint.reader import read_header
 from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
 from distill_lr.sweep import Model
-from distill_lr.testing import save_tiny, word_tokenizer
+from distill_lr.testing import save_tiny, word_tokenizer, write_corpus
 
 
 def flip_bytes(path: Path, count: int = 1000) -> None:
@@ -111,6 +111,18 @@ def test_the_analysis_commands_refuse_a_truncated_config_too(tmp_path: Path, tin
         Model.open(tiny_llama, torch.device("cpu"), torch.float32, batch_size=4)  # the LASER sweep's streams
     assert load_script("spectra").main(["--model", str(tiny_llama), "--activations", "0", "--out", str(tmp_path / "s")]) == 2
     assert "num_hidden_layers=2" in capsys.readouterr().err
+
+
+def test_other_text_under_the_same_path_is_another_run(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    out = tmp_path / "out"
+    run(tiny_llama, corpus, out)
+    (out / "config.json").unlink()  # as if stopped before the end: a resume would reuse the layers
+    before = folder_state(out)
+    write_corpus(corpus, seed=1)  # the same file name, other text
+    fails(tiny_llama, corpus, out, f"output folder {out} holds a run calibrated on other text")
+    assert folder_state(out) == before
+    write_corpus(corpus, seed=0)  # the text back: the run resumes
+    assert all(layer.resumed for layer in run(tiny_llama, corpus, out).layers)
 
 
 def test_a_tensor_the_model_does_not_use_is_named(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:

@@ -57,6 +57,16 @@ class RunManifest:
                     "choose a new or empty output folder (overwrite=true replaces only an earlier run's folder)"
                 )
 
+    def check_text(self, digest: str) -> None:
+        """The calibration tokens are the earlier run's (a data.source path or a tokenizer may hold other content now)."""
+        earlier = None if self._old is None or self.overwrite else self._old.get("text")
+        if earlier is not None and earlier != digest:
+            raise UserInputError(
+                f"output folder {self.folder} holds a run calibrated on other text (the content of data.source or the tokenizer "
+                "changed since): give the same text, a new output folder, or overwrite=true"
+            )
+        self.data["text"] = digest
+
     @property
     def plan(self) -> dict[str, int] | None:
         """The rank plan the earlier run of the same settings recorded here: a resumed run keeps its layers' ranks."""
