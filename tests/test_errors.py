@@ -53,6 +53,13 @@ def test_truncated_shard(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None
     fails(tiny_llama, corpus, tmp_path / "out", "is truncated")
 
 
+@pytest.mark.parametrize("header", [b"{not json", b'{"w": {"dtype": "F32", "shape": [1]}}'], ids=["not-json", "no-offsets"])
+def test_a_shard_with_a_broken_header(tmp_path: Path, tiny_llama: Path, corpus: Path, header: bytes) -> None:
+    shard = sorted(tiny_llama.glob("model-*.safetensors"))[1]
+    shard.write_bytes(len(header).to_bytes(8, "little") + header)
+    fails(tiny_llama, corpus, tmp_path / "out", f"{shard} is not a readable safetensors file: re-download or re-copy it")
+
+
 def test_no_safetensors(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     for path in tiny_llama.glob("model*.safetensors*"):
         path.unlink()

@@ -199,6 +199,7 @@ def _take_lock(folder: Path, role: str) -> int:
             ) from None
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
                 raise
             warnings.warn(
                 f"{role} {folder} is on a file system without locks ({err.strerror}): a second run on it would not be refused", stacklevel=4
@@ -211,8 +212,12 @@ def _take_lock(folder: Path, role: str) -> int:
         if same:  # else the holder removed the file between our open and our lock: take the new one
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

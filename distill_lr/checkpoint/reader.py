@@ -255,17 +255,18 @@ class CheckpointReader:
                     "matching checkpoint"
                 )
         ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-        unused = {
-            target: key
+        unused = [  # (parameter it would make, tensor on disk)
+            (target, key)
             for target, source in self.sources.items()
             if target not in expected
             for key in source.keys
             if not any(p.search(key) or p.search(target) for p in ignored)
-        }
+        ]
         if not unused:
             return
         count = model.config.num_hidden_layers
-        above = sorted({int(m[1]) for t in unused if (m := re.match(re.escape(layer_prefix) + r"(\d+)\.", t)) and int(m[1]) >= count})
+        layer_of = re.compile(re.escape(layer_prefix) + r"(\d+)\.")
+        above = sorted({int(m[1]) for t, _ in unused if (m := layer_of.match(t)) and int(m[1]) >= count})
         if above:
             which = f"layer {above[0]}" if len(above) == 1 else f"layers {above[0]}..{above[-1]}"
             raise UserInputError(
@@ -275,7 +276,7 @@ class CheckpointReader:
             )
         raise UserInputError(
             f"checkpoint {self.folder} holds {len(unused)} tensor(s) that the '{model.config.model_type}' model of its config.json "
-            f"does not use (e.g. '{next(iter(unused.values()))}'): config.json does not match the weights; fix it or give the "
+            f"does not use (e.g. '{unused[0][1]}'): config.json does not match the weights; fix it or give the "
             "matching checkpoint"
         )
 

@@ -7,11 +7,11 @@ loads on a machine without distill_lr::
 
 ``config.json`` names the model type ``distill_lr``, which transformers does not know: without
 ``trust_remote_code`` loading fails with transformers' own "requires trust_remote_code" error instead
-of building a dense model with random projections. Loading a local folder first checks its weight
-files (``verify_files``: present, complete, and, with the run's manifest beside them, the content the
-run wrote); ``distill_lr_verify=False`` skips that read. With it, ``DistillLRConfig`` rebuilds the original
+of building a dense model with random projections. With it, ``DistillLRConfig`` rebuilds the original
 architecture's config, the original class is built, the modules listed in ``config.distill_lr["ranks"]``
-are swapped for empty low-rank ones, and then transformers loads the factors as usual.
+are swapped for empty low-rank ones, and then transformers loads the factors as usual. Loading a local
+folder first checks its weight files (``verify_files``: present, complete and, with the run's manifest
+beside them, the content the run wrote); ``distill_lr_verify=False`` skips that read.
 
 ``ranks`` maps module names to ranks. A name of an ``nn.Linear`` (``model.layers.0.self_attn.q_proj``)
 becomes a ``LowRankLinear``; ``<experts>.gate_proj`` / ``.up_proj`` / ``.down_proj`` under a fused MoE
@@ -62,10 +62,10 @@ def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
             if length > size - 8:
                 raise ValueError
             header = json.loads(fh.read(length))
-    except (ValueError, struct.error):
+        header.pop("__metadata__", None)
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
         raise BrokenCheckpointError(f"{path} is not a readable safetensors file") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + length + end > size:
         raise BrokenCheckpointError(f"{path} is truncated ({size:,} bytes, its header needs {8 + length + end:,})")
     return length, header
