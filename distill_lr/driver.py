@@ -38,7 +38,7 @@ from distill_lr.checkpoint.layout import TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, install_state_, load_non_layer_
 from distill_lr.data import TokenSets, bos_prefix, build_token_sets, held_out_documents, load_documents
-from distill_lr.errors import UserInputError, first_line
+from distill_lr.errors import UserInputError, check, first_line
 from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, relative_error, run_layer
 from distill_lr.methods import e2e, get_method
 from distill_lr.methods.base import LayerWork, Method
@@ -297,6 +297,13 @@ def tokenize(cfg: CompressConfig, model_dir: Path, reader: CheckpointReader) -> 
         text_column=cfg.data.text_column,
         max_positions=max_positions,
     )
+    vocab = reader.config.get_text_config().vocab_size
+    top = max(int(ids.max()) for ids in (tokens.calibration, tokens.evaluation) if ids.numel())
+    check(
+        top < vocab,
+        f"the tokenizer in {folder} gives token id {top} but the model's vocabulary has {vocab} entries (vocab_size in "
+        "config.json): give the model's own tokenizer with tokenizer=<folder>",
+    )
     if not (cfg.evaluate and cfg.eval.tasks):
         return tokens, []
     held_out = held_out_documents(len(documents), cfg.data.eval_fraction, cfg.seed)
@@ -492,7 +499,10 @@ def disk_full(run: Run, err: OSError) -> UserInputError:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"device '{name}' is not a torch device: use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"device '{name}' asked for but no CUDA GPU is visible: use device=cpu or device=auto")
     return device

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import fails, load_script, overrides_for, run
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from distill_lr import prepass
 from distill_lr.checkpoint import files
@@ -20,6 +23,7 @@ from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.layout import LOCK_NAME
 from distill_lr.cli import main
 from distill_lr.errors import UserInputError
+from distill_lr.testing import write_corpus
 
 
 def test_missing_model_folder(tmp_path: Path, corpus: Path) -> None:
@@ -60,6 +64,14 @@ def test_a_shard_with_a_broken_header(tmp_path: Path, tiny_llama: Path, corpus: 
     fails(tiny_llama, corpus, tmp_path / "out", f"{shard} is not a readable safetensors file: re-download or re-copy it")
 
 
+def test_a_tensor_stored_in_two_shards(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    first, second = sorted(tiny_llama.glob("model-*.safetensors"))[:2]
+    stray = load_file(first)
+    name = next(iter(stray))
+    save_file({**load_file(second), name: stray[name]}, second, metadata={"format": "pt"})
+    fails(tiny_llama, corpus, tmp_path / "out", f"tensor '{name}' is stored twice, in {first.name} and in {second.name}")
+
+
 def test_no_safetensors(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     for path in tiny_llama.glob("model*.safetensors*"):
         path.unlink()
@@ -68,6 +80,21 @@ def test_no_safetensors(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
 
 def test_rank_above_matrix_size(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     fails(tiny_llama, corpus, tmp_path / "out", "above min(out, in) = 64", **{"ranks.rules": "{layers.0.self_attn.q_proj: 65}"})
+
+
+def test_a_device_torch_does_not_know(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    fails(tiny_llama, corpus, tmp_path / "out", "device 'tpu' is not a torch device: use cpu, cuda, cuda:N or auto", device="tpu")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_llama: Path) -> None:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 400)}}  # the model has 256 embeddings
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>").save_pretrained(tmp_path / "tok")
+    text = write_corpus(tmp_path / "text.jsonl")
+    text.write_text(text.read_text().replace("w17 ", "w399 "))
+    needle = "gives token id 399 but the model's vocabulary has 256 entries"
+    fails(tiny_llama, text, tmp_path / "out", needle, tokenizer=str(tmp_path / "tok"))
 
 
 def test_empty_calibration_text(tmp_path: Path, tiny_llama: Path) -> None:

@@ -154,6 +154,11 @@ class CheckpointReader:
             if not path.is_file():
                 raise UserInputError(f"shard {name} listed in {INDEX_NAME} is missing from {self.folder}: copy it there")
             for key, info in read_header(path).items():
+                if key in tensors:  # which copy is meant cannot be known: loaders differ in which one wins
+                    raise UserInputError(
+                        f"tensor '{key}' is stored twice, in {tensors[key].file.name} and in {name} of {self.folder}: "
+                        "remove the stray copy (re-download or re-copy the checkpoint)"
+                    )
                 tensors[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]), *info["data_offsets"])
         return tensors
 
