@@ -1,7 +1,7 @@
 """Command line: ``python scripts/compress.py [--config FILE] [key=value ...]``.
 
 With no argument it compresses the built-in SmolLM2-135M-Instruct on the built-in Wikipedia text
-with the defaults of ``distill_lr.config.CompressConfig``.
+with the defaults of ``distill_lr.schema.CompressConfig``.
 """
 
 from __future__ import annotations

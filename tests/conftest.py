@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from distill_lr import driver
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, load_non_layer_
 from distill_lr.config import load_config
+from distill_lr.data import build_token_sets, load_documents
 from distill_lr.driver import compress
 from distill_lr.errors import UserInputError
 from distill_lr.report import RunReport
@@ -64,6 +67,26 @@ def fails(model: Path, corpus: Path, output: Path, needle: str, **extra) -> None
     message = str(err.value)
     assert needle in message, message
     assert "\n" not in message
+
+
+def held_out_perplexity(model: torch.nn.Module, tokenizer_folder: Path, corpus: Path) -> float:
+    """A whole loaded model's perplexity on the held-out windows of a run with ``overrides_for``'s data settings: what the
+    run reports, computed apart from the run's layer-by-layer pass."""
+    cfg = load_config(None, overrides_for(tokenizer_folder, corpus, tokenizer_folder / "unused"))
+    tokens = build_token_sets(
+        load_documents(cfg.data.source),
+        AutoTokenizer.from_pretrained(tokenizer_folder),
+        num_sequences=cfg.data.num_sequences,
+        seq_len=cfg.data.seq_len,
+        eval_sequences=cfg.data.eval_sequences,
+        eval_fraction=cfg.data.eval_fraction,
+        seed=cfg.seed,
+    )
+    total = 0.0
+    with torch.no_grad():
+        for row in tokens.evaluation:
+            total += float(model(input_ids=row[None], labels=row[None]).loss) * (len(row) - 1)
+    return math.exp(total / (len(tokens.evaluation) * (tokens.evaluation.shape[1] - 1)))
 
 
 def layer_bytes(folder: Path) -> dict[str, bytes]:

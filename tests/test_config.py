@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
@@ -10,10 +11,21 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_config_file_loads_and_validates(path: Path) -> None:
+def test_every_config_file_loads_and_every_value_it_sets_arrives(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, CompressConfig)
-    assert cfg.output
+
+    def leaves(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and key not in ("rules", "correction_rules"):
+                out |= leaves(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    written, loaded = leaves(yaml.safe_load(path.read_text()) or {}), leaves(cfg.to_dict())
+    assert written and {k: loaded[k] for k in written} == written  # nothing dropped, renamed or coerced away
 
 
 def test_defaults_and_overrides() -> None:

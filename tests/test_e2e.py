@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, folder_state, layer_bytes, run, run_files
+from conftest import fails, folder_state, held_out_perplexity, layer_bytes, run, run_files
 
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.layout import E2E_STATE
@@ -35,7 +35,8 @@ def test_the_stage_lowers_held_out_kl(tmp_path: Path, peaked: Path, corpus: Path
     assert not (tmp_path / "e2e" / E2E_STATE).exists()
     # the perplexity reported is the saved model's: the student streams were recomputed from the trained layers
     model = load_compressed(tmp_path / "e2e", dtype=torch.float32)
-    assert layer_bytes(tmp_path / "e2e") != layer_bytes(tmp_path / "plain") and model is not None
+    assert held_out_perplexity(model, peaked, corpus) == pytest.approx(trained.perplexity.compressed, rel=1e-4)
+    assert layer_bytes(tmp_path / "e2e") != layer_bytes(tmp_path / "plain")
 
 
 def test_a_stop_in_the_stage_resumes_it_and_equals_an_unbroken_run(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:

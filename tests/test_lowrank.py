@@ -41,14 +41,18 @@ def test_to_dense_round_trip() -> None:
     torch.testing.assert_close(again(x), low(x), atol=1e-5, rtol=1e-5)
 
 
-def test_from_linear_keeps_dtype_and_activation_aware_inits_run() -> None:
+def test_from_linear_keeps_dtype_and_every_init_is_exact_at_full_rank() -> None:
     dense = linear(16, 8, dtype=torch.bfloat16)
     stats = Moments.empty(16)
-    stats.update(torch.randn(64, 16))
+    x = torch.randn(64, 16)
+    stats.update(x)
     for init in ("svd", "pca", "whiten"):
         low = from_linear(dense, rank=4, init=init, stats=stats)
         assert low.A.weight.dtype == low.B.weight.dtype == low.B.bias.dtype == torch.bfloat16
         assert (low.in_features, low.out_features, low.rank) == (16, 8, 4)
+        full = from_linear(dense, rank=8, init=init, stats=stats)  # rank min(out, in): the layer itself, to bf16 rounding
+        torch.testing.assert_close(full(x.bfloat16()).float(), dense(x.bfloat16()).float(), atol=3e-2, rtol=3e-2)
+        assert (low(x.bfloat16()) - dense(x.bfloat16())).float().norm() > 0.05 * dense(x.bfloat16()).float().norm()  # rank 4 < 8 loses
     assert "rank=4" in repr(low)
 
 

@@ -14,15 +14,14 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
-from conftest import fails, interrupted_then_resumed, layer_bytes, materialised_layer, run, run_files
+from conftest import fails, held_out_perplexity, interrupted_then_resumed, layer_bytes, materialised_layer, run, run_files
 from safetensors import safe_open
-from test_pipeline import REMOTE_LOAD, nll_of
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_pipeline import REMOTE_LOAD
+from transformers import AutoModelForCausalLM
 
 from distill_lr import quant
 from distill_lr.checkpoint import compressed
 from distill_lr.config import load_config
-from distill_lr.data import build_token_sets, load_documents
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import factorize_layer_, whiten_factors
 from distill_lr.layerwise import capture_inputs
@@ -153,17 +152,7 @@ def test_quantized_runs_load_generate_and_match_their_report(
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(info["modules"])
     ids = torch.randint(3, 200, (1, 8))
     assert loaded.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
-    tokens = build_token_sets(
-        load_documents(str(corpus)),
-        AutoTokenizer.from_pretrained(tiny_llama),
-        num_sequences=16,
-        seq_len=32,
-        eval_sequences=4,
-        eval_fraction=0.2,
-        seed=0,
-    )  # overrides_for's settings
-    ppl = torch.exp(torch.tensor(nll_of(loaded, tokens.evaluation))).item()
-    assert ppl == pytest.approx(report.perplexity.compressed, rel=1e-4)  # saved then loaded = the run's own student
+    assert held_out_perplexity(loaded, tiny_llama, corpus) == pytest.approx(report.perplexity.compressed, rel=1e-4)  # = the run's student
 
 
 @pytest.mark.parametrize("extra", [{"method": "whiten"}, {"method": "qlr", "quant.targets": "both", "quant.symmetric": False}])

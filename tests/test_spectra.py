@@ -90,6 +90,14 @@ def test_spectra_of_a_moe_model_and_a_sweep_correlation(tmp_path: Path) -> None:
     metrics = {c["metric"] for c in result["sweep_correlations"]}
     assert "effective_rank" in metrics and all(c["layers"] == 3 for c in result["sweep_correlations"])
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"spectra_by_depth.png", "energy_curves.png", "condition_effective_rank.png"}
+    # the numbers are those of the expert's own weight, read apart from the streamed pass
+    down = AutoModelForCausalLM.from_pretrained(model).model.layers[0].mlp.experts.down_proj[3].detach().double()
+    expected = torch.linalg.svdvals(down)
+    entry = result["layers"][0]["mlp.experts.3.down"]
+    torch.testing.assert_close(torch.tensor(entry["singular_values"], dtype=torch.float64), expected, rtol=1e-5, atol=1e-8)
+    assert entry["stable_rank"] == pytest.approx(float(expected.square().sum() / expected[0] ** 2), rel=1e-5)
+    assert entry["condition_number"] == pytest.approx(float(expected[0] / expected[-1]), rel=1e-5)
+    assert entry["break_even_rank"] == pytest.approx(64 * 128 / (64 + 128))
 
 
 def test_activation_spectra_on_a_tiny_model(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
