@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
-from distill_lr import moe, prepass
+from distill_lr import moe, plots, prepass
 from distill_lr.allocation import kept_fractions
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.cache import ActivationCache, TeacherStore, cache_bytes, choose_placement
@@ -470,6 +470,8 @@ def finish(run: Run) -> RunReport:
         compressed.export_dense(out, dense_export_dir(out))
         report.dense_export = str(dense_export_dir(out))
     files.write_json_atomic(report.to_dict(), out / "report.json")
+    if cfg.plot:
+        plots.draw_run(report.to_dict(), out / plots.REPORT_PNG)
     return report
 
 

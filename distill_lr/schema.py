@@ -27,6 +27,7 @@ RUN_ONLY_FIELDS = (
     "overwrite",
     "evaluate",
     "export_dense",
+    "plot",
     "device",
     "data.eval_sequences",
     "cache",
@@ -270,6 +271,7 @@ class CompressConfig:
     overwrite: bool = False  # replace an output folder that holds another run
     evaluate: bool = True  # perplexity of the dense and the compressed model on held-out text
     export_dense: bool = False  # also write a dense checkpoint (factors multiplied out) to <output>-dense
+    plot: bool = True  # draw report.png (per-layer error, training curves, rank plan, perplexity) when matplotlib is installed
 
     def __post_init__(self) -> None:
         check(self.init in INITS, f"init '{self.init}' is unknown: use one of {INITS}")

@@ -50,6 +50,7 @@ def overrides_for(model: Path, corpus: Path, output: Path, **extra) -> list[str]
         "train.batch_size": 4,
         "ranks.target": 0.3,
         "method": "whiten",
+        "plot": "false",  # 0.6 s a picture: drawn where a test asks for it
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -14,6 +14,7 @@ import torch
 from conftest import held_out_perplexity, interrupted_then_resumed, layer_bytes, materialised_layer, run, run_files
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from distill_lr import plots
 from distill_lr.checkpoint import compressed, files, reader
 from distill_lr.checkpoint.layout import MANIFEST_NAME, layer_file
 from distill_lr.factorize import factorize_layer_
@@ -242,3 +243,16 @@ def test_a_tiny_seeded_run_gives_its_stored_numbers(tmp_path: Path, tiny_llama: 
         assert [layer.train["best_holdout"] for layer in report.layers] == pytest.approx(pinned["holdout"], rel=1e-3)
     assert report.perplexity.dense == pytest.approx(253.73759, rel=2e-5)
     assert report.perplexity.compressed == pytest.approx(pinned["ppl"], rel=2e-5)
+
+
+def test_the_run_picture_is_drawn_the_same_by_a_resumed_run_and_redrawn_from_report_json(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    run(tiny_llama, corpus, tmp_path / "whole", method="distill", plot="true")
+    interrupted_then_resumed(monkeypatch, tiny_llama, corpus, tmp_path / "resumed", method="distill", plot="true")
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole") and "report.png" in run_files(tmp_path / "whole")
+    picture = (tmp_path / "whole" / "report.png").read_bytes()
+    (tmp_path / "whole" / "report.png").unlink()
+    assert plots.main([str(tmp_path / "whole")]) == 0 and (tmp_path / "whole" / "report.png").read_bytes() == picture
+    assert plots.main([str(tmp_path / "nothing")]) == 2

@@ -29,7 +29,7 @@ def layer_file(index: int) -> str:
 EXPORT_MARKER = "distill_lr_export.json"  # in a dense export: the files it wrote
 LOCK_NAME = "distill_lr.lock"  # held while a run writes the folder; removed at its end (a killed run's is taken over)
 E2E_STATE = "distill_lr_e2e_state.pt"  # the end-to-end stage's resumable state, removed once the stage is done
-_RUN_FILES = {OTHER_FILE, INDEX_NAME, MANIFEST_NAME, E2E_STATE, "config.json", "report.json", *CODE_FILES, *TOKENIZER_FILES}
+_RUN_FILES = {OTHER_FILE, INDEX_NAME, MANIFEST_NAME, E2E_STATE, "config.json", "report.json", "report.png", *CODE_FILES, *TOKENIZER_FILES}
 _RUN_PATTERN = re.compile(r"model-layer-\d{5}\.safetensors")
 
 
