@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,11 @@ import torch
 
 from distill_lr.checkpoint.layout import LOCK_NAME
 from distill_lr.errors import UserInputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a run there works without the lock, with a warning
+    fcntl = None  # type: ignore[assignment]
 
 
 @contextmanager
@@ -190,6 +194,8 @@ def _take_lock(folder: Path, role: str) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no flock on this system")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 512).decode(errors="replace").strip() or "a process that has not yet named itself"
