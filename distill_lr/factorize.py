@@ -84,10 +84,12 @@ def _gram_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     return (M @ vectors) * inverse, S, vectors.T
 
 
-def _balanced(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Truncate ``U diag(S) Vh`` to ``rank`` and give each factor sqrt(S): equal scales train better."""
-    root = S[:rank].sqrt()
-    return root[:, None] * Vh[:rank], U[:, :rank] * root
+def balanced(U: Tensor, S: Tensor, Vh: Tensor, kept: int | slice) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of ``U diag(S) Vh`` truncated to its first ``kept`` components (or to the slice ``kept``), each factor
+    holding sqrt(S): equal scales train better."""
+    index = slice(0, kept) if isinstance(kept, int) else kept
+    root = S[index].sqrt()
+    return root[:, None] * Vh[index], U[:, index] * root
 
 
 def _damped_cholesky(M: Tensor, damping: float) -> Tensor:
@@ -121,7 +123,7 @@ def svd_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Truncated SVD: the Frobenius-optimal rank-r approximation of W (Eckart–Young). Returns (A, B)."""
     validate_rank(rank, *W.shape)
     U, S, Vh = truncated_svd(W.detach().float(), rank)
-    return _balanced(U, S, Vh, rank)
+    return balanced(U, S, Vh, rank)
 
 
 def _top_eigenvectors(M: Tensor, rank: int) -> Tensor:
@@ -185,7 +187,7 @@ def whiten_factors(W: Tensor, rank: int, stats: Moments, damping: float = 1e-6) 
         return (U.T @ W64).float(), U.float()
     S = _damped_cholesky(stats.second_moment().to(W64.device), damping)
     U, sigma, Vh = truncated_svd(W64 @ S, rank)
-    A_white, B = _balanced(U, sigma, Vh, rank)
+    A_white, B = balanced(U, sigma, Vh, rank)
     A = torch.linalg.solve_triangular(S, A_white, upper=False, left=False)  # A_white @ S⁻¹
     return A.float(), B.float()
 

@@ -24,7 +24,7 @@ from distill_lr.checkpoint.layout import layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader
 from distill_lr.errors import check
-from distill_lr.factorize import break_even_rank
+from distill_lr.factorize import balanced, break_even_rank
 from distill_lr.modeling.lowrank import LowRankLinear, replace_linears_
 from distill_lr.moe import fused_experts
 
@@ -103,9 +103,7 @@ class Spectrum:
 
     def factors(self, keep: int, higher: bool) -> tuple[Tensor, Tensor]:
         """``(A, B)`` with ``B A = U_k Σ_k V_kᵀ``, each holding ``sqrt(Σ_k)``."""
-        k = self.kept(keep, higher)
-        root = self.S[k].sqrt()
-        return root[:, None] * self.Vh[k], self.U[:, k] * root
+        return balanced(self.U, self.S, self.Vh, self.kept(keep, higher))
 
 
 @torch.no_grad()

@@ -86,7 +86,8 @@ def layer_ranks(ranks: dict[str, int], layer_prefix: str) -> dict[str, int]:
     return {n[len(layer_prefix) :]: r for n, r in ranks.items() if n.startswith(layer_prefix)}
 
 
-def _rank_for_fraction(keep: float, out_f: int, in_f: int) -> int:
+def rank_for_fraction(keep: float, out_f: int, in_f: int) -> int:
+    """The rank whose factor pair holds ``keep`` of the matrix's parameters (at least 1)."""
     return max(1, round(keep * break_even_rank(out_f, in_f)))
 
 
@@ -115,7 +116,7 @@ def plan_ranks(
             )
         if cfg.allocation == "uniform":
             keep = min(budget / sum(o * i for o, i in free.values()), 1.0)
-            ranks |= {name: _rank_for_fraction(keep, out_f, in_f) for name, (out_f, in_f) in free.items()}
+            ranks |= {name: rank_for_fraction(keep, out_f, in_f) for name, (out_f, in_f) in free.items()}
         else:
             ranks |= _allocate(free, cfg, Budget(int(budget), cfg.floor, cfg.rank_multiple), short, sensitivity)
             removed = 1.0 - (kept_elsewhere + sum(kept(s, ranks.get(n)) for n, s in free.items())) / dense_total
@@ -166,7 +167,7 @@ def _fixed_by_rules(shapes: dict[str, tuple[int, int]], cfg: RankConfig, short: 
         if value == "skip":
             fixed[name] = None
         elif isinstance(value, float):
-            fixed[name] = _rank_for_fraction(value, out_f, in_f)
+            fixed[name] = rank_for_fraction(value, out_f, in_f)
         else:
             if value > min(out_f, in_f):
                 raise UserInputError(f"rank {value} for {name} is above min(out, in) = {min(out_f, in_f)}: lower the rule's rank")

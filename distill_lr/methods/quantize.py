@@ -21,7 +21,7 @@ from distill_lr.factorize import break_even_rank
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
-from distill_lr.ranks import matches
+from distill_lr.ranks import matches, rank_for_fraction
 from distill_lr.schema import CompressConfig, QuantConfig
 from distill_lr.stats import input_moments
 
@@ -158,7 +158,7 @@ def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -
             f"correction rank {value} for {short_name} is above min(out, in) = {min(out_f, in_f)}: lower quant.correction_rank "
             "(or the matching quant.correction_rules), or give a fraction"
         )
-    rank = value if isinstance(value, int) else max(1, round(value * break_even_rank(out_f, in_f)))
+    rank = value if isinstance(value, int) else rank_for_fraction(value, out_f, in_f)
     if rank >= break_even_rank(out_f, in_f):
         warnings.warn(
             "quant.correction_rank gives some matrices a correction at or above their break-even rank m·n/(m+n): each of those "
