@@ -151,7 +151,6 @@ def open_input(cfg: CompressConfig) -> Opened:
     out = Path(cfg.output).expanduser()
     apart = {"the input folder": reader.folder, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
     files.check_apart(out, "output folder", {what: None if p is None else Path(p) for what, p in apart.items()})
-    files.check_folder_path(out, "output folder")
     if cfg.cache_dir:
         files.check_folder_path(Path(cfg.cache_dir).expanduser(), "cache_dir")
     if cfg.export_dense:  # written at the end: refused now rather than after the run

@@ -189,7 +189,6 @@ def write_intervened(model_dir: str | Path, output: str | Path, intervention: In
     reader = CheckpointReader(model_dir)
     out = Path(output).expanduser()
     files.check_apart(out, "output folder", {"the input folder": reader.folder})
-    files.check_folder_path(out, "output folder")
     model, prefix, layers = reader.skeleton()
     check(0 <= intervention.layer < len(layers), f"layer {intervention.layer} is outside the model's {len(layers)} decoder layers")
     matched = [name for t in intervention.types for name in weights(layers[intervention.layer], t)]
