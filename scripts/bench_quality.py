@@ -4,7 +4,7 @@ Compresses at each ratio with every row (a method and a rank allocation) in one 
 table (held-out perplexity, its multiple of dense, parameters kept, wall time), written as Markdown
 with a PNG plot::
 
-    python scripts/bench_quality.py                      # 2-core CPU defaults (README: Results)
+    python scripts/bench_quality.py                      # 2-core CPU defaults (docs/results.md)
     python scripts/bench_quality.py --large              # more calibration text and epochs, for a GPU
     python scripts/bench_quality.py --rows whiten/uniform whiten/loss-aware --ratios 0.2 --set train.lr=2e-2
 
