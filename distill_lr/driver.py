@@ -468,9 +468,10 @@ def finish(run: Run) -> RunReport:
     if cfg.export_dense:
         compressed.export_dense(out, dense_export_dir(out))
         report.dense_export = str(dense_export_dir(out))
-    files.write_json_atomic(report.to_dict(), out / "report.json")
+    record = report.to_dict()
+    files.write_json_atomic(record, out / "report.json")
     if cfg.plot:
-        plots.draw_run(report.to_dict(), out / plots.REPORT_PNG)
+        plots.draw_run(record, out / plots.REPORT_PNG)  # a picture of report.json
     return report
 
 

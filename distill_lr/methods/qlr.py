@@ -5,13 +5,14 @@ the output-optimal pair of its rank, and is trained layer-wise with ``quant.corr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from distill_lr.factorize import balance_factors, whiten_factors
+from distill_lr.factorize import balance_factors, break_even_rank, whiten_factors
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.methods.distill import Distill
 from distill_lr.methods.quantize import check_group_size, correction_rank, dense_linears, quantize_linear, record
@@ -28,9 +29,20 @@ class Correct(LayerStep):
 
     def check(self, cfg: CompressConfig, layers: nn.ModuleList) -> None:
         check_group_size(cfg.quant, layers)
-        for i, layer in enumerate(layers):  # the ranks each correction will get, refused or warned of now
+        oversized = []  # the ranks each correction will get, refused (correction_rank) or warned of now, once
+        for i, layer in enumerate(layers):
             for name in dense_linears(layer, cfg.ranks.exclude, i):
-                correction_rank(cfg.quant, f"layers.{i}.{name}", tuple(layer.get_submodule(name).weight.shape))
+                shape = tuple(layer.get_submodule(name).weight.shape)
+                rank = correction_rank(cfg.quant, f"layers.{i}.{name}", shape)
+                if rank is not None and rank >= break_even_rank(*shape):
+                    oversized.append(f"layers.{i}.{name}")
+        if oversized:
+            warnings.warn(
+                f"quant.correction_rank gives {len(oversized)} matrices (e.g. {oversized[0]}) a correction at or above their "
+                "break-even rank m·n/(m+n): each of those modules takes more bytes than its dense weight; lower "
+                "quant.correction_rank or give a fraction",
+                stacklevel=2,
+            )
 
     def run(self, work: LayerWork) -> None:
         cfg, layer = work.cfg, work.layer

@@ -17,7 +17,6 @@ from torch import nn
 
 from distill_lr import quant
 from distill_lr.errors import UserInputError
-from distill_lr.factorize import break_even_rank
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
@@ -158,11 +157,4 @@ def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -
             f"correction rank {value} for {short_name} is above min(out, in) = {min(out_f, in_f)}: lower quant.correction_rank "
             "(or the matching quant.correction_rules), or give a fraction"
         )
-    rank = value if isinstance(value, int) else rank_for_fraction(value, out_f, in_f)
-    if rank >= break_even_rank(out_f, in_f):
-        warnings.warn(
-            "quant.correction_rank gives some matrices a correction at or above their break-even rank m·n/(m+n): each of those "
-            "modules takes more bytes than its dense weight; lower quant.correction_rank or give a fraction",
-            stacklevel=2,
-        )
-    return rank
+    return value if isinstance(value, int) else rank_for_fraction(value, out_f, in_f)
