@@ -1,7 +1,7 @@
-"""Command line: ``python scripts/compress.py [--config FILE] [key=value ...]``.
+"""The ``distill-lr`` command: one entry point, a subcommand per job (``distill-lr <command> --help`` for each).
 
-With no argument it compresses the built-in SmolLM2-135M-Instruct on the built-in Wikipedia text
-with the defaults of ``distill_lr.schema.CompressConfig``.
+``python scripts/compress.py ...`` is ``distill-lr compress ...``. A command module has ``HELP`` (its line in the
+listing), ``add_arguments(parser)`` and ``run(args) -> exit status``; bad input ends in one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,33 +9,34 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
+from importlib import import_module
 
-from tqdm.contrib.logging import logging_redirect_tqdm
-
-from distill_lr.config import load_config
-from distill_lr.driver import compress
 from distill_lr.errors import ONE_LINE, error_line
+
+COMMANDS = ("compress", "evaluate", "laser", "spectra", "export", "plot")  # modules of distill_lr.commands
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="distill-lr", description="Compress Hugging Face causal LMs by low rank, layer by layer.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="command")
+    for name in COMMANDS:
+        module = import_module(f"distill_lr.commands.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="compress.py",
-        description="Compress a Hugging Face causal LM by layer-wise low-rank feature distillation.",
-        epilog="Overrides use dotted keys, e.g. ranks.target=0.4 method=whiten train.epochs=1 output=runs/x",
-    )
-    parser.add_argument("--config", help="YAML file with settings (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value settings applied after the config file")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.captureWarnings(True)
-    warnings.filterwarnings("ignore", module="transformers")
     try:
-        cfg = load_config(args.config, args.overrides)
-        with logging_redirect_tqdm():
-            report = compress(cfg)
+        return args.handler(args)
     except ONE_LINE as err:
         print(error_line(err), file=sys.stderr)
         return 2
-    print(report.summary_table())
-    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -543,7 +543,7 @@ def release_freed_host_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
 
     glibc keeps the memory of freed tensors in its heap, fragmented; without a trim per layer the
-    peak resident memory creeps up with depth (``scripts/bench_memory.py`` measures it).
+    peak resident memory creeps up with depth (``benchmarks/bench_memory.py`` measures it).
     """
     trim = _malloc_trim()
     if trim is not None:

@@ -1,15 +1,12 @@
 """The picture of a run, ``report.png``: per-layer error, the training curves, the rank plan, perplexity before and after.
 
-Drawn from ``report.json`` alone, so a finished run can be redrawn (``python -m distill_lr.plots RUN``). matplotlib
+Drawn from ``report.json`` alone, so a finished run can be redrawn (``distill-lr plot RUN``). matplotlib
 is optional (the ``analysis`` and ``bench`` extras): without it a run logs one line saying how to get the picture.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +103,3 @@ def _perplexity(ax: Any, report: dict[str, Any]) -> None:
     bars = ax.bar(["dense", "compressed"], [ppl["dense"], ppl["compressed"]], color=["#777777", "#c0504d"])
     ax.bar_label(bars, fmt="%.2f")
     ax.set_ylabel(f"perplexity on {ppl['eval_tokens']:,} held-out tokens")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill_lr.plots", description="Redraw a run's report.png from its report.json.")
-    parser.add_argument("run", type=Path, help="the output folder of a finished run")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    source = args.run / "report.json"
-    if not source.is_file():
-        print(f"error: {args.run} has no report.json: give the output folder of a finished run", file=sys.stderr)
-        return 2
-    return 0 if draw_run(json.loads(source.read_text()), args.run / REPORT_PNG) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
-"""Compress a causal LM layer by layer: ``python scripts/compress.py [--config FILE] [key=value ...]``."""
+"""Compress a causal LM layer by layer: ``python scripts/compress.py [--config FILE] [key=value ...]`` is ``distill-lr compress``."""
 
 import sys
 
 from distill_lr.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["compress", *sys.argv[1:]]))

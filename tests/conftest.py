@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -107,15 +105,6 @@ def materialised_layer(folder: Path, index: int = 0):
     model, prefix, layers = reader.skeleton()
     load_non_layer_(model, reader, prefix, torch.device("cpu"), torch.float32)
     return model, layers, LayerLoader(reader, layers, prefix, read_ahead=False).load(index, "cpu", torch.float32)
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module, for the tests of the commands that live there."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def folder_state(folder: Path) -> dict[str, bytes] | None:

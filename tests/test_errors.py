@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fails, load_script, overrides_for, run
+from conftest import fails, overrides_for, run
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -136,7 +136,7 @@ def test_disk_without_room_is_refused_before_work(tmp_path: Path, tiny_llama: Pa
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys) -> None:
-    assert main([f"model={tmp_path / 'nope'}", f"output={tmp_path / 'out'}"]) == 2
+    assert main(["compress", f"model={tmp_path / 'nope'}", f"output={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model folder") and "\n" not in err
 
@@ -232,7 +232,7 @@ def test_the_cli_turns_an_os_error_into_one_line(tmp_path: Path, tiny_llama: Pat
         raise OSError(errno.EIO, "Input/output error", str(tmp_path / "out" / "x"))
 
     monkeypatch.setattr(files, "write_json_atomic", broken)
-    assert main(overrides_for(tiny_llama, corpus, tmp_path / "out")) == 2
+    assert main(["compress", *overrides_for(tiny_llama, corpus, tmp_path / "out")]) == 2
     err = capsys.readouterr().err  # progress bars, then the one line
     assert err.strip().splitlines()[-1].startswith(f"error: Input/output error at {tmp_path / 'out' / 'x'}: check that path")
     assert "Traceback" not in err
@@ -278,7 +278,7 @@ def test_text_that_is_not_utf8_is_named_with_the_byte(tmp_path: Path, tiny_llama
 )
 def test_evaluate_on_a_bad_folder_is_one_line(tmp_path: Path, capsys, make, needle: str) -> None:
     make(tmp_path / "m")
-    assert load_script("evaluate").main(["--model", str(tmp_path / "m"), "--tasks"]) == 2
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--tasks"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err, err
 
@@ -294,6 +294,6 @@ def test_spectra_compare_with_a_compressed_folder_is_one_line_without_a_prompt(
     out = run(tiny_llama, corpus, tmp_path / "out").output
     monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked the user a question"))
     args = ["--model", str(tiny_llama), "--compare", out, "--activations", "0", "--out", str(tmp_path / "spectra")]
-    assert load_script("spectra").main(args) == 2
+    assert main(["spectra", *args]) == 2
     captured = capsys.readouterr()
     assert "is a distill_lr compressed checkpoint" in captured.err and "[y/N]" not in captured.out + captured.err

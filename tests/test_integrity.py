@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, folder_state, load_script, overrides_for, run, run_files
+from conftest import fails, folder_state, overrides_for, run, run_files
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
 
+from distill_lr import cli
+from distill_lr.analysis.sweep import Model
 from distill_lr.checkpoint import compressed, files
 from distill_lr.checkpoint.layout import LOCK_NAME, MANIFEST_NAME, layer_file
 from distill_lr.checkpoint.reader import read_header
 from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
-from distill_lr.sweep import Model
 from distill_lr.testing import save_tiny, word_tokenizer, write_corpus
 
 
@@ -109,7 +110,7 @@ def test_the_analysis_commands_refuse_a_truncated_config_too(tmp_path: Path, tin
     (tiny_llama / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     with pytest.raises(UserInputError, match="holds tensors of decoder layer 2 but config.json has num_hidden_layers=2"):
         Model.open(tiny_llama, torch.device("cpu"), torch.float32, batch_size=4)  # the LASER sweep's streams
-    assert load_script("spectra").main(["--model", str(tiny_llama), "--activations", "0", "--out", str(tmp_path / "s")]) == 2
+    assert cli.main(["spectra", "--model", str(tiny_llama), "--activations", "0", "--out", str(tmp_path / "s")]) == 2
     assert "num_hidden_layers=2" in capsys.readouterr().err
 
 

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, run
+from conftest import run
 from transformers import AutoModelForCausalLM
 
-from distill_lr import laser
+from distill_lr import cli
+from distill_lr.analysis import laser
+from distill_lr.analysis.sweep import Model, _dense_pass, run_sweep
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.reader import LayerLoader
+from distill_lr.commands import evaluate
 from distill_lr.data import split_documents
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import break_even_rank
-from distill_lr.sweep import Model, _dense_pass, run_sweep
 from distill_lr.tasks import BUILTIN_TASK, Example, Task, builtin_task, encode, load_task
 from distill_lr.testing import save_tiny, word_tokenizer
 
@@ -224,28 +226,26 @@ def test_lm_eval_gives_our_scores_on_a_local_task(tmp_path: Path, tiny_llama: Pa
         lm_eval_scores(model, word_tokenizer(), ["no_such_task"])
 
 
-def test_evaluate_script_scores_a_compressed_folder_and_refuses_what_does_not_fit(
+def test_evaluate_command_scores_a_compressed_folder_and_refuses_what_does_not_fit(
     tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch, capsys
 ) -> None:
-    module = load_script("evaluate")
     path = write_task(tmp_path / "tiny.jsonl")
     out = run(tiny_llama, corpus, tmp_path / "out", tokenizer=str(tiny_llama), **{"eval.tasks": f"[{path}]"})
-    assert module.main(["--model", out.output, "--tasks", str(path)]) == 0
+    assert cli.main(["evaluate", "--model", out.output, "--tasks", str(path)]) == 0
     printed = capsys.readouterr().out
     scores = json.loads(printed[printed.index("\n{") + 1 :])
     assert scores["tiny"] == out.tasks[0]["compressed"]  # the whole-model scorer agrees with the layer-by-layer one
-    monkeypatch.setattr(module.psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
-    assert module.main(["--model", out.output, "--tasks", str(path)]) == 2
+    monkeypatch.setattr(evaluate.psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
+    assert cli.main(["evaluate", "--model", out.output, "--tasks", str(path)]) == 2
     assert "needs about" in capsys.readouterr().err
 
 
-def test_the_laser_script_sweeps_plots_and_writes_the_best(tmp_path: Path, tiny_llama: Path, corpus: Path, capsys) -> None:
-    module = load_script("laser")
+def test_the_laser_command_sweeps_plots_and_writes_the_best(tmp_path: Path, tiny_llama: Path, corpus: Path, capsys) -> None:
     task = write_task(tmp_path / "tiny.jsonl")
-    common = ["--model", str(tiny_llama)]
+    common = ["laser", "--model", str(tiny_llama)]
     sweep = ["sweep", "--layers", "1", "2", "--types", "q", "mlp_out", "--rhos", "0.5", "0.1", "--tasks", str(task), "--data", str(corpus)]
     sweep += ["--eval-sequences", "4", "--seq-len", "16", "--out", str(tmp_path / "out"), "--write-best", str(tmp_path / "best")]
-    assert module.main(common + sweep) == 0
+    assert cli.main(common + sweep) == 0
     printed = capsys.readouterr().out
     assert "best per module type (by acc)" in printed and "layer passes instead of" in printed
     result = json.loads((tmp_path / "out" / "laser_sweep.json").read_text())
@@ -253,5 +253,5 @@ def test_the_laser_script_sweeps_plots_and_writes_the_best(tmp_path: Path, tiny_
     assert (tmp_path / "out" / "laser_sweep.png").stat().st_size > 0
     assert json.loads((tmp_path / "best" / "config.json").read_text())["distill_lr"]["method"] == "laser"
     load_compressed(tmp_path / "best")
-    assert module.main(common + ["apply", "--layer", "9", "--types", "q", "--output", str(tmp_path / "x")]) == 2
+    assert cli.main(common + ["apply", "--layer", "9", "--types", "q", "--output", str(tmp_path / "x")]) == 2
     assert "outside the model's 3 decoder layers" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 from conftest import held_out_perplexity, interrupted_then_resumed, layer_bytes, materialised_layer, run, run_files
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill_lr import plots
+from distill_lr import cli
 from distill_lr.checkpoint import compressed, files, reader
 from distill_lr.checkpoint.layout import MANIFEST_NAME, layer_file
 from distill_lr.factorize import factorize_layer_
@@ -254,5 +254,5 @@ def test_the_run_picture_is_drawn_the_same_by_a_resumed_run_and_redrawn_from_rep
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole") and "report.png" in run_files(tmp_path / "whole")
     picture = (tmp_path / "whole" / "report.png").read_bytes()
     (tmp_path / "whole" / "report.png").unlink()
-    assert plots.main([str(tmp_path / "whole")]) == 0 and (tmp_path / "whole" / "report.png").read_bytes() == picture
-    assert plots.main([str(tmp_path / "nothing")]) == 2
+    assert cli.main(["plot", str(tmp_path / "whole")]) == 0 and (tmp_path / "whole" / "report.png").read_bytes() == picture
+    assert cli.main(["plot", str(tmp_path / "nothing")]) == 2

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
 from transformers import AutoModelForCausalLM
 
-from distill_lr import spectra
+from distill_lr import cli
+from distill_lr.analysis import spectra
+from distill_lr.commands import spectra as spectra_command
 from distill_lr.moments import Moments
 from distill_lr.testing import save_tiny
-
-
-def script():
-    return load_script("spectra")
 
 
 def with_singular_values(s: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -82,7 +79,7 @@ def test_spectra_of_a_moe_model_and_a_sweep_correlation(tmp_path: Path) -> None:
     }
     (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--activations", "0", "--sweep", str(tmp_path / "sweep.json")]
-    assert script().main(argv) == 0
+    assert cli.main(["spectra", *argv]) == 0
     result = json.loads((tmp_path / "out" / "spectra.json").read_text())
     names = set(result["layers"][0])
     assert {"self_attn.q_proj", "mlp.gate", "mlp.experts.3.down", "mlp.experts.0.up"} <= names
@@ -102,7 +99,7 @@ def test_spectra_of_a_moe_model_and_a_sweep_correlation(tmp_path: Path) -> None:
 
 def test_activation_spectra_on_a_tiny_model(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     argv = ["--model", str(tiny_llama), "--out", str(tmp_path / "out"), "--activations", "4", "--seq-len", "16", "--data", str(corpus)]
-    assert script().main(argv) == 0
+    assert cli.main(["spectra", *argv]) == 0
     layer = json.loads((tmp_path / "out" / "spectra.json").read_text())["layers"][1]
     assert "activation" in layer["mlp.down_proj"] and "activation" in layer["self_attn.q_proj"]
 
@@ -113,12 +110,11 @@ def test_compare_a_lora_adapter_merged_as_peft_merges_it(tmp_path: Path, tiny_ll
     lora = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     merged = lora.merge_and_unload().state_dict()
-    module = script()
     from distill_lr.checkpoint.reader import CheckpointReader, build_skeleton, decoder_layers
 
     reader = CheckpointReader(tiny_llama)
     prefix, layers = decoder_layers(build_skeleton(reader.config))
-    other = module.Other(tmp_path / "adapter", reader, layers, prefix)
+    other = spectra_command.Other(tmp_path / "adapter", reader, layers, prefix)
     mine = {
         name: AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()[f"{prefix}1.{name}.weight"]
         for name in ("self_attn.q_proj", "mlp.up_proj")
@@ -127,7 +123,7 @@ def test_compare_a_lora_adapter_merged_as_peft_merges_it(tmp_path: Path, tiny_ll
     assert torch.allclose(theirs["self_attn.q_proj"], merged[f"{prefix}1.self_attn.q_proj.weight"], atol=1e-6)
     assert torch.equal(theirs["mlp.up_proj"], mine["mlp.up_proj"])
     argv = ["--model", str(tiny_llama), "--out", str(tmp_path / "out"), "--activations", "0", "--compare", str(tmp_path / "adapter")]
-    assert module.main(argv) == 0
+    assert cli.main(["spectra", *argv]) == 0
     layer = json.loads((tmp_path / "out" / "spectra.json").read_text())["layers"][0]
     assert layer["self_attn.q_proj"]["compare"]["weight_change"] > 0 and layer["mlp.up_proj"]["compare"]["weight_change"] == 0
     assert layer["mlp.up_proj"]["compare"]["left_overlap"] == pytest.approx(1.0)
@@ -135,5 +131,6 @@ def test_compare_a_lora_adapter_merged_as_peft_merges_it(tmp_path: Path, tiny_ll
 
 def test_compare_refuses_another_architecture(tmp_path: Path, tiny_llama: Path, capsys) -> None:
     other = save_tiny(tmp_path / "wide", "llama", hidden_size=32)
-    assert script().main(["--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--activations", "0", "--compare", str(other)]) == 2
+    argv = ["--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--activations", "0", "--compare", str(other)]
+    assert cli.main(["spectra", *argv]) == 2
     assert "is a checkpoint of another architecture" in capsys.readouterr().err

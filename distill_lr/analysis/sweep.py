@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from distill_lr import laser
+from distill_lr.analysis import laser
 from distill_lr.cache import ActivationCache, choose_placement
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, load_non_layer_
 from distill_lr.errors import check

@@ -1,4 +1,4 @@
-"""Spectral metrics of weight matrices (pure functions): the numbers ``scripts/spectra.py`` reports per matrix.
+"""Spectral metrics of weight matrices (pure functions): the numbers ``distill-lr spectra`` reports per matrix.
 
 For singular values σ₁ ≥ … ≥ σ_r of an (m, n) matrix: condition number σ₁/σ_r, effective rank
 exp(H(σ/Σσ)) (Roy & Vetterli 2007), stable rank Σσ²/σ₁², the energy Σ_{i≤k}σᵢ²/Σσ² kept at each rank

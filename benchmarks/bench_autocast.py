@@ -5,8 +5,8 @@ SmolLM2-135M's), distils a few of its layers on the built-in text once per mode,
 seconds each layer spends training, as a multiple of float32. Whether bfloat16 pays on a
 CPU depends on its native bf16 matrix units (AVX512-BF16, AMX); on a GPU ``auto`` is bfloat16::
 
-    python scripts/bench_autocast.py
-    python scripts/bench_autocast.py --layers 2 --set data.num_sequences=64 train.epochs=1
+    python benchmarks/bench_autocast.py
+    python benchmarks/bench_autocast.py --layers 2 --set data.num_sequences=64 train.epochs=1
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from distill_lr.bench import device_name, markdown_table
+from distill_lr.analysis.tables import device_name, markdown_table
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.config import load_config
 from distill_lr.driver import compress

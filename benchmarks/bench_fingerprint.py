@@ -5,8 +5,8 @@ SmolLM2-135M's, with ``--layers`` decoder layers), then times ``CheckpointReader
 full sha256 of every shard, each from a cold page cache when this process may drop it (root on
 Linux), else from whatever the cache holds (the table says which)::
 
-    python scripts/bench_fingerprint.py
-    python scripts/bench_fingerprint.py --layers 60 --set hidden_size=2048 intermediate_size=5632
+    python benchmarks/bench_fingerprint.py
+    python benchmarks/bench_fingerprint.py --layers 60 --set hidden_size=2048 intermediate_size=5632
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from distill_lr.bench import markdown_table
+from distill_lr.analysis.tables import markdown_table
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.checkpoint.files import file_sha256, human_bytes
 from distill_lr.checkpoint.reader import FINGERPRINT_BLOCK, FINGERPRINT_SAMPLES, CheckpointReader

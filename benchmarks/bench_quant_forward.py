@@ -3,8 +3,8 @@
 ``QuantLinear`` dequantises its whole weight for every matmul (no kernel), so on a CPU it is slower than the
 dense model it replaces; this prints by how much, for folders written by ``bench_size.py``::
 
-    python scripts/bench_size.py --workdir /tmp/bsize
-    python scripts/bench_quant_forward.py /tmp/bsize/bf16 /tmp/bsize/int4-gptq-g128 /tmp/bsize/whiten-20+int4 /tmp/bsize/qlr3-r64
+    python benchmarks/bench_size.py --workdir /tmp/bsize
+    python benchmarks/bench_quant_forward.py /tmp/bsize/bf16 /tmp/bsize/int4-gptq-g128 /tmp/bsize/whiten-20+int4 /tmp/bsize/qlr3-r64
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from common import timed
 from transformers import AutoModelForCausalLM
 
-from distill_lr.bench import device_name, markdown_table, timed
+from distill_lr.analysis.tables import device_name, markdown_table
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.checkpoint.compressed import load_compressed
 

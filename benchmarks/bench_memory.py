@@ -3,8 +3,8 @@
 Builds two random checkpoints of the same width with 4 and with 24 decoder layers, compresses
 each in a fresh process, and prints both peaks (max resident set size)::
 
-    python scripts/bench_memory.py
-    python scripts/bench_memory.py --hidden 2048 --layers 4 32 --set method=distill train.epochs=1
+    python benchmarks/bench_memory.py
+    python benchmarks/bench_memory.py --hidden 2048 --layers 4 32 --set method=distill train.epochs=1
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distill_lr.bench import markdown_table
+from distill_lr.analysis.tables import markdown_table
 
 CHILD = """
 import json, resource, sys

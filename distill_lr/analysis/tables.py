@@ -1,17 +1,14 @@
-"""What the benchmark scripts share: the device's name, timing, Markdown tables and saved results."""
+"""What the analysis commands and the benchmarks print and save: the device's name, Markdown tables, JSON results."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from distill_lr.checkpoint.files import write_json_atomic
-
-T = TypeVar("T")
 
 
 def device_name(device: torch.device | str | None = None) -> str:
@@ -20,23 +17,6 @@ def device_name(device: torch.device | str | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU, {torch.get_num_threads()} threads"
-
-
-def synchronize(device: torch.device | str | None = None) -> None:
-    """Wait for queued GPU work (it is asynchronous) before a clock is read; nothing to wait for on a CPU."""
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], T], device: torch.device | str | None = None, repeats: int = 1, warmup: bool = True) -> tuple[float, T]:
-    """Mean seconds of ``fn()`` over ``repeats`` calls (after one untimed call when ``warmup``), and its last result."""
-    result = fn() if warmup else None
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        result = fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats, result  # type: ignore[return-value]
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:

@@ -5,8 +5,8 @@ on Mixtral-8x7B (24 matrices of 4096 x 14336 a layer). This times ``truncated_sv
 matrices of the given shapes with a decaying spectrum, at the rank that removes ``--removed`` of
 the parameters, for each solver and dtype::
 
-    python scripts/bench_init.py --device cuda                            # Mixtral-8x7B shapes
-    python scripts/bench_init.py --device cpu --shapes 1024x3584 3584x1024 --dtypes float64
+    python benchmarks/bench_init.py --device cuda                            # Mixtral-8x7B shapes
+    python benchmarks/bench_init.py --device cpu --shapes 1024x3584 3584x1024 --dtypes float64
 
 The error column is ``‖M − U S Vh‖_F`` divided by the exact SVD's (1.000 is optimal).
 
@@ -22,8 +22,9 @@ import argparse
 from functools import partial
 
 import torch
+from common import timed
 
-from distill_lr.bench import device_name, timed
+from distill_lr.analysis.tables import device_name
 from distill_lr.factorize import break_even_rank, truncated_svd, whiten_factors
 from distill_lr.moments import Moments
 

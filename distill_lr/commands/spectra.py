@@ -1,10 +1,10 @@
 """Spectra and layer metrics of every linear (and every MoE expert) of a checkpoint, streamed one layer at a time.
 
-    python scripts/spectra.py                                      # the built-in model, with activation-aware spectra
-    python scripts/spectra.py --compare /path/to/fine-tuned        # or a PEFT LoRA adapter folder
-    python scripts/spectra.py --sweep docs/laser_sweep.json        # does any metric predict the sweep?
+    distill-lr spectra                                      # the built-in model, with activation-aware spectra
+    distill-lr spectra --compare /path/to/fine-tuned        # or a PEFT LoRA adapter folder
+    distill-lr spectra --sweep docs/laser_sweep.json        # does any metric predict the sweep?
 
-Per matrix (``distill_lr.spectra.metrics``): singular values, condition number, effective and stable
+Per matrix (``distill_lr.analysis.spectra.metrics``): singular values, condition number, effective and stable
 rank, energy and nuclear-norm fraction at every rank, break-even rank, and the rank and parameters
 that keep 90 / 99% of the energy; the same for the activation-aware spectrum of W·S (S from the
 calibration inputs; linears only, experts not). Between consecutive layers, the shared-subspace ratio
@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,14 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from distill_lr import laser, spectra
-from distill_lr.bench import markdown_table, save_results
+from distill_lr.analysis import laser, spectra
+from distill_lr.analysis.sweep import Model
+from distill_lr.analysis.tables import markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader
 from distill_lr.data import build_token_sets, load_documents
-from distill_lr.errors import ONE_LINE, check, error_line
+from distill_lr.errors import check
 from distill_lr.stats import collect_stats
-from distill_lr.sweep import Model
 
 OVERLAP_K = 16  # top singular vectors compared by --compare
 
@@ -288,27 +287,27 @@ def summary(result: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+HELP = "weight and activation spectra of a checkpoint, compared with another or with a LASER sweep"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=BUILTIN_MODEL)
-    parser.add_argument("--out", type=Path, default=Path("docs/spectra"))
+    parser.add_argument("--out", type=Path, default=Path("runs/spectra"), help="where spectra.{json,md} and the plots go")
     parser.add_argument("--activations", type=int, default=16, help="calibration sequences for the W·S spectra (0: none)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--data", default=BUILTIN_TEXT)
     parser.add_argument("--compare", help="another checkpoint of the same architecture, or a PEFT LoRA adapter folder")
-    parser.add_argument("--sweep", type=Path, help="laser_sweep.json of scripts/laser.py sweep on the same model")
+    parser.add_argument("--sweep", type=Path, help="laser_sweep.json of distill-lr laser sweep on the same model")
     parser.add_argument("--subspace-threshold", type=float, default=spectra.SUBSPACE_THRESHOLD, help="t of the shared-subspace ratio")
-    args = parser.parse_args(argv)
-    try:
-        result = analyse(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        if args.sweep:
-            result["sweep_correlations"] = correlations(result, json.loads(args.sweep.read_text()))
-        save_results(result, args.out / "spectra.json")
-        plots(result, args.out)
-    except ONE_LINE as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    result = analyse(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        result["sweep_correlations"] = correlations(result, json.loads(args.sweep.read_text()))
+    save_results(result, args.out / "spectra.json")
+    plots(result, args.out)
     text = [summary(result)]
     print(text[0])
     if args.compare:
@@ -331,7 +330,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "spectra.md").write_text("\n\n".join(text) + "\n")
     print(f"\nspectra.json and plots in {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,8 @@ on 128 sequences x 2048 tokens, and prints per layer the seconds spent loading, 
 in init, in training and in writing; the peak GPU and host memory; the training throughput against
 the GPU's measured bf16 matrix peak; and the projected time for all 32 layers::
 
-    python scripts/bench_scale.py --data corpus.jsonl --tokenizer /path/to/tokenizer-folder
-    python scripts/bench_scale.py --layers 2 --num-sequences 32 --set train.epochs=1 ranks.target=0.3
+    python benchmarks/bench_scale.py --data corpus.jsonl --tokenizer /path/to/tokenizer-folder
+    python benchmarks/bench_scale.py --layers 2 --num-sequences 32 --set train.epochs=1 ranks.target=0.3
 
 The vocabulary is sized to the given tokenizer (it only changes the embedding and the head, not the
 layers being timed). Weights are random, so perplexity means nothing here and is not computed.
@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import timed
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, MixtralConfig
 
-from distill_lr.bench import device_name, save_results, timed
+from distill_lr.analysis.tables import device_name, save_results
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.config import load_config
 from distill_lr.driver import compress

@@ -6,7 +6,7 @@ llm-compressor pins its own transformers, so it runs in an environment of its ow
 
     python -m venv /tmp/lc && /tmp/lc/bin/pip install torch==2.13.0 llmcompressor && /tmp/lc/bin/pip install -e . --no-deps
     /tmp/lc/bin/pip install omegaconf gensim gguf psutil
-    /tmp/lc/bin/python scripts/library_quant.py --bits 4 3 --group-size 64      # rows into docs/size_library.json
+    /tmp/lc/bin/python benchmarks/library_quant.py --bits 4 3 --group-size 64      # rows into docs/size_library.json
 
 It also checks our GPTQ against the library's on the same weight and Hessian (``--check``): real SmolLM2 weights,
 their inputs' second moment from the calibration windows, the output error of both.
@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill_lr.bench import save_results
+from distill_lr.analysis.tables import save_results
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.config import load_config
 from distill_lr.data import build_token_sets, load_documents
@@ -95,7 +95,7 @@ def library_row(folder: Path, calibration: torch.Tensor, evaluation: torch.Tenso
         "bytes": size,
         "ppl": ppl,
         "seconds": round(seconds, 1),
-        "command": f"python scripts/library_quant.py --bits {bits} --group-size {group}  (llmcompressor {llmcompressor.__version__})",
+        "command": f"python benchmarks/library_quant.py --bits {bits} --group-size {group}  (llmcompressor {llmcompressor.__version__})",
     }
 
 

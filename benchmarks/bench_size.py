@@ -4,11 +4,11 @@ Every row is one compression run with the calibration and held-out text of ``ben
 bytes of the decoder layers' linears as saved (codes, scales, factors, all in bfloat16 where floating) and the
 held-out perplexity, in one table and one plot with the Pareto front::
 
-    python scripts/bench_size.py                          # every default row, two runs at a time (2-core CPU)
-    python scripts/bench_size.py --rows int4-gptq-g128 qlr3-r64 --jobs 1
-    python scripts/bench_size.py --append --rows          # redraw the table and plot from size.json
+    python benchmarks/bench_size.py                          # every default row, two runs at a time (2-core CPU)
+    python benchmarks/bench_size.py --rows int4-gptq-g128 qlr3-r64 --jobs 1
+    python benchmarks/bench_size.py --append --rows          # redraw the table and plot from size.json
 
-Rows of a quantization library (llm-compressor's GPTQ, run by ``scripts/library_quant.py`` in its own
+Rows of a quantization library (llm-compressor's GPTQ, run by ``benchmarks/library_quant.py`` in its own
 environment) are read from ``docs/size_library.json`` when it is there.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from distill_lr.bench import markdown_table, save_results
+from distill_lr.analysis.tables import markdown_table, save_results
 from distill_lr.checkpoint.layout import MANIFEST_NAME
 from distill_lr.config import load_config
 from distill_lr.driver import compress

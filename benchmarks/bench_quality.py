@@ -4,9 +4,9 @@ Compresses at each ratio with every row (a method and a rank allocation) in one 
 table (held-out perplexity, its multiple of dense, parameters kept, wall time), written as Markdown
 with a PNG plot::
 
-    python scripts/bench_quality.py                      # 2-core CPU defaults (docs/results.md)
-    python scripts/bench_quality.py --large              # more calibration text and epochs, for a GPU
-    python scripts/bench_quality.py --rows whiten/uniform whiten/loss-aware --ratios 0.2 --set train.lr=2e-2
+    python benchmarks/bench_quality.py                      # 2-core CPU defaults (docs/results.md)
+    python benchmarks/bench_quality.py --large              # more calibration text and epochs, for a GPU
+    python benchmarks/bench_quality.py --rows whiten/uniform whiten/loss-aware --ratios 0.2 --set train.lr=2e-2
 
 A ``+e2e`` row continues the same ratio's row without it: its output folder is copied and resumed with
 the end-to-end stage on, so the layer-wise pass is not paid twice (its wall time is the stage's run).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from distill_lr.bench import markdown_table, save_results
+from distill_lr.analysis.tables import markdown_table, save_results
 from distill_lr.config import load_config
 from distill_lr.driver import compress
 
@@ -50,7 +50,7 @@ E2E = ["e2e.enabled=true", "e2e.max_steps=24"]
 
 
 def native_cpu_bf16() -> bool:
-    """AVX512-BF16 or AMX: there bfloat16 training steps are faster (scripts/bench_autocast.py); elsewhere emulated."""
+    """AVX512-BF16 or AMX: there bfloat16 training steps are faster (benchmarks/bench_autocast.py); elsewhere emulated."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 

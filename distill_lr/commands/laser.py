@@ -1,9 +1,9 @@
 """LASER on a checkpoint, streamed one decoder layer at a time: one intervention, or a sweep to find the best.
 
-    python scripts/laser.py sweep                                  # the default grid on the built-in model
-    python scripts/laser.py sweep --layers 20 24 28 --types mlp_out --rhos 0.1 0.01 --write-best runs/laser-best
-    python scripts/laser.py apply --layer 28 --types mlp_out --rho 0.01 --output runs/laser-28
-    python scripts/laser.py apply --layer 3 --types q k --rank 8 --higher --output runs/laser-hi
+    distill-lr laser sweep                                  # the default grid on the built-in model
+    distill-lr laser sweep --layers 20 24 28 --types mlp_out --rhos 0.1 0.01 --write-best runs/laser-best
+    distill-lr laser apply --layer 28 --types mlp_out --rho 0.01 --output runs/laser-28
+    distill-lr laser apply --layer 3 --types q k --rank 8 --higher --output runs/laser-hi
 
 A sweep evaluates every (layer, module type, ρ) on held-out perplexity and on task accuracy (the
 built-in ``builtin:wiki-lastword`` task unless ``--tasks`` names JSON-lines files), prints a table, the
@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distill_lr import laser
-from distill_lr.bench import device_name, markdown_table, save_results
+from distill_lr.analysis import laser
+from distill_lr.analysis.sweep import Model, SweepResult, badness, best_per_type, run_sweep
+from distill_lr.analysis.tables import device_name, markdown_table, save_results
 from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, resolve_model_dir
 from distill_lr.data import bos_prefix, build_token_sets, held_out_documents, load_documents
-from distill_lr.errors import ONE_LINE, error_line
-from distill_lr.sweep import Model, SweepResult, badness, best_per_type, run_sweep
 from distill_lr.tasks import BUILTIN_TASK, encode, load_tasks
 
 DEFAULT_LAYERS = "every 4th"
@@ -158,12 +156,14 @@ def apply(args: argparse.Namespace) -> None:
     print(f"{report['intervention']}: parameter change {report['parameter_change']:+,}; written to {args.output}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+HELP = "LASER on a checkpoint: one intervention, or a sweep to find the best"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=BUILTIN_MODEL)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier LASER output in the same folder")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="action")
     s = sub.add_parser("sweep", help="layers x module types x rho")
     s.add_argument("--layers", type=int, nargs="*", help=f"decoder layers to intervene on (default: {DEFAULT_LAYERS})")
     s.add_argument("--types", nargs="+", default=list(laser.MODULE_TYPES), help=f"module types: {', '.join(laser.MODULE_TYPES)}")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--best-by", choices=["loss", "acc"], help="default: acc when there is a task, else loss")
-    s.add_argument("--out", type=Path, default=Path("docs"), help="where laser_sweep.{json,md,png} go")
+    s.add_argument("--out", type=Path, default=Path("runs/laser"), help="where laser_sweep.{json,md,png} go")
     s.add_argument("--write-best", help="write the best intervention as a checkpoint to this folder")
     p = sub.add_parser("plot", help="redraw the heat-maps of a saved laser_sweep.json")
     p.add_argument("sweep_json", type=Path)
@@ -187,15 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--rank", type=int, help="an integer rank instead of rho")
     a.add_argument("--higher", action="store_true")
     a.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        {"sweep": sweep, "plot": plot, "apply": apply}[args.command](args)
-    except ONE_LINE as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("distill_lr").setLevel(logging.WARNING)  # the sweep's table is the output
+    {"sweep": sweep, "plot": plot, "apply": apply}[args.command](args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The subcommands of ``distill-lr`` (``distill_lr.cli``), one module each."""
