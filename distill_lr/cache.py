@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ import transformers
 
 from distill_lr.checkpoint.files import atomic_writer
 from distill_lr.errors import UserInputError
+
+log = logging.getLogger("distill_lr")
 
 PLACEMENTS = ("auto", "device", "host", "disk")
 STREAMS = 3  # teacher input, student input and teacher output are alive at once
@@ -50,6 +53,18 @@ def choose_placement(requested: str, need: int, device: torch.device, layer_byte
             return "device"
         return "host" if fits_host else "disk"
     return "device" if fits_host else "disk"
+
+
+def plan_cache(
+    requested: str, folder: Path, tokens: int, hidden: int, layers: torch.nn.ModuleList, compute: tuple[torch.device, torch.dtype]
+) -> ActivationCache:
+    """Place the activation caches of ``tokens`` (all streams) where ``requested`` says, or by free memory; files go in ``folder``."""
+    device, dtype = compute
+    need = cache_bytes(tokens, 1, hidden, dtype)
+    layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * dtype.itemsize
+    placement = choose_placement(requested, need, device, layer_bytes)
+    log.info("activation caches: %.2f GiB at their peak, on %s", need / 2**30, placement)
+    return ActivationCache(placement, device, folder, need)
 
 
 class ActivationCache:
@@ -119,6 +134,10 @@ class TeacherStore:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
+
+    def holds(self, stream: str) -> bool:
+        """Whether the store keeps this stream's outputs (the calibration and evaluation text; task rows are not kept)."""
+        return stream in self._tags
 
     def path(self, index: int, stream: str) -> Path:
         return self.folder / f"layer-{index:05d}-{stream}-{self._tags[stream]}.bin"

@@ -111,12 +111,13 @@ class Perplexity:
     seq_len: int
 
     @classmethod
-    def of(cls, dense_nll: tuple[float, int], compressed_nll: tuple[float, int], eval_sequences: int, seq_len: int) -> Perplexity:
-        return cls(_ppl(dense_nll), _ppl(compressed_nll), dense_nll[1], eval_sequences, seq_len)
+    def of(cls, dense: dict[str, Any], compressed: dict[str, Any], eval_sequences: int, seq_len: int) -> Perplexity:
+        """From the two stacks' ``streams.score`` of the held-out text."""
+        return cls(_ppl(dense["loss"]), _ppl(compressed["loss"]), dense["tokens"], eval_sequences, seq_len)
 
 
-def _ppl(nll: tuple[float, int]) -> float:
-    return float(torch.exp(torch.tensor(nll[0] / nll[1])))
+def _ppl(loss: float) -> float:
+    return float(torch.exp(torch.tensor(loss)))
 
 
 @dataclass

@@ -8,7 +8,6 @@ not once per intervention. Weights stream from the shards one layer at a time, a
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,18 +23,9 @@ from distill_lr.analysis import laser
 from distill_lr.cache import ActivationCache, choose_placement
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, load_non_layer_
 from distill_lr.errors import check
-from distill_lr.layerwise import LayerKwargs, capture_inputs, embed, head_nll, head_span_logprobs, run_layer
+from distill_lr.layerwise import embed, run_layer
+from distill_lr.streams import Stream, score
 from distill_lr.tasks import EncodedTask
-
-
-@dataclass
-class Stream:
-    """Token rows that travel up the stack together: the perplexity text, or one task's (example, choice) rows."""
-
-    name: str
-    ids: torch.Tensor  # (rows, length)
-    kwargs: list[LayerKwargs]  # per layer, as the model builds them for this length
-    task: EncodedTask | None = None
 
 
 @dataclass
@@ -59,8 +49,7 @@ class Model:
         return cls(reader, model, prefix, layers, device, dtype, batch_size)
 
     def add_stream(self, name: str, ids: torch.Tensor, task: EncodedTask | None = None) -> None:
-        ids = ids.to(self.device)
-        self.streams.append(Stream(name, ids, capture_inputs(self.model, self.layers, ids[:1])[1], task))
+        self.streams.append(Stream.open(name, ids.to(self.device), self.model, self.layers, task))
 
     def embedded(self) -> dict[str, torch.Tensor]:
         return {s.name: embed(self.model, self.layers, s.ids, self.batch_size) for s in self.streams}
@@ -74,13 +63,11 @@ class Model:
         """Held-out loss and perplexity of the text stream, and each task's accuracy, from the last layer's outputs."""
         out: dict[str, Any] = {}
         for s in self.streams:
+            scores = score(self.model, self.layers, s, final[s.name])
             if s.task is None:
-                total, tokens = head_nll(self.model, self.layers, final[s.name], s.ids)
-                out.update(loss=total / tokens, ppl=math.exp(total / tokens))
+                out.update(loss=scores["loss"], ppl=scores["ppl"])
             else:
-                out.setdefault("tasks", {})[s.name] = s.task.score(
-                    head_span_logprobs(self.model, self.layers, final[s.name], s.ids, s.task.spans)
-                )
+                out.setdefault("tasks", {})[s.name] = scores
         return out
 
 

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distill_lr.checkpoint.compressed import export_dense
-    from distill_lr.driver import dense_export_dir
+    from distill_lr.run import dense_export_dir
 
     output = args.output or dense_export_dir(args.run.expanduser())
     export_dense(args.run, output)

@@ -29,6 +29,7 @@ from distill_lr.modeling.hf_modeling import apply_compressed_
 from distill_lr.report import LayerReport, RunReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import collect_stats
+from distill_lr.streams import Stream
 
 NEEDS_MOMENTS = ("pca", "whiten")  # the factorisations that need the moments of the calibration activations
 
@@ -80,7 +81,7 @@ class Factorize(LayerStep):
 
 
 class FinishedLayers(Protocol):
-    """What a stage after the layer loop sees of the run (``driver.Run``): the files and the streams at the top."""
+    """What a stage after the layer loop sees of the run (``distill_lr.run.Run``): the files and the streams at the top."""
 
     cfg: CompressConfig
     method: Method
@@ -96,7 +97,7 @@ class FinishedLayers(Protocol):
     cache: ActivationCache
     manifest: RunManifest
     report: RunReport
-    streams: Any  # driver.Streams: the teacher and student streams after the last layer
+    streams: list[Stream]  # the calibration text first: teacher and student states after the last layer
 
 
 class RunStage(ABC):

@@ -148,7 +148,7 @@ class EndToEnd(RunStage):
 
 def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
     """AdamW on every factor, KL to the dense logits; the best held-out factors are left installed. Returns the stage's report."""
-    cfg, s = run.cfg.e2e, run.streams
+    cfg, calibration = run.cfg.e2e, run.streams[0]
     modules = {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in factor_modules(layer).items()}
     run.model.requires_grad_(False)
     for module in modules.values():
@@ -158,7 +158,7 @@ def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
         run.model.gradient_checkpointing_enable()
         run.model.train()  # transformers checkpoints only in training mode
     objective = Objective(
-        run.model, run.layers, run.tokens.calibration, s.x_teacher, training_autocast(run.device, run.cfg.train.autocast), cfg
+        run.model, run.layers, run.tokens.calibration, calibration.teacher, training_autocast(run.device, run.cfg.train.autocast), cfg
     )
     hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
     steps_per_epoch, total, eval_every = schedule(cfg, len(train))
@@ -329,15 +329,8 @@ def _load_state(run: FinishedLayers) -> dict[str, Any] | None:
 
 def restream_students(run: FinishedLayers) -> None:
     """The compressed model's final hidden states on the evaluation and task rows again, from the trained layers."""
-    s = run.streams
-
-    def final(ids: torch.Tensor, kwargs: list[Any], like: torch.Tensor) -> torch.Tensor:
-        x = embed(run.model, run.layers, ids.to(run.device), run.cfg.batch_size, out=run.cache.empty_like(like))
+    for s in run.streams[1:]:
+        x = embed(run.model, run.layers, s.ids, run.cfg.batch_size, out=s.student)
         for i, layer in enumerate(run.layers):
-            run_layer(layer, x, kwargs[i], run.cfg.batch_size, out=x)
-        return x
-
-    if s.eval_student is not None:
-        s.eval_student = final(run.tokens.evaluation, s.kwargs, s.eval_student)
-    for ts in s.tasks:
-        ts.student = final(ts.ids, ts.kwargs, ts.student)
+            run_layer(layer, x, s.kwargs[i], run.cfg.batch_size, out=x)
+        s.student = x
