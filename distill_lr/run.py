@@ -177,5 +177,3 @@ def embed_streams(run: Run) -> None:
     for s in run.streams:
         x = run.cache.empty((*s.ids.shape, hidden), run.dtype)
         s.teacher = s.student = embed(run.model, run.layers, s.ids, run.cfg.batch_size, out=x)
-
-
