@@ -15,7 +15,8 @@ W's device and callers cast it to the model's dtype.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,6 @@ from distill_lr.errors import UserInputError
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, replace_linears_, validate_rank
 from distill_lr.moments import Moments
 
-INITS = ("svd", "pca", "whiten")
 _DAMPING_TRIES = 8  # damping grows x10 per try: up to 1e7 times the requested one
 FAST_SVD_MIN_SIZE = 2048  # smaller matrices take the exact SVD even on a GPU
 RANDOMIZED_OVERSAMPLE = 32  # extra directions sampled beyond the rank
@@ -155,9 +155,7 @@ def pca_factors(W: Tensor, rank: int, stats: Moments, bias: Tensor | None = None
     elif out_features <= in_features:
         U = _top_eigenvectors(W64 @ moment @ W64.T, rank)
     else:
-        eigenvalues, Q = torch.linalg.eigh(moment)
-        L = Q * eigenvalues.clamp(min=0).sqrt()  # rounding can leave tiny negative eigenvalues
-        U = truncated_svd(W64 @ L, rank)[0]
+        U = truncated_svd(W64 @ moment_root(moment), rank)[0]
     A = U.T @ W64
     if bias is None:
         return A.float(), U.float(), None
@@ -205,11 +203,16 @@ def whitened_spectrum(W: Tensor, stats: Moments) -> Tensor:
     elif W64.shape[0] <= W64.shape[1]:
         values = torch.linalg.eigvalsh(W64 @ moment @ W64.T)
     else:
-        eigenvalues, Q = torch.linalg.eigh(moment)
-        L = Q * eigenvalues.clamp(min=0).sqrt()
-        WL = W64 @ L
+        WL = W64 @ moment_root(moment)
         values = torch.linalg.eigvalsh(WL.T @ WL)
     return values.flip(0).clamp(min=0)
+
+
+def moment_root(M: Tensor) -> Tensor:
+    """``L`` with ``L Lᵀ = M`` from the eigen-decomposition: exact for the singular moments of real activations, where a
+    Cholesky factor needs damping (rounding can leave tiny negative eigenvalues: clamped to zero)."""
+    eigenvalues, Q = torch.linalg.eigh(M)
+    return Q * eigenvalues.clamp(min=0).sqrt()
 
 
 def balance_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,26 +227,47 @@ def balance_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return A / scale[:, None], B * scale
 
 
+@dataclass(frozen=True)
+class Init:
+    """A training-free factorisation: ``factors(W, rank, stats, bias) -> (A, B, bias)``, the bias possibly changed (pca).
+    ``needs_moments``: it reads the moments of the linear's calibration inputs (``stats``)."""
+
+    factors: Callable[[Tensor, int, Moments | None, Tensor | None], tuple[Tensor, Tensor, Tensor | None]]
+    needs_moments: bool
+
+
+def _keeps_bias(factors: Callable[..., tuple[Tensor, Tensor]], with_stats: bool) -> Callable[..., tuple[Tensor, Tensor, Tensor | None]]:
+    """An init whose factors leave the linear's bias as it is."""
+
+    def init(W: Tensor, rank: int, stats: Moments | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        A, B = factors(W, rank, stats) if with_stats else factors(W, rank)
+        return A, B, None if bias is None else bias.detach().float()
+
+    return init
+
+
+INITS: dict[str, Init] = {  # a new init is its function and one entry here
+    "svd": Init(_keeps_bias(svd_factors, with_stats=False), needs_moments=False),
+    "pca": Init(pca_factors, needs_moments=True),
+    "whiten": Init(_keeps_bias(whiten_factors, with_stats=True), needs_moments=True),
+}
+FALLBACK_INIT = "svd"  # for an MoE expert routed too few calibration tokens to have moments
+
+
 def factorize(
     W: Tensor, rank: int, init: str, stats: Moments | None = None, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Factor W with the named init. Returns balanced (A, B) and the bias in float32, possibly updated (pca)."""
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}: use one of {INITS}")
-    new_bias = None if bias is None else bias.detach().float()
-    if init == "svd":
-        A, B = svd_factors(W, rank)
-    elif stats is None:
+        raise ValueError(f"unknown init {init!r}: use one of {tuple(INITS)}")
+    if INITS[init].needs_moments and stats is None:
         raise ValueError(f"init {init!r} needs the activation statistics (stats=Moments) of the layer")
-    elif init == "pca":
-        A, B, new_bias = pca_factors(W, rank, stats, bias)
-    else:
-        A, B = whiten_factors(W, rank, stats)
+    A, B, new_bias = INITS[init].factors(W, rank, stats, bias)
     return *balance_factors(A, B), new_bias
 
 
 def from_linear(linear: nn.Linear, rank: int, init: str = "svd", stats: Moments | None = None) -> LowRankLinear:
-    """``linear`` factored at ``rank`` with one of ``INITS``, on its device and dtype (``stats``: for pca and whiten)."""
+    """``linear`` factored at ``rank`` with one of ``INITS``, on its device and dtype (``stats``: for the inits that need moments)."""
     bias = None if linear.bias is None else linear.bias.detach()
     A, B, new_bias = factorize(linear.weight.detach(), rank, init, stats=stats, bias=bias)
     dtype = linear.weight.dtype
@@ -254,13 +278,14 @@ def from_linear(linear: nn.Linear, rank: int, init: str = "svd", stats: Moments 
 def experts_from_weights(weight: Tensor, rank: int, init: str = "svd", stats: Sequence[Moments | None] | None = None) -> ExpertLinears:
     """Each expert's ``weight[e] (out, in)`` factored at ``rank``; ``stats[e]`` are the moments of the tokens routed to it.
 
-    An expert whose entry is None (it saw too few tokens) gets the plain SVD.
+    An expert whose entry is None (it saw too few tokens) gets ``FALLBACK_INIT`` when the init needs moments.
     """
     num_experts, out_features, in_features = weight.shape
     module = ExpertLinears(num_experts, in_features, out_features, rank, device=weight.device, dtype=weight.dtype)
     for e in range(num_experts):
         expert_stats = stats[e] if stats is not None else None
-        A, B, _ = factorize(weight[e].detach(), rank, init if expert_stats is not None else "svd", stats=expert_stats)
+        fallback = expert_stats is None and INITS[init].needs_moments
+        A, B, _ = factorize(weight[e].detach(), rank, FALLBACK_INIT if fallback else init, stats=expert_stats)
         module.A[e].copy_(A)
         module.B[e].copy_(B)
     return module

@@ -247,10 +247,9 @@ class CompressConfig:
     model: str = BUILTIN_MODEL  # a Hugging Face checkpoint folder (config.json + safetensors)
     tokenizer: str | None = None  # tokenizer folder; default: the model folder
     output: str = "runs/SmolLM2-135M-Instruct-lowrank"
-    # svd | pca | whiten (training-free) | distill (trained, from `init`) | qlr (quantized weights plus low-rank
-    # corrections, trained when quant.correction_train) | dense (no low rank: with quant.bits, quantization alone)
+    # a name in distill_lr.methods.REGISTRY (docs/method.md lists them); each method checks the settings it reads
     method: str = "distill"
-    init: str = "whiten"  # initialisation of the factors for method=distill
+    init: str = "whiten"  # initialisation of the factors of the methods that train them (distill_lr.factorize.INITS)
     ranks: RankConfig = field(default_factory=RankConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -274,7 +273,7 @@ class CompressConfig:
     plot: bool = True  # draw report.png (per-layer error, training curves, rank plan, perplexity) when matplotlib is installed
 
     def __post_init__(self) -> None:
-        check(self.init in INITS, f"init '{self.init}' is unknown: use one of {INITS}")
+        check(self.init in INITS, f"init '{self.init}' is unknown: use one of {tuple(INITS)}")
         check(self.dtype in DTYPES, f"dtype '{self.dtype}' is unknown: use one of {DTYPES}")
         check(self.save_dtype in DTYPES, f"save_dtype '{self.save_dtype}' is unknown: use one of {DTYPES}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
@@ -282,16 +281,6 @@ class CompressConfig:
         check(bool(self.output), "output is empty: give the folder to write the compressed checkpoint to")
         if self.quant.bits is not None:
             check(not self.e2e.enabled, "quant.bits with e2e.enabled is not supported: the end-to-end stage trains float factors; drop one")
-        check(self.quant.bits is not None or self.method not in ("qlr", "dense"), f"method={self.method} needs quant.bits (2, 3, 4 or 8)")
-        check(
-            self.method != "qlr" or self.quant.targets != "factors",
-            "method=qlr quantizes the dense weights: use quant.targets=dense (or both, to quantize the corrections too) or auto",
-        )
-
-    @property
-    def factor_init(self) -> str:
-        """The training-free factorisation this run starts from."""
-        return self.init if self.method == "distill" else self.method
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,6 +5,7 @@ import yaml
 
 from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
+from distill_lr.methods import get_method
 from distill_lr.schema import CompressConfig
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -31,8 +32,8 @@ def test_every_config_file_loads_and_every_value_it_sets_arrives(path: Path) -> 
 def test_defaults_and_overrides() -> None:
     cfg = load_config(None, ["ranks.target=0.4", "train.lr=3e-4", "method=whiten"])
     assert cfg.ranks.target == 0.4 and cfg.train.lr == 3e-4 and cfg.method == "whiten"
-    assert cfg.factor_init == "whiten"
-    assert load_config(None, ["method=distill", "init=pca"]).factor_init == "pca"
+    assert get_method(cfg).info == {"method": "whiten", "init": "whiten"}
+    assert get_method(load_config(None, ["method=distill", "init=pca"])).info == {"method": "distill", "init": "pca"}
 
 
 @pytest.mark.parametrize(
@@ -49,6 +50,9 @@ def test_defaults_and_overrides() -> None:
         (["data.seq_len=abc"], "bad config value for 'data.seq_len'"),
         (["data.num_sequences=0"], "data.num_sequences must be > 0"),
         (["method"], "is not key=value"),
+        (["method=qlr"], "method=qlr needs quant.bits"),
+        (["method=dense"], "method=dense needs quant.bits"),
+        (["method=qlr", "quant.bits=4", "quant.targets=factors"], "method=qlr quantizes the dense weights"),
     ],
 )
 def test_bad_settings_give_one_line(overrides: list[str], needle: str) -> None:

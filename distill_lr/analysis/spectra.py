@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill_lr.factorize import break_even_rank
+from distill_lr.factorize import break_even_rank, whitened_spectrum
 from distill_lr.moments import Moments
 
 ENERGY_LEVELS = (0.9, 0.99)
@@ -29,22 +29,8 @@ def singular_values(W: Tensor) -> Tensor:
 
 
 def activation_singular_values(W: Tensor, stats: Moments) -> Tensor:
-    """σ of W·S, S Sᵀ = E[x xᵀ] (or, from output moments, the square roots of the eigenvalues of E[(Wx)(Wx)ᵀ])."""
-    moment = stats.second_moment().cpu()
-    W64 = W.detach().double().cpu()
-    if stats.of_outputs:
-        gram = moment
-    elif W64.shape[0] <= W64.shape[1]:
-        gram = W64 @ moment @ W64.T
-    else:
-        root = _sqrt_psd(moment)
-        gram = root @ W64.T @ W64 @ root
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)[: min(W.shape)]
-
-
-def _sqrt_psd(M: Tensor) -> Tensor:
-    eigenvalues, Q = torch.linalg.eigh(M)
-    return (Q * eigenvalues.clamp_min(0).sqrt()) @ Q.T
+    """σ of W·S, S Sᵀ = E[x xᵀ] (from output moments, the square roots of the eigenvalues of E[(Wx)(Wx)ᵀ]), descending."""
+    return whitened_spectrum(W.detach().cpu(), stats).sqrt()[: min(W.shape)]
 
 
 def metrics(sigma: Tensor, shape: tuple[int, int]) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Compression methods as plug-ins: each is one module with ``build(cfg) -> Method``, registered here by name."""
+"""Compression methods as plug-ins: each is one module with ``build(cfg) -> Method``, registered here by name.
+
+A method from outside the package registers itself with ``register(name, build)`` before ``load_config`` sees its
+name. Its ``build`` checks the settings it depends on (a ``UserInputError`` naming the fix), so that a bad
+combination fails when the config is loaded, before any weight is read.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,26 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from distill_lr.errors import check
-from distill_lr.methods import distill, pca, qlr, quantize, svd, whiten
+from distill_lr.methods import dense, distill, pca, qlr, quantize, svd, whiten
 from distill_lr.methods.base import Method
 from distill_lr.methods.e2e import EndToEnd
 from distill_lr.schema import CompressConfig
 
-REGISTRY: dict[str, Callable[[CompressConfig], Method]] = {
+Builder = Callable[[CompressConfig], Method]
+REGISTRY: dict[str, Builder] = {
     "svd": svd.build,
     "pca": pca.build,
     "whiten": whiten.build,
     "distill": distill.build,
     "qlr": qlr.build,
-    "dense": lambda _cfg: Method("dense", (), {"method": "dense"}, factorizes=False),  # with quant.bits: quantization alone
+    "dense": dense.build,
 }
+
+
+def register(name: str, build: Builder) -> None:
+    """Make ``method=<name>`` build with ``build``; a name already taken is refused (a plug-in never replaces another)."""
+    check(name not in REGISTRY, f"method '{name}' is registered already: choose another name")
+    REGISTRY[name] = build
 
 
 def get_method(cfg: CompressConfig) -> Method:

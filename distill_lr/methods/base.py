@@ -23,15 +23,13 @@ from distill_lr.cache import ActivationCache
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader
 from distill_lr.data import TokenSets
-from distill_lr.factorize import factorize_layer_
+from distill_lr.factorize import INITS, factorize_layer_
 from distill_lr.layerwise import LayerKwargs
 from distill_lr.modeling.hf_modeling import apply_compressed_
 from distill_lr.report import LayerReport, RunReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import collect_stats
 from distill_lr.streams import Stream
-
-NEEDS_MOMENTS = ("pca", "whiten")  # the factorisations that need the moments of the calibration activations
 
 
 @dataclass
@@ -73,7 +71,7 @@ class Factorize(LayerStep):
     def run(self, work: LayerWork) -> None:
         cfg, layer, ranks = work.cfg, work.layer, work.ranks
         moe.unfuse_experts_(layer, ranks)
-        names = list(ranks) if self.init in NEEDS_MOMENTS else []
+        names = list(ranks) if INITS[self.init].needs_moments else []
         stats, routing = collect_stats(layer, names, work.x_student, work.kwargs, cfg.batch_size)
         if routing.tokens:
             work.report.experts = moe.drop_starved_(routing, cfg.ranks.min_expert_tokens, where=f"layer {work.index}")
@@ -122,7 +120,9 @@ class Method:
     steps: tuple[LayerStep, ...]
     info: dict[str, Any] = field(default_factory=dict)
     stages: tuple[RunStage, ...] = ()
-    factorizes: bool = True  # False: the method replaces no linear by a factor pair of ranks.* (qlr, dense)
+    factorizes: bool = True  # False: the method replaces no linear by a factor pair of ranks.* (no rank plan is made)
+    quant_targets_auto: str = "both"  # what quant.targets=auto quantizes after the steps: "both" (factors and dense linears), "dense"
+    quantizes_dense: bool = False  # the steps quantize the dense linears themselves (quant.*): the quantization step leaves them
 
     def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int], report: LayerReport) -> None:
         """Give a dense layer the modules its saved state fills (the same as loading the checkpoint does)."""

@@ -12,12 +12,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from distill_lr.errors import UserInputError, check
 from distill_lr.factorize import balance_factors, break_even_rank, whiten_factors
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.methods.distill import Distill
-from distill_lr.methods.quantize import check_group_size, correction_rank, dense_linears, quantize_linear, record
+from distill_lr.methods.quantize import check_group_size, dense_linears, quantize_linear, record
 from distill_lr.modeling.lowrank import CorrectedLinear
-from distill_lr.schema import CompressConfig
+from distill_lr.ranks import matches, rank_for_fraction
+from distill_lr.schema import CompressConfig, QuantConfig
 from distill_lr.stats import input_moments
 
 
@@ -67,6 +69,29 @@ class Correct(LayerStep):
         record(work, [f"{n}.base" if n in corrections else n for n in names], errors, corrections)
 
 
+def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -> int | None:
+    """The rank of a weight's correction (last matching rule, else ``correction_rank``); None: no correction."""
+    value = cfg.correction_rank
+    for pattern, rule in cfg.correction_rules.items():
+        if matches(pattern, short_name):
+            value = rule
+    if value == "skip":
+        return None
+    out_f, in_f = shape
+    if isinstance(value, int) and value > min(out_f, in_f):
+        raise UserInputError(
+            f"correction rank {value} for {short_name} is above min(out, in) = {min(out_f, in_f)}: lower quant.correction_rank "
+            "(or the matching quant.correction_rules), or give a fraction"
+        )
+    return value if isinstance(value, int) else rank_for_fraction(value, out_f, in_f)
+
+
 def build(cfg: CompressConfig) -> Method:
+    check(cfg.quant.bits is not None, "method=qlr needs quant.bits (2, 3, 4 or 8): the bits of its quantized weights")
+    check(
+        cfg.quant.targets != "factors",
+        "method=qlr quantizes the dense weights: use quant.targets=dense (or both, to quantize the corrections too) or auto",
+    )
     steps = (Correct(), Distill()) if cfg.quant.correction_train else (Correct(),)
-    return Method("qlr", steps, {"method": "qlr", "correction_train": cfg.quant.correction_train}, factorizes=False)
+    info = {"method": "qlr", "correction_train": cfg.quant.correction_train}
+    return Method("qlr", steps, info, factorizes=False, quant_targets_auto="dense", quantizes_dense=True)

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from distill_lr import quant
-from distill_lr.errors import UserInputError
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
-from distill_lr.ranks import matches, rank_for_fraction
+from distill_lr.ranks import matches
 from distill_lr.schema import CompressConfig, QuantConfig
 from distill_lr.stats import input_moments
 
@@ -30,14 +29,6 @@ log = logging.getLogger("distill_lr")
 def spec(cfg: QuantConfig) -> quant.QuantSpec:
     assert cfg.bits is not None
     return quant.QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
-
-
-def targets(cfg: CompressConfig) -> tuple[bool, bool]:
-    """(factors, dense) quantized by this config; ``auto`` is both for the low-rank methods, the dense ones for qlr and dense."""
-    chosen = cfg.quant.targets
-    if chosen == "auto":
-        chosen = "dense" if cfg.method in ("qlr", "dense") else "both"
-    return chosen in ("factors", "both"), chosen in ("dense", "both")
 
 
 def dense_linears(layer: nn.Module, exclude: list[str], index: int) -> list[str]:
@@ -135,26 +126,10 @@ def check_group_size(cfg: QuantConfig, layers: nn.ModuleList) -> None:
 
 
 def with_quantization(method: Method, cfg: CompressConfig) -> Method:
-    """``method`` followed by the quantization of what ``quant.targets`` names (qlr quantizes its bases itself)."""
-    factors, dense = targets(cfg)
-    dense = dense and cfg.method != "qlr"
+    """``method`` followed by the quantization of what ``quant.targets`` names (``auto``: what the method says), but for the
+    dense linears of a method whose steps quantize them."""
+    chosen = method.quant_targets_auto if cfg.quant.targets == "auto" else cfg.quant.targets
+    factors, dense = chosen in ("factors", "both"), chosen in ("dense", "both") and not method.quantizes_dense
     steps = (*method.steps, Quantize(factors, dense)) if factors or dense else method.steps
     settings = {k: getattr(cfg.quant, k) for k in ("bits", "group_size", "symmetric", "method", "targets")}
     return replace(method, steps=steps, info={**method.info, "quant": settings})
-
-
-def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -> int | None:
-    """qlr: the rank of a weight's correction (last matching rule, else ``correction_rank``); None: no correction."""
-    value = cfg.correction_rank
-    for pattern, rule in cfg.correction_rules.items():
-        if matches(pattern, short_name):
-            value = rule
-    if value == "skip":
-        return None
-    out_f, in_f = shape
-    if isinstance(value, int) and value > min(out_f, in_f):
-        raise UserInputError(
-            f"correction rank {value} for {short_name} is above min(out, in) = {min(out_f, in_f)}: lower quant.correction_rank "
-            "(or the matching quant.correction_rules), or give a fraction"
-        )
-    return value if isinstance(value, int) else rank_for_fraction(value, out_f, in_f)
