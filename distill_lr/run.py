@@ -25,12 +25,13 @@ from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, load_non_layer_
 from distill_lr.data import TokenSets
 from distill_lr.layerwise import embed
-from distill_lr.methods import e2e, get_method
+from distill_lr.methods import get_method
 from distill_lr.methods.base import Method
 from distill_lr.plan import plan_layers
 from distill_lr.report import ParamSummary, RunReport
 from distill_lr.runtime import resolve_device, resolve_dtype
 from distill_lr.schema import CompressConfig
+from distill_lr.stages import e2e
 from distill_lr.streams import Stream, open_streams, tokenize
 
 log = logging.getLogger("distill_lr")

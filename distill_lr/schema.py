@@ -168,7 +168,7 @@ class TrainConfig:
 
 @dataclass
 class E2EConfig:
-    """The end-to-end stage after the layer-wise pass (``distill_lr.methods.e2e``): every factor of the whole model trained
+    """The end-to-end stage after the layer-wise pass (``distill_lr.stages.e2e``): every factor of the whole model trained
     together on KL to the dense model's next-token distribution over the calibration set."""
 
     enabled: bool = False
@@ -236,7 +236,7 @@ class QuantConfig:
 
 
 # The stage's settings do not decide the layer-wise files: a finished run may get the stage later. The stage
-# records the settings it ran with in the manifest and refuses a folder trained with others (distill_lr.methods.e2e).
+# records the settings it ran with in the manifest and refuses a folder trained with others (distill_lr.stages.e2e).
 RUN_ONLY_FIELDS += tuple(f"e2e.{f.name}" for f in fields(E2EConfig))
 
 

@@ -11,8 +11,8 @@ from conftest import fails, folder_state, held_out_perplexity, layer_bytes, run,
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.layout import E2E_STATE
 from distill_lr.checkpoint.manifest import RunManifest
-from distill_lr.methods import e2e
 from distill_lr.schema import E2EConfig
+from distill_lr.stages import e2e
 from distill_lr.testing import save_tiny
 
 # A wide init gives peaked next-token distributions, so low rank costs a KL the stage can win back.
@@ -41,19 +41,19 @@ def test_the_stage_lowers_held_out_kl(tmp_path: Path, peaked: Path, corpus: Path
 
 def test_a_stop_in_the_stage_resumes_it_and_equals_an_unbroken_run(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:
     whole = run(peaked, corpus, tmp_path / "whole", **STAGE)
-    real = e2e.Progress.save
+    real = e2e._save_state
     saves = []
 
-    def stop_after_two(self, *args, **kwargs):  # a kill right after the second saved state
-        real(self, *args, **kwargs)
+    def stop_after_two(*args, **kwargs):  # a kill right after the second saved state
+        real(*args, **kwargs)
         saves.append(1)
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(e2e.Progress, "save", stop_after_two)
+    monkeypatch.setattr(e2e, "_save_state", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         run(peaked, corpus, tmp_path / "resumed", **STAGE)
-    monkeypatch.setattr(e2e.Progress, "save", real)
+    monkeypatch.setattr(e2e, "_save_state", real)
     assert (tmp_path / "resumed" / E2E_STATE).is_file()
     resumed = run(peaked, corpus, tmp_path / "resumed", **STAGE)
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")

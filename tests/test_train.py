@@ -12,22 +12,12 @@ from conftest import materialised_layer
 from torch.nn.utils import parametrize
 
 from distill_lr.factorize import factorize_layer_
+from distill_lr.fit import FactorSlots, FitState, adamw, fit, lr_factor, param_groups, split_holdout
 from distill_lr.layerwise import capture_inputs, embed, run_layer
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.precondition import factor_grams, inverse_sqrt, preconditioned
 from distill_lr.schema import TrainConfig
-from distill_lr.train import (
-    MIN_LOSS,
-    distill_layer,
-    distill_loss,
-    factor_grams,
-    factor_modules,
-    inverse_sqrt,
-    lr_factor,
-    param_groups,
-    preconditioned,
-    split_holdout,
-    training_autocast,
-)
+from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, factor_modules, training_autocast
 
 
 def test_loss_of_identical_outputs_is_minimal() -> None:
@@ -140,7 +130,7 @@ def test_training_autocast_is_bfloat16_on_a_gpu_or_when_asked(device: str, mode:
     assert autocast._enabled is enabled and autocast.fast_dtype == torch.bfloat16
 
 
-def test_divergence_rolls_back_to_the_initialisation(layer_setup) -> None:
+def test_divergence_before_any_improvement_rolls_back_to_the_initialisation(layer_setup) -> None:
     layer, x, x_s, y, kwargs = layer_setup
     init = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.warns(UserWarning, match="diverged"):
@@ -243,3 +233,35 @@ def test_expert_grams_are_per_expert_and_frozen_experts_stay_exact() -> None:
         torch.testing.assert_close(experts(x), before, rtol=1e-4, atol=1e-4)
     assert torch.equal(experts.A[2], init[2]) and torch.equal(experts.A[1], init[1])  # frozen; no tokens: identity
     torch.testing.assert_close(experts.A, init, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_keeps_the_best_held_out_factors_through_a_divergence() -> None:
+    """Steps that improve, then a NaN loss: the loop stops there and the best factors are those of the last good evaluation."""
+    linear = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(linear.weight)
+    factors = FactorSlots({"w": linear})
+
+    class Toy:
+        name, steps = "loss", 0
+
+        def error(self) -> torch.Tensor:
+            return (linear.weight - 1).square().mean()
+
+        def loss(self, idx: torch.Tensor, backward: bool) -> float:
+            self.steps += 1
+            value = self.error() * (float("nan") if self.steps == 4 else 1.0)
+            value.backward()
+            return float(value)
+
+        def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
+            return {"loss": float(self.error())}
+
+    cfg = TrainConfig(epochs=10, batch_size=1, lr=0.1, relative_lr=False, warmup_fraction=0.0, evals_per_epoch=1, patience=10)
+    ids = torch.tensor([0])
+    state = FitState.start(Toy(), ids, factors.snapshot())
+    with pytest.warns(UserWarning, match="diverged"):
+        fit(Toy(), factors, (ids, ids, lambda _epoch: ids), cfg, adamw(factors.params, cfg, 10), state)
+    assert state.step == 3 and state.best_step == 3 and "nan" in state.rolled_back
+    assert [point["holdout_loss"] for point in state.curve] == sorted((p["holdout_loss"] for p in state.curve), reverse=True)
+    factors.restore(state.best_factors)
+    assert float((linear.weight - 1).square().mean()) == pytest.approx(state.best["loss"])

@@ -13,8 +13,8 @@ from dataclasses import replace
 from distill_lr.errors import check
 from distill_lr.methods import dense, distill, pca, qlr, quantize, svd, whiten
 from distill_lr.methods.base import Method
-from distill_lr.methods.e2e import EndToEnd
 from distill_lr.schema import CompressConfig
+from distill_lr.stages.e2e import EndToEnd
 
 Builder = Callable[[CompressConfig], Method]
 REGISTRY: dict[str, Builder] = {

@@ -12,24 +12,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from distill_lr import moe
-from distill_lr.cache import ActivationCache
-from distill_lr.checkpoint.manifest import RunManifest
-from distill_lr.checkpoint.reader import CheckpointReader
-from distill_lr.data import TokenSets
 from distill_lr.factorize import INITS, factorize_layer_
 from distill_lr.layerwise import LayerKwargs
 from distill_lr.modeling.hf_modeling import apply_compressed_
-from distill_lr.report import LayerReport, RunReport
+from distill_lr.report import LayerReport
 from distill_lr.schema import CompressConfig
+from distill_lr.stages.base import RunStage
 from distill_lr.stats import collect_stats
-from distill_lr.streams import Stream
 
 
 @dataclass
@@ -76,40 +71,6 @@ class Factorize(LayerStep):
         if routing.tokens:
             work.report.experts = moe.drop_starved_(routing, cfg.ranks.min_expert_tokens, where=f"layer {work.index}")
         factorize_layer_(layer, ranks, self.init, stats)
-
-
-class FinishedLayers(Protocol):
-    """What a stage after the layer loop sees of the run (``distill_lr.run.Run``): the files and the streams at the top."""
-
-    cfg: CompressConfig
-    method: Method
-    device: torch.device
-    dtype: torch.dtype  # compute
-    save_dtype: torch.dtype
-    out: Path  # the output folder: every layer file is written and in the manifest
-    reader: CheckpointReader
-    model: nn.Module  # the skeleton with embeddings, final norm and head materialised
-    prefix: str  # of the decoder layers' names
-    layers: nn.ModuleList  # on meta again, with their compressed modules
-    tokens: TokenSets
-    cache: ActivationCache
-    manifest: RunManifest
-    report: RunReport
-    streams: list[Stream]  # the calibration text first: teacher and student states after the last layer
-
-
-class RunStage(ABC):
-    """A stage after the layer loop, before the folder is made complete (index and ``config.json``): an
-    end-to-end training of all factors, say, that rewrites the layer files it changes."""
-
-    name: ClassVar[str]
-
-    def check(self, run: FinishedLayers) -> None:  # noqa: B027 (optional hook)
-        """Before the layer loop (streams and files not there yet): refuse early what the stage could not do."""
-
-    @abstractmethod
-    def run(self, run: FinishedLayers) -> None:
-        """Do the stage; record what it did in ``run.report``."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ the stage's settings and the state file goes.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,20 +26,21 @@ import psutil
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from distill_lr.checkpoint import compressed, files
 from distill_lr.checkpoint.layout import E2E_STATE, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import install_state_
 from distill_lr.errors import UserInputError
+from distill_lr.fit import FactorSlots, FitState, adamw, fit, schedule, split_holdout
 from distill_lr.layerwise import embed, head_logits, run_layer
-from distill_lr.methods.base import FinishedLayers, RunStage
 from distill_lr.schema import CompressConfig, E2EConfig
-from distill_lr.train import FactorSlots, adamw, factor_modules, schedule, split_holdout, training_autocast
+from distill_lr.stages.base import FinishedLayers, RunStage
+from distill_lr.train import factor_modules, training_autocast
 
 log = logging.getLogger("distill_lr")
 FIT_SHARE = 0.9  # of the free memory the estimate may take
+SAVED_KEYS = (*FitState.__dataclass_fields__, "finished", "factors", "optimizer", "scheduler")  # a state file of another version lacks some
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ class EndToEnd(RunStage):
 
 def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
     """AdamW on every factor, KL to the dense logits; the best held-out factors are left installed. Returns the stage's report."""
-    cfg, calibration = run.cfg.e2e, run.streams[0]
+    cfg = run.cfg.e2e
     modules = {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in factor_modules(layer).items()}
     run.model.requires_grad_(False)
     for module in modules.values():
@@ -157,49 +157,31 @@ def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         run.model.gradient_checkpointing_enable()
         run.model.train()  # transformers checkpoints only in training mode
-    objective = Objective(
-        run.model, run.layers, run.tokens.calibration, calibration.teacher, training_autocast(run.device, run.cfg.train.autocast), cfg
-    )
+    autocast = training_autocast(run.device, run.cfg.train.autocast)
+    objective = Objective(run.model, run.layers, run.tokens.calibration, run.streams[0].teacher, autocast, cfg)
     hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
-    steps_per_epoch, total, eval_every = schedule(cfg, len(train))
-    optimizer, scheduler = adamw(factors.params, cfg, total)
-    progress = Progress.open(run, factors, objective, hold, (optimizer, scheduler))
-    bar = tqdm(
-        range(progress.step, progress.step if progress.finished else total), desc="e2e", unit="step", initial=progress.step, total=total
-    )
-    start = time.perf_counter()
-    for step in bar:
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))]
-        optimizer.zero_grad(set_to_none=True)
-        value = objective.loss(order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
-        progress.first_loss = progress.first_loss if progress.first_loss is not None else value
-        if not math.isfinite(value) or value > cfg.divergence_factor * progress.first_loss:
-            progress.rolled_back = f"loss {value:.4g} at step {step} (first {progress.first_loss:.4g})"
-            warnings.warn(f"end-to-end training diverged ({progress.rolled_back}): the best factors so far are kept", stacklevel=2)
-            break
-        torch.nn.utils.clip_grad_norm_(factors.params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        progress.running.append(value)
-        bar.set_postfix(kl=f"{value:.4f}")
-        if (step + 1) % eval_every == 0 or step + 1 == total:
-            stop = progress.evaluate(step + 1, objective, factors, hold)
-            progress.save(run, factors, optimizer, scheduler)
-            log.info("%s (%.0fs)", progress.line(epoch + 1, cfg.epochs), time.perf_counter() - start)
-            if stop:
-                break
-    bar.close()
-    if not progress.finished:  # the best factors are final: a stop while they are written resumes here
-        progress.finished = True
-        progress.save(run, factors, optimizer, scheduler)
-    factors.restore(progress.best_factors)
+    steps_per_epoch, total, _ = schedule(cfg, len(train))
+    optimizer = adamw(factors.params, cfg, total)
+    state, finished = _open_state(run, factors, objective, hold, optimizer)
+    if not finished:
+        start = time.perf_counter()
+
+        def order(epoch: int) -> torch.Tensor:  # a function of the epoch alone: a resumed run draws the same
+            return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))]
+
+        def on_eval(s: FitState) -> None:
+            _save_state(run, s, factors, optimizer, finished=False)
+            log.info("%s (%.0fs)", _line(s, (s.step - 1) // steps_per_epoch + 1, cfg.epochs), time.perf_counter() - start)
+
+        fit(objective, factors, (train, hold, order), cfg, optimizer, state, on_eval, desc="e2e")
+        _save_state(run, state, factors, optimizer, finished=True)  # the best factors are final: a stop while they are written resumes here
+    factors.restore(state.best_factors)
     for module in modules.values():
         module.to(run.dtype).requires_grad_(False)
     if cfg.gradient_checkpointing:
         run.model.gradient_checkpointing_disable()
     run.model.eval()
-    return progress.report()
+    return _report(state)
 
 
 @dataclass
@@ -212,6 +194,7 @@ class Objective:
     teacher_hidden: torch.Tensor  # the dense final hidden states (the teacher stream after the last layer)
     autocast: torch.autocast
     cfg: E2EConfig
+    name: str = "kl"
 
     def loss(self, idx: torch.Tensor, backward: bool) -> float:
         """Mean KL over the sequences ``idx`` (a step's batch, or the whole held-out slice), one micro-batch at a
@@ -229,80 +212,53 @@ class Objective:
             total += float(value.detach())
         return total
 
+    def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
+        return {"loss": self.loss(idx, backward=False)}
 
-@dataclass
-class Progress:
-    """Where the stage stands: what ``E2E_STATE`` keeps between evaluations, and what the report says."""
 
-    init_holdout: float
-    best: float
-    best_factors: list[torch.Tensor]
-    step: int = 0
-    best_step: int = 0
-    bad: int = 0
-    first_loss: float | None = None
-    rolled_back: str | None = None
-    stopped_early: bool = False
-    finished: bool = False
-    curve: list[dict[str, float]] | None = None
-    running: list[float] | None = None
+def _open_state(
+    run: FinishedLayers, factors: FactorSlots, objective: Objective, hold: torch.Tensor, optimizer: tuple[torch.optim.Optimizer, Any]
+) -> tuple[FitState, bool]:
+    """The saved state (factors, optimizer and schedule restored) when it belongs to these layers and settings, else a
+    fresh one from the layer-wise factors; and whether the saved fit had finished."""
+    saved = _load_state(run)
+    if saved is None:
+        return FitState.start(objective, hold, factors.snapshot()), False
+    factors.restore(saved["factors"])
+    optimizer[0].load_state_dict(saved["optimizer"])
+    optimizer[1].load_state_dict(saved["scheduler"])
+    log.info("end-to-end stage: resumed at step %d from %s", saved["step"], run.out / E2E_STATE)
+    return FitState(**{k: saved[k] for k in FitState.__dataclass_fields__}), saved["finished"]
 
-    def __post_init__(self) -> None:
-        self.curve = self.curve if self.curve is not None else []
-        self.running = self.running if self.running is not None else []
 
-    @classmethod
-    def open(
-        cls,
-        run: FinishedLayers,
-        factors: FactorSlots,
-        objective: Objective,
-        hold: torch.Tensor,
-        schedule: tuple[torch.optim.Optimizer, Any],
-    ) -> Progress:
-        """From the saved state (factors, optimizer and schedule restored) when it belongs to these layers and
-        settings, else from the layer-wise factors."""
-        saved = _load_state(run)
-        if saved is None:
-            init = objective.loss(hold, backward=False)
-            return cls(init_holdout=init, best=init, best_factors=factors.snapshot())
-        factors.restore(saved["factors"])
-        schedule[0].load_state_dict(saved["optimizer"])
-        schedule[1].load_state_dict(saved["scheduler"])
-        log.info("end-to-end stage: resumed at step %d from %s", saved["step"], run.out / E2E_STATE)
-        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
+def _save_state(
+    run: FinishedLayers, state: FitState, factors: FactorSlots, optimizer: tuple[torch.optim.Optimizer, Any], finished: bool
+) -> None:
+    saved = {k: getattr(state, k) for k in FitState.__dataclass_fields__} | {"finished": finished, "factors": factors.snapshot()}
+    saved |= {"optimizer": optimizer[0].state_dict(), "scheduler": optimizer[1].state_dict()}
+    saved |= {"settings": asdict(run.cfg.e2e), "layers": _layer_hashes(run)}
+    with files.atomic_file(run.out / E2E_STATE) as tmp:
+        torch.save(saved, tmp)
 
-    def evaluate(self, step: int, objective: Objective, factors: FactorSlots, hold: torch.Tensor) -> bool:
-        """A held-out evaluation after ``step`` steps; True when patience has run out."""
-        held = objective.loss(hold, backward=False)
-        assert self.curve is not None and self.running is not None
-        self.curve.append({"step": step, "train_kl": sum(self.running) / max(1, len(self.running)), "holdout_kl": held})
-        self.running, self.step = [], step
-        if held < self.best:
-            self.best, self.best_step, self.bad = held, step, 0
-            self.best_factors = factors.snapshot(self.best_factors)
-            return False
-        self.bad += 1
-        self.stopped_early = self.bad >= objective.cfg.patience
-        return self.stopped_early
 
-    def save(self, run: FinishedLayers, factors: FactorSlots, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        state = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        state |= {"factors": factors.snapshot(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        state |= {"settings": asdict(run.cfg.e2e), "layers": _layer_hashes(run)}
-        with files.atomic_file(run.out / E2E_STATE) as tmp:
-            torch.save(state, tmp)
+def _line(state: FitState, epoch: int, epochs: int) -> str:
+    last = state.curve[-1] if state.curve else {"train_kl": float("nan"), "holdout_kl": float("nan")}
+    return (
+        f"e2e epoch {epoch}/{epochs} | step {state.step} | train KL {last['train_kl']:.4f} | held-out KL {last['holdout_kl']:.4f} "
+        f"(start {state.init_holdout['loss']:.4f}, best {state.best['loss']:.4f} at step {state.best_step})"
+    )
 
-    def line(self, epoch: int, epochs: int) -> str:
-        last = self.curve[-1] if self.curve else {"train_kl": float("nan"), "holdout_kl": float("nan")}
-        return (
-            f"e2e epoch {epoch}/{epochs} | step {self.step} | train KL {last['train_kl']:.4f} | held-out KL {last['holdout_kl']:.4f} "
-            f"(start {self.init_holdout:.4f}, best {self.best:.4f} at step {self.best_step})"
-        )
 
-    def report(self) -> dict[str, Any]:
-        keys = ("init_holdout", "best", "step", "best_step", "stopped_early", "rolled_back", "curve")
-        return {("best_holdout" if k == "best" else "steps" if k == "step" else k): getattr(self, k) for k in keys}
+def _report(state: FitState) -> dict[str, Any]:
+    return {
+        "init_holdout": state.init_holdout["loss"],
+        "best_holdout": state.best["loss"],
+        "steps": state.step,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "rolled_back": state.rolled_back,
+        "curve": state.curve,
+    }
 
 
 def _layer_hashes(run: FinishedLayers) -> dict[str, str]:
@@ -320,7 +276,7 @@ def _load_state(run: FinishedLayers) -> dict[str, Any] | None:
     except Exception as err:  # a truncated or foreign file: never used
         warnings.warn(f"{path} cannot be read ({type(err).__name__}): the end-to-end stage starts over", stacklevel=3)
         return None
-    same = isinstance(state, dict) and state.get("settings") == asdict(run.cfg.e2e)
+    same = isinstance(state, dict) and state.get("settings") == asdict(run.cfg.e2e) and all(k in state for k in SAVED_KEYS)
     if not (same and (state.get("finished") or state.get("layers") == _layer_hashes(run))):
         warnings.warn(f"{path} belongs to other settings or other layer files: the end-to-end stage starts over", stacklevel=3)
         return None

@@ -1,0 +1,1 @@
+"""Stages that run after the layer loop on the whole compressed model (``stages.base.RunStage``)."""
