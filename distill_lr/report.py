@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from distill_lr.modeling.lowrank import QuantRecord
 from distill_lr.ranks import RankPlan
 
 
@@ -31,7 +32,7 @@ class LayerReport:
     err_teacher_input: float | None = None  # ‖student(X_t) − Y‖ / ‖Y‖ on a few calibration sequences
     err_student_input: float | None = None  # ‖student(X_s) − Y‖ / ‖Y‖ on the calibration set
     seconds: dict[str, float] | None = None  # per phase, for the run that computed the layer
-    quant: dict[str, Any] | None = None  # quantized linears and corrections (``methods.quantize.record``)
+    quant: dict[str, Any] | None = None  # a ``QuantRecord`` of the layer, plus its output errors (``methods.quantize.record``)
     linear_bytes: int | None = None  # bytes of the layer's linears in its file (``compressed.linear_bytes``)
     resumed: bool = False  # read back from an earlier run's file
 
@@ -55,11 +56,11 @@ class LayerReport:
                 f"loss {tr['init_loss']:.4f} -> {tr['final_loss']:.4f} (held-out {tr['best_holdout']:.4f}, cos {tr['holdout_cos']:.4f})"
             )
         parts.append(f"rel.err teacher-in {self.err_teacher_input:.4f} student-in {self.err_student_input:.4f}")
-        if self.quant is not None:
-            q = self.quant
-            error = f", output err {q['mean_error']:.4f}" if "mean_error" in q else ""
-            corrected = f", {len(q['corrections'])} corrected" if q.get("corrections") else ""
-            parts.append(f"int{q['bits']} g{q['group_size']} {len(q['modules'])} quantized{corrected}{error}")
+        q = QuantRecord.of(self.quant)
+        if q is not None:
+            error = f", output err {self.quant['mean_error']:.4f}" if "mean_error" in self.quant else ""
+            corrected = f", {len(q.corrections)} corrected" if q.corrections else ""
+            parts.append(f"int{q.bits} g{q.group_size} {len(q.modules)} quantized{corrected}{error}")
         starved = {path: r["starved"] for path, r in (self.experts or {}).items() if r["starved"]}
         if starved:
             parts.append("starved experts " + " ".join(f"{path} {experts}" for path, experts in starved.items()))

@@ -142,7 +142,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0
-    # Train each factor in coordinates where its input is white (train.Whitened).
+    # Train each factor in coordinates where its input is white (precondition.Whitened).
     precondition: bool = True
     precondition_damping: float = 1e-2  # added to the input Gram matrix, times its mean eigenvalue
     precondition_max_features: int = 8192  # wider inputs (e.g. Mixtral's expert down projections) train unpreconditioned

@@ -129,6 +129,7 @@ def test_lowrank_module_loads_without_distill_lr(monkeypatch: pytest.MonkeyPatch
     spec = importlib.util.spec_from_file_location("remote_lowrank", path)
     assert spec is not None and spec.loader is not None
     remote = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, remote)  # as an import does (transformers' loader imports remote code)
     spec.loader.exec_module(remote)
     low = remote.LowRankLinear(6, 4, rank=2, bias=True)
     assert low(torch.randn(3, 6)).shape == (3, 4)

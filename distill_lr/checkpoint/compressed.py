@@ -24,7 +24,7 @@ from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, checkpoint_config
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
-from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, QuantLinear, dequantize
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, QuantLinear, QuantRecord, dequantize
 from distill_lr.report import LayerReport
 
 
@@ -45,14 +45,13 @@ def linear_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
 
 def folder_structure(layers: list[LayerReport], prefix: str) -> dict[str, Any]:
     """What ``config.json`` records of the quantization: its settings, the quantized linears and the corrections, by full name."""
-    records = [(f"{prefix}{r.layer}.", r.quant) for r in layers if r.quant]
+    records = [(f"{prefix}{r.layer}.", record) for r in layers if (record := QuantRecord.of(r.quant)) is not None]
     if not records:
         return {}
-    first = records[0][1]
-    quant = {k: first[k] for k in ("bits", "group_size", "symmetric", "method")}
-    quant["modules"] = [p + n for p, q in records for n in q["modules"]]
-    quant["corrections"] = {p + n: r for p, q in records for n, r in q.get("corrections", {}).items()}
-    return {"quant": quant}
+    first = records[0][1]  # the grid is the run's: the same in every layer
+    modules = [p + n for p, q in records for n in q.modules]
+    corrections = {p + n: rank for p, q in records for n, rank in q.corrections.items()}
+    return {"quant": QuantRecord(first.bits, first.group_size, first.symmetric, first.method, modules, corrections).to_dict()}
 
 
 def write_non_layer(reader: CheckpointReader, model: nn.Module, prefix: str, out: Path, dtype: torch.dtype, manifest: RunManifest) -> None:
@@ -174,10 +173,11 @@ def export_dense(src: str | Path, dst: str | Path) -> None:
     _clear_export(dst)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
-    quant = info.get("quant") or {}
+    quant = QuantRecord.of(info.get("quant"))
     for name in files:
         tensors = load_file(src / name)
-        _dequantize_(tensors, quant)
+        if quant is not None:
+            _dequantize_(tensors, quant)
         for module in [m for m in ranks if f"{m}.A.weight" in tensors]:
             a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
             tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
@@ -194,14 +194,14 @@ def export_dense(src: str | Path, dst: str | Path) -> None:
     write_json_atomic({"exported_from": str(src), "files": written}, dst / EXPORT_MARKER)
 
 
-def _dequantize_(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
+def _dequantize_(tensors: dict[str, torch.Tensor], quant: QuantRecord) -> None:
     """Quantized linears of one file as float weights, then each corrected weight as ``base + B A`` (a dense export)."""
-    for module in [m for m in quant.get("modules", []) if f"{m}.qweight" in tensors]:
+    for module in [m for m in quant.modules if f"{m}.qweight" in tensors]:
         out_features, in_features = tensors.pop(f"{module}.qshape").tolist()
         scale, zero = tensors.pop(f"{module}.scale"), tensors.pop(f"{module}.zero", None)
-        weight = dequantize(tensors.pop(f"{module}.qweight"), scale, zero, quant["bits"], quant["group_size"], in_features)
+        weight = dequantize(tensors.pop(f"{module}.qweight"), scale, zero, quant.bits, quant.group_size, in_features)
         tensors[f"{module}.weight"] = weight[:out_features].to(scale.dtype)
-    for module in [m for m in quant.get("corrections", {}) if f"{m}.base.weight" in tensors]:
+    for module in [m for m in quant.corrections if f"{m}.base.weight" in tensors]:
         a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
         base = tensors.pop(f"{module}.base.weight")
         tensors[f"{module}.weight"] = (base.float() + b.float() @ a.float()).to(base.dtype)

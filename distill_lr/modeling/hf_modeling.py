@@ -38,6 +38,7 @@ from .lowrank import (
     LowRankExperts,
     LowRankLinear,
     QuantLinear,
+    QuantRecord,
     is_fused_experts,
     replace_experts_,
     replace_linears_,
@@ -148,19 +149,20 @@ def apply_low_rank_(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def apply_compressed_(model: nn.Module, ranks: dict[str, int], quant: dict[str, Any] | None = None) -> None:
-    """Install empty compressed modules: low-rank ones (``ranks``), then, from a quantization record
-    (``config.distill_lr["quant"]``), the quantized weights with a correction of the given rank (``quant["corrections"]``)
-    and the quantized linears ``quant["modules"]`` (``<name>.A``, ``<name>.base``, ...)."""
+    """Install empty compressed modules: low-rank ones (``ranks``), then, from the quantization record (``QuantRecord``'s
+    JSON form, ``config.distill_lr["quant"]``), the quantized weights with a correction of the given rank and the
+    quantized linears (``<name>.A``, ``<name>.base``, ...)."""
     apply_low_rank_(model, ranks)
-    if not quant:
+    record = QuantRecord.of(quant)
+    if record is None:
         return
-    for name, rank in quant.get("corrections", {}).items():
+    for name, rank in record.corrections.items():
         model.set_submodule(name, CorrectedLinear(model.get_submodule(name), rank))
-    for name in quant.get("modules", []):
+    for name in record.modules:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"compressed checkpoint quantizes {name}, which is not a linear of the model")
-        model.set_submodule(name, QuantLinear.like(linear, quant["bits"], quant["group_size"], quant["symmetric"]))
+        model.set_submodule(name, QuantLinear.like(linear, record.bits, record.group_size, record.symmetric))
 
 
 def low_rank_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:

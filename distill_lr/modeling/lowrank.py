@@ -10,6 +10,8 @@ dense weight (the factorisations) is ``distill_lr.factorize``'s job.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +145,27 @@ def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, g
     grouped = nn.functional.pad(codes, (0, groups * group_size - in_features)).view(rows, groups, group_size).float()
     offset = float(1 << (bits - 1)) if zero is None else zero.float()[..., None]
     return ((grouped - offset) * scale.float()[..., None]).view(rows, -1)[:, :in_features]
+
+
+@dataclass
+class QuantRecord:
+    """What ``config.json`` records of a checkpoint's quantization (``distill_lr["quant"]``): the grid, the quantized
+    linears and the corrected weights with their ranks, by module name. The loader, the dense export and the report read it."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    method: str  # how the integers were chosen: gptq or rtn
+    modules: list[str] = field(default_factory=list)  # ``QuantLinear`` modules
+    corrections: dict[str, int] = field(default_factory=dict)  # ``CorrectedLinear`` modules: the rank of each correction
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any] | None) -> QuantRecord | None:
+        """From its JSON form (a layer report's entry may hold more keys: they are not the record's)."""
+        return None if not data else cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class QuantLinear(nn.Module):
