@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,24 +156,33 @@ def _fixed_by_rules(shapes: dict[str, tuple[int, int]], cfg: RankConfig, short: 
         if not any(matches(pattern, n) for n in short.values()):
             warnings.warn(f"rank rule '{pattern}' matches no linear of this model", stacklevel=3)
     fixed: dict[str, int | None] = {}
-    for name, (out_f, in_f) in shapes.items():
+    for name, shape in shapes.items():
         if any(matches(p, short[name]) for p in cfg.exclude):
             continue
-        value = None
-        for pattern, rule in cfg.rules.items():
-            if matches(pattern, short[name]):
-                value = rule
-        if value is None:
-            continue
-        if value == "skip":
-            fixed[name] = None
-        elif isinstance(value, float):
-            fixed[name] = rank_for_fraction(value, out_f, in_f)
-        else:
-            if value > min(out_f, in_f):
-                raise UserInputError(f"rank {value} for {name} is above min(out, in) = {min(out_f, in_f)}: lower the rule's rank")
-            fixed[name] = value
+        value = rule_value(cfg.rules, short[name])
+        if value is not None:
+            fixed[name] = None if value == "skip" else rule_rank(value, name, shape, ("rank", "lower the rule's rank"))
     return fixed
+
+
+def rule_value(rules: dict[str, Any], name: str, default: Any = None) -> Any:
+    """The value of the last rule whose pattern matches ``name``, ``default`` when none does."""
+    value = default
+    for pattern, rule in rules.items():
+        if matches(pattern, name):
+            value = rule
+    return value
+
+
+def rule_rank(value: int | float, name: str, shape: tuple[int, int], wording: tuple[str, str]) -> int:
+    """A rule's rank: an int as given, a float as the fraction of the matrix's parameters the pair keeps. An int above
+    min(out, in) is refused, ``wording`` = (what it is, how to fix it)."""
+    out_f, in_f = shape
+    if isinstance(value, float):
+        return rank_for_fraction(value, out_f, in_f)
+    if value > min(out_f, in_f):
+        raise UserInputError(f"{wording[0]} {value} for {name} is above min(out, in) = {min(out_f, in_f)}: {wording[1]}")
+    return value
 
 
 def _allocate(

@@ -12,13 +12,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from distill_lr.errors import UserInputError, check
+from distill_lr.errors import check
 from distill_lr.factorize import balance_factors, break_even_rank, whiten_factors
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.methods.distill import Distill
 from distill_lr.methods.quantize import check_group_size, dense_linears, quantize_linear, record
 from distill_lr.modeling.lowrank import CorrectedLinear
-from distill_lr.ranks import matches, rank_for_fraction
+from distill_lr.ranks import rule_rank, rule_value
 from distill_lr.schema import CompressConfig, QuantConfig
 from distill_lr.stats import input_moments
 
@@ -71,19 +71,9 @@ class Correct(LayerStep):
 
 def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -> int | None:
     """The rank of a weight's correction (last matching rule, else ``correction_rank``); None: no correction."""
-    value = cfg.correction_rank
-    for pattern, rule in cfg.correction_rules.items():
-        if matches(pattern, short_name):
-            value = rule
-    if value == "skip":
-        return None
-    out_f, in_f = shape
-    if isinstance(value, int) and value > min(out_f, in_f):
-        raise UserInputError(
-            f"correction rank {value} for {short_name} is above min(out, in) = {min(out_f, in_f)}: lower quant.correction_rank "
-            "(or the matching quant.correction_rules), or give a fraction"
-        )
-    return value if isinstance(value, int) else rank_for_fraction(value, out_f, in_f)
+    value = rule_value(cfg.correction_rules, short_name, default=cfg.correction_rank)
+    fix = "lower quant.correction_rank (or the matching quant.correction_rules), or give a fraction"
+    return None if value == "skip" else rule_rank(value, short_name, shape, ("correction rank", fix))
 
 
 def build(cfg: CompressConfig) -> Method:
