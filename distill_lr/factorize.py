@@ -190,6 +190,19 @@ def whiten_factors(W: Tensor, rank: int, stats: Moments, damping: float = 1e-6) 
     return A.float(), B.float()
 
 
+def svd_bases(W: Tensor, k: int, stats: Moments | None = None, damping: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``k`` rank-one bases of W, ``W ≈ U diag(σ) Vh`` (float64): of W itself, or with ``stats`` (input moments)
+    of the whitened ``W S`` with the whitening undone (``Vh = Vh_white S⁻¹``), so that truncating the bases is
+    output-optimal over the calibration inputs, as ``whiten`` is."""
+    validate_rank(k, *W.shape)
+    W64 = W.detach().double()
+    if stats is None:
+        return truncated_svd(W64, k)
+    S = _damped_cholesky(stats.second_moment().to(W64.device), damping)
+    U, sigma, Vh = truncated_svd(W64 @ S, k)
+    return U, sigma, torch.linalg.solve_triangular(S, Vh, upper=False, left=False)
+
+
 def whitened_spectrum(W: Tensor, stats: Moments) -> Tensor:
     """σ² of ``W S`` (``S Sᵀ = E[x xᵀ]``), largest first, float64: ``Σ_{i>r} σ_i²`` is the output error
     ``E‖(W − W_r) x‖²`` of the best rank-r pair over the calibration inputs (what ``whiten`` truncates).

@@ -47,8 +47,9 @@ def lr_factor(step: int, total: int, warmup_fraction: float, min_lr_ratio: float
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(params: list[nn.Parameter], lr: float, relative: bool) -> list[dict[str, Any]]:
-    """One optimizer group per factor; ``relative``: its learning rate is ``lr`` times the factor's RMS at init.
+def param_groups(params: list[nn.Parameter], lr: float, relative: bool, scales: list[float] | None = None) -> list[dict[str, Any]]:
+    """One optimizer group per factor; ``relative``: its learning rate is ``lr`` times the factor's RMS at init (or
+    ``scales``, one per parameter, for parameters that start at zero).
 
     Adam moves every entry by about lr per step whatever the gradient's scale, so an absolute lr that
     suits one model moves the factors of a model with 10x smaller weights by 10x more
@@ -56,7 +57,9 @@ def param_groups(params: list[nn.Parameter], lr: float, relative: bool) -> list[
     """
     if not relative:
         return [{"params": params, "lr": lr}]
-    return [{"params": [p], "lr": lr * float(p.detach().float().square().mean().sqrt())} for p in params]
+    if scales is None:
+        scales = [float(p.detach().float().square().mean().sqrt()) for p in params]
+    return [{"params": [p], "lr": lr * scale} for p, scale in zip(params, scales, strict=True)]
 
 
 class FactorSlots:
@@ -101,10 +104,11 @@ def schedule(cfg: TrainConfig | E2EConfig, n_train: int) -> tuple[int, int, int]
 
 
 def adamw(
-    params: list[nn.Parameter], cfg: TrainConfig | E2EConfig, total: int
+    params: list[nn.Parameter], cfg: TrainConfig | E2EConfig, total: int, scales: list[float] | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the factors with linear warm-up and cosine decay over ``total`` steps."""
-    optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over the factors with linear warm-up and cosine decay over ``total`` steps (``scales``: see ``param_groups``)."""
+    groups = param_groups(params, cfg.lr, cfg.relative_lr, scales)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
 
 
@@ -140,11 +144,13 @@ def fit(
     state: FitState,
     on_eval: Callable[[FitState], None] | None = None,
     desc: str = "train",
+    on_step: Callable[[FitState, int], None] | None = None,
 ) -> FitState:
     """Train from ``state.step`` to the end of the schedule, an early stop or a divergence; ``state`` is updated in place.
 
     ``data``: the training and held-out sequence indices, and each epoch's order of the training ones (called at the
-    start of every epoch, and at the first step of a resumed one). ``on_eval`` runs after each held-out evaluation.
+    start of every epoch, and at the first step of a resumed one). ``on_eval`` runs after each held-out evaluation,
+    ``on_step(state, total)`` after each optimizer step (a schedule of the caller's, e.g. pruning).
     The best factors are in ``state.best_factors``: the caller installs them (``FactorSlots.restore``).
     """
     train, hold, order = data
@@ -168,6 +174,8 @@ def fit(
         scheduler.step()
         state.running.append(value)
         state.step = step + 1
+        if on_step is not None:
+            on_step(state, total)
         bar.set_postfix({objective.name: f"{value:.4f}"})
         if state.step % eval_every == 0 or state.step == total:
             if _evaluate(objective, factors, hold, state, cfg.patience, on_eval):

@@ -55,7 +55,8 @@ class EvalConfig:
 class DataConfig:
     """Calibration and held-out text (see ``distill_lr.data``)."""
 
-    source: str = BUILTIN_TEXT  # builtin:wikipedia, a .txt/.json/.jsonl/.parquet file or folder, or a dataset name
+    # builtin:wikipedia, builtin:python (the standard library's code), a .txt/.json/.jsonl/.parquet file or folder, or a dataset
+    source: str = BUILTIN_TEXT
     text_column: str = "text"
     split: str = "train"
     subset: str | None = None
@@ -194,6 +195,26 @@ class E2EConfig:
         check(micro_ok, f"e2e.micro_batch_size must be in [1, e2e.batch_size], got {self.micro_batch_size}")
 
 
+@dataclass
+class BasisConfig:
+    """``method: basis_selection`` (Basis Selection, arXiv 2405.15877): each weight as rank-one bases ``U diag(σ) Vᵀ``
+    from its (whitened) SVD, σ relearned layer-wise (``train.*``), the smallest pruned down to the rank budget, and a few
+    new trainable bases for what the pretrained ones lack."""
+
+    initial_factor: float = 2.0  # bases trained at the start, times the matrix's budget rank (at most its full rank)
+    new_bases: int = 4  # new bases per matrix, counted in its rank budget (they start at zero: the SVD model)
+    prune_fraction: float = 0.5  # share of the training steps over which the bases are pruned to the budget
+    whiten: bool = True  # bases of the whitened SVD (output-optimal, as ``whiten``); false: the plain SVD of W
+
+    def __post_init__(self) -> None:
+        check(
+            self.initial_factor >= 1.0,
+            f"basis.initial_factor must be >= 1 (bases to start from, times the budget), got {self.initial_factor}",
+        )
+        check(self.new_bases >= 0, f"basis.new_bases must be >= 0, got {self.new_bases}")
+        check(0.0 < self.prune_fraction <= 1.0, f"basis.prune_fraction must be in (0, 1], got {self.prune_fraction}")
+
+
 QUANT_METHODS = ("gptq", "rtn")
 QUANT_TARGETS = ("auto", "factors", "dense", "both")
 
@@ -256,6 +277,7 @@ class CompressConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU
     save_dtype: str = "auto"  # dtype of the saved tensors: auto = the input checkpoint's

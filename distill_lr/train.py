@@ -134,6 +134,13 @@ class LayerObjective:
         return {"loss": sum(losses) / len(losses), "cos": sum(coses) / len(coses)}
 
 
+def train_sources(inputs: str, x_teacher: torch.Tensor, x_student: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs the student trains on (``train.inputs``); one when the two streams are the same (layer 0)."""
+    if inputs == "teacher" or x_student is x_teacher:
+        return [x_teacher]
+    return [x_student] if inputs == "student" else [x_teacher, x_student]
+
+
 def distill_layer(
     layer: nn.Module,
     x_teacher: torch.Tensor,
@@ -157,10 +164,7 @@ def distill_layer(
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under train.autocast
     factors = FactorSlots(modules)
     freeze_hooks = moe.freeze_experts(modules, frozen_experts or {})
-    if cfg.inputs == "teacher" or x_student is x_teacher:
-        sources = [x_teacher]
-    else:
-        sources = [x_student] if cfg.inputs == "student" else [x_teacher, x_student]
+    sources = train_sources(cfg.inputs, x_teacher, x_student)
     autocast = training_autocast(layer_device(layer), cfg.autocast)
     objective = LayerObjective(layer, sources, y, kwargs, autocast, cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
     hold, train = split_holdout(len(y), cfg.holdout_fraction, generator)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from distill_lr.errors import check
-from distill_lr.methods import dense, distill, pca, qlr, quantize, svd, whiten
+from distill_lr.methods import basis_selection, dense, distill, pca, qlr, quantize, svd, whiten
 from distill_lr.methods.base import Method
 from distill_lr.schema import CompressConfig
 from distill_lr.stages.e2e import EndToEnd
@@ -24,6 +24,7 @@ REGISTRY: dict[str, Builder] = {
     "distill": distill.build,
     "qlr": qlr.build,
     "dense": dense.build,
+    "basis_selection": basis_selection.build,
 }
 
 
