@@ -143,7 +143,7 @@ def fit(
     optimizer: tuple[torch.optim.Optimizer, Any],
     state: FitState,
     on_eval: Callable[[FitState], None] | None = None,
-    desc: str = "train",
+    desc: str = "  train",
     on_step: Callable[[FitState, int], None] | None = None,
 ) -> FitState:
     """Train from ``state.step`` to the end of the schedule, an early stop or a divergence; ``state`` is updated in place.
