@@ -47,14 +47,14 @@ BASE = [
 EVAL_SEQUENCES, SEQ_LEN = 32, 256
 
 
-def held_out(domain: str, tokenizer: AutoTokenizer) -> torch.Tensor:
+def held_out(domain: str, tokenizer: AutoTokenizer, windows: int = EVAL_SEQUENCES) -> torch.Tensor:
     """The held-out windows of a domain: the documents a run with ``BASE``'s data settings never calibrates on."""
     tokens = build_token_sets(
         load_documents(DOMAINS[domain]),
         tokenizer,
         num_sequences=1,
         seq_len=SEQ_LEN,
-        eval_sequences=EVAL_SEQUENCES,
+        eval_sequences=windows,
         eval_fraction=0.1,
         seed=0,
     )
