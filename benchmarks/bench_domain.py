@@ -106,8 +106,9 @@ def markdown(rows: list[dict], dense: dict[str, float]) -> str:
             if own and other:
                 gain, cost = 1 - own["ppl"]["code"] / other["ppl"]["code"], own["ppl"]["wiki"] / other["ppl"]["wiki"] - 1
                 lines.append(
-                    f"- {ratio:.0%}, {method}: calibrating on code gives {gain:+.0%} lower code perplexity than on Wikipedia, "
-                    f"at {cost:+.0%} Wikipedia perplexity."
+                    f"- {ratio:.0%}, {method}: calibrated on code, code perplexity {gain:.0%} lower than calibrated on Wikipedia "
+                    f"({own['ppl']['code']:.4g} vs {other['ppl']['code']:.4g}); Wikipedia perplexity {cost:+.0%} "
+                    f"({own['ppl']['wiki']:.4g} vs {other['ppl']['wiki']:.4g})."
                 )
         coded = {m: at[f"{m}@code"]["ppl"]["code"] for m in METHODS if f"{m}@code" in at}
         if coded:
