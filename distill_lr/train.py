@@ -10,6 +10,7 @@ input X_s, or both (Lillama, Sy et al. 2025).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -134,6 +135,38 @@ class LayerObjective:
         return {"loss": sum(losses) / len(losses), "cos": sum(coses) / len(coses)}
 
 
+def layer_objective(
+    layer: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], kwargs: LayerKwargs, cfg: TrainConfig
+) -> LayerObjective:
+    """The distillation objective of a layer from its ``(x_teacher, x_student, y)`` and the ``train.*`` settings."""
+    x_teacher, x_student, y = data
+    autocast = training_autocast(layer_device(layer), cfg.autocast)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    return LayerObjective(layer, train_sources(cfg.inputs, x_teacher, x_student), y, kwargs, autocast, micro, cfg.batch_size)
+
+
+def layer_fit(
+    objective: LayerObjective,
+    factors: FactorSlots,
+    split: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    init: list[torch.Tensor],
+    scales: list[float] | None = None,
+    on_step: Callable[[FitState, int], None] | None = None,
+) -> FitState:
+    """``fit`` on one layer: the held-out ``split`` (hold, train), each epoch's order drawn from ``generator``, ``init``
+    (a snapshot of the factors) the best so far; ``scales`` and ``on_step`` as ``fit.adamw`` and ``fit.fit`` take them."""
+    hold, train = split
+    state = FitState.start(objective, hold, init)
+    optimizer = adamw(factors.params, cfg, schedule(cfg, len(train))[1], scales)
+
+    def order(_epoch: int) -> torch.Tensor:
+        return train[torch.randperm(len(train), generator=generator)]
+
+    return fit(objective, factors, (train, hold, order), cfg, optimizer, state, on_step=on_step)
+
+
 def train_sources(inputs: str, x_teacher: torch.Tensor, x_student: torch.Tensor) -> list[torch.Tensor]:
     """The inputs the student trains on (``train.inputs``); one when the two streams are the same (layer 0)."""
     if inputs == "teacher" or x_student is x_teacher:
@@ -164,22 +197,18 @@ def distill_layer(
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under train.autocast
     factors = FactorSlots(modules)
     freeze_hooks = moe.freeze_experts(modules, frozen_experts or {})
-    sources = train_sources(cfg.inputs, x_teacher, x_student)
-    autocast = training_autocast(layer_device(layer), cfg.autocast)
-    objective = LayerObjective(layer, sources, y, kwargs, autocast, cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+    objective = layer_objective(layer, (x_teacher, x_student, y), kwargs, cfg)
     hold, train = split_holdout(len(y), cfg.holdout_fraction, generator)
 
     init_state = factors.snapshot()
     grams: dict[str, torch.Tensor] = {}
     if cfg.precondition:  # over the training sequences, as the steps will see them
         micro = objective.micro_batch
-        batches = (x[train[i : i + micro]] for x in sources for i in range(0, len(train), micro))
-        grams = factor_grams(layer, modules, batches, kwargs, autocast, cfg.precondition_max_features)
+        batches = (x[train[i : i + micro]] for x in objective.sources for i in range(0, len(train), micro))
+        grams = factor_grams(layer, modules, batches, kwargs, objective.autocast, cfg.precondition_max_features)
     with preconditioned(modules, grams, cfg.precondition_damping, frozen_experts or {}):
         del grams  # only the whitening matrices are needed from here on
-        state = FitState.start(objective, hold, init_state)
-        optimizer = adamw(factors.params, cfg, schedule(cfg, len(train))[1])
-        fit(objective, factors, (train, hold, lambda _epoch: train[torch.randperm(len(train), generator=generator)]), cfg, optimizer, state)
+        state = layer_fit(objective, factors, (hold, train), cfg, generator, init_state)
     factors.restore(state.best_factors)  # plain again: the snapshots hold the factors' own values
     for hook in freeze_hooks:
         hook.remove()

@@ -22,13 +22,12 @@ from torch import Tensor, nn
 from distill_lr import moe
 from distill_lr.errors import check
 from distill_lr.factorize import balance_factors, svd_bases
-from distill_lr.fit import FactorSlots, FitState, adamw, fit, schedule, split_holdout
-from distill_lr.layerwise import layer_device
+from distill_lr.fit import FactorSlots, FitState, split_holdout
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import LowRankLinear
 from distill_lr.schema import CompressConfig
 from distill_lr.stats import input_moments
-from distill_lr.train import LayerObjective, TrainResult, train_sources, training_autocast
+from distill_lr.train import TrainResult, layer_fit, layer_objective
 
 USED = 1e-3  # a new basis counts as used when its ‖b‖·‖a‖ is above this share of the largest kept σ
 
@@ -142,28 +141,16 @@ def train_bases(
     factors = FactorSlots(modules)
     for p in factors.params:
         p.requires_grad_(True)
-    sources = train_sources(cfg.inputs, work.x_teacher, work.x_student)
-    autocast = training_autocast(layer_device(layer), cfg.autocast)
-    objective = LayerObjective(layer, sources, work.y, work.kwargs, autocast, cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+    objective = layer_objective(layer, (work.x_teacher, work.x_student, work.y), work.kwargs, cfg)
     hold, train = split_holdout(len(work.y), cfg.holdout_fraction, generator)
-    total = schedule(cfg, len(train))[1]
-    optimizer = adamw(factors.params, cfg, total, [scale for m in modules.values() for scale in m.lr_scales()])
-    state = FitState.start(objective, hold, factors.snapshot())
 
     def prune(s: FitState, steps: int) -> None:
         pruned = [m.prune_(bases_at(s.step, steps, *budgets[n], work.cfg.basis.prune_fraction)) for n, m in modules.items()]
         if any(pruned):  # only states at the final budgets may be kept as the best
             s.best, s.bad = {"loss": math.inf, "cos": math.nan}, 0
 
-    fit(
-        objective,
-        factors,
-        (train, hold, lambda _epoch: train[torch.randperm(len(train), generator=generator)]),
-        cfg,
-        optimizer,
-        state,
-        on_step=prune,
-    )
+    scales = [scale for m in modules.values() for scale in m.lr_scales()]
+    state = layer_fit(objective, factors, (hold, train), cfg, generator, factors.snapshot(), scales, prune)
     if math.isfinite(state.best["loss"]):
         factors.restore(state.best_factors)
     late = [module.prune_(budgets[name][1]) for name, module in modules.items()]  # a stop before the schedule's end
