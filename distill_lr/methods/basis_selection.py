@@ -57,10 +57,6 @@ class BasisLinear(nn.Module):
         of the kept bases' output side ``U diag(σ)``."""
         return [float(t.detach().square().mean().sqrt()) for t in (self.sigma, self.A_new, self.U * self.sigma)]
 
-    @property
-    def kept(self) -> int:
-        return int(self.mask.sum())
-
     @torch.no_grad()
     def prune_(self, keep: int) -> bool:
         """Drop the kept bases of smallest |σ| until ``keep`` remain; whether any was dropped."""
