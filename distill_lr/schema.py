@@ -167,10 +167,14 @@ class TrainConfig:
         check(self.autocast in AUTOCASTS, f"train.autocast '{self.autocast}' is unknown: use one of {AUTOCASTS}")
 
 
+E2E_LOSSES = ("kl", "lm")
+BASIS_REGIMES = ("layerwise", "end_to_end")
+
+
 @dataclass
 class E2EConfig:
     """The end-to-end stage after the layer-wise pass (``distill_lr.stages.e2e``): every factor of the whole model trained
-    together on KL to the dense model's next-token distribution over the calibration set."""
+    together on the calibration set, on KL to the dense model's next-token distribution or the text's own next tokens."""
 
     enabled: bool = False
     epochs: int = 1
@@ -188,9 +192,11 @@ class E2EConfig:
     patience: int = 2
     divergence_factor: float = 10.0  # roll back to the best factors when a step's loss exceeds this multiple of the first
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: far less memory
+    loss: str = "kl"  # kl: to the dense model's next-token distribution; lm: next-token cross-entropy of the calibration text
 
     def __post_init__(self) -> None:
         check_optimisation(self, "e2e")
+        check(self.loss in E2E_LOSSES, f"e2e.loss must be one of {E2E_LOSSES}, got '{self.loss}'")
         micro_ok = 0 < self.micro_batch_size <= self.batch_size
         check(micro_ok, f"e2e.micro_batch_size must be in [1, e2e.batch_size], got {self.micro_batch_size}")
 
@@ -205,6 +211,7 @@ class BasisConfig:
     new_bases: int = 4  # new bases per matrix, counted in its rank budget (they start at zero: the SVD model)
     prune_fraction: float = 0.5  # share of the training steps over which the bases are pruned to the budget
     whiten: bool = True  # bases of the whitened SVD (output-optimal, as ``whiten``); false: the plain SVD of W
+    regime: str = "layerwise"  # layerwise: σ relearned per layer (train.*); end_to_end: in the end-to-end stage (e2e.*)
 
     def __post_init__(self) -> None:
         check(
@@ -213,6 +220,7 @@ class BasisConfig:
         )
         check(self.new_bases >= 0, f"basis.new_bases must be >= 0, got {self.new_bases}")
         check(0.0 < self.prune_fraction <= 1.0, f"basis.prune_fraction must be in (0, 1], got {self.prune_fraction}")
+        check(self.regime in BASIS_REGIMES, f"basis.regime must be one of {BASIS_REGIMES}, got '{self.regime}'")
 
 
 QUANT_METHODS = ("gptq", "rtn")

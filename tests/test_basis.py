@@ -7,20 +7,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, interrupted_then_resumed, run, run_files
+from conftest import fails, interrupted_then_resumed, layer_bytes, run, run_files
 from safetensors.torch import load_file
 
 from distill_lr.builtin import BUILTIN_CODE, builtin_python_documents
-from distill_lr.checkpoint.layout import layer_file
+from distill_lr.checkpoint.layout import E2E_STATE, MANIFEST_NAME, layer_file
+from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.config import load_config
 from distill_lr.data import load_documents, split_documents
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import from_linear, svd_bases
-from distill_lr.methods.basis_selection import BasisLinear, bases_at, fold, prune_mask_
+from distill_lr.methods.basis_selection import BasisLinear, RelearnedBases, bases_at, fold, prune_mask_
+from distill_lr.modeling.lowrank import LowRankLinear
+from distill_lr.stages import e2e
 from distill_lr.moments import Moments
 from distill_lr.testing import save_tiny
 
 BASES = {"method": "basis_selection", "train.epochs": "2", "plot": "false"}
+# the paper's setting: σ relearned and pruned end to end on the calibration text's own next-token loss
+END_TO_END = {"method": "basis_selection", "basis.regime": "end_to_end", "e2e.enabled": "true", "e2e.loss": "lm"}
+END_TO_END |= {"ranks.target": 0.5, "ranks.allocation": "uniform"}
+END_TO_END |= {"e2e.epochs": 4, "e2e.batch_size": 4, "e2e.micro_batch_size": 2, "e2e.holdout_fraction": 0.25, "e2e.lr": 3e-2}
+END_TO_END |= {"e2e.evals_per_epoch": 2, "e2e.patience": 8, "plot": "false"}
 
 
 def linear_and_inputs(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor]:
@@ -79,7 +87,7 @@ def test_a_run_keeps_exactly_the_budgeted_rank_and_reports_the_bases(tmp_path: P
     planned = json.loads((tmp_path / "out" / "config.json").read_text())["distill_lr"]["ranks"]
     for layer in report.layers:
         state = load_file(tmp_path / "out" / layer_file(layer.layer))
-        for name, bases in layer.train["bases"].items():
+        for name, bases in layer.bases.items():
             full = f"model.layers.{layer.layer}.{name}"
             assert bases["kept"] + bases["new"] == state[f"{full}.A.weight"].shape[0] == planned[full]
             assert bases["kept"] >= 1 and bases["new_used"] <= bases["new"]
@@ -92,17 +100,95 @@ def test_a_resumed_basis_selection_run_equals_an_unbroken_one(tmp_path: Path, ti
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
 
 
+def test_a_factor_pair_as_unit_bases_and_weights_is_the_same_product() -> None:
+    pair = LowRankLinear.from_factors(torch.randn(5, 24), torch.randn(16, 5), torch.randn(16))
+    basis = BasisLinear.from_low_rank(pair, 2, torch.Generator().manual_seed(0))
+    x = torch.randn(7, 24)
+    assert torch.allclose(basis(x), pair(x), atol=1e-5)
+    assert torch.allclose(basis.U.norm(dim=0), torch.ones(5)) and torch.allclose(basis.Vh.norm(dim=1), torch.ones(5))
+
+
+def test_end_to_end_selection_trains_the_lm_loss_and_keeps_the_budget(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    report = run(tiny_llama, corpus, tmp_path / "out", **END_TO_END)
+    truncated = run(
+        tiny_llama, corpus, tmp_path / "whiten", method="whiten", plot="false", **{"ranks.target": 0.5, "ranks.allocation": "uniform"}
+    )
+    planned = json.loads((tmp_path / "out" / "config.json").read_text())["distill_lr"]["ranks"]
+    assert report.e2e["loss"] == "lm" and report.e2e["steps"] > 0
+    # the held-out text's perplexity beats the output-optimal truncation at the same ranks (the start of the stage holds
+    # twice the bases, so its own held-out loss at the start is no bar)
+    assert report.perplexity.compressed < truncated.perplexity.compressed
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    for layer in report.layers:
+        assert layer.train is None  # nothing trains in the layer loop
+        state = load_file(tmp_path / "out" / layer_file(layer.layer))
+        recorded = manifest["layers"][str(layer.layer)]["report"]["bases"]
+        for name, rank in planned.items():
+            if name.startswith(f"model.layers.{layer.layer}."):
+                bases = recorded[name.removeprefix(f"model.layers.{layer.layer}.")]
+                assert state[f"{name}.A.weight"].shape[0] == rank == bases["kept"] + bases["new"]
+                assert report.e2e["bases"][f"{layer.layer}.{name.removeprefix(f'model.layers.{layer.layer}.')}"] == bases
+    assert not (tmp_path / "out" / E2E_STATE).exists()
+
+
+def test_a_stop_in_end_to_end_selection_resumes_it_exactly(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
+    run(tiny_llama, corpus, tmp_path / "whole", **END_TO_END)
+    real, saves = e2e._save_state, []
+
+    def stop_after_three(*args, **kwargs):  # after the pruning has begun: the masks must come back too
+        real(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e, "_save_state", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, corpus, tmp_path / "resumed", **END_TO_END)
+    monkeypatch.setattr(e2e, "_save_state", real)
+    run(tiny_llama, corpus, tmp_path / "resumed", **END_TO_END)
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
+
+
+def test_a_stop_while_selected_layers_are_rewritten_resumes_from_the_final_factors(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch
+) -> None:
+    run(tiny_llama, corpus, tmp_path / "whole", **END_TO_END)
+    real = RelearnedBases.layer_record
+
+    def stop_at_layer_one(self, index, record, added):  # layer 0 rewritten at its budget, the others still at their start
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(self, index, record, added)
+
+    monkeypatch.setattr(RelearnedBases, "layer_record", stop_at_layer_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, corpus, tmp_path / "resumed", **END_TO_END)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="layer 1 is computed again"):  # its file was rewritten, its record not
+        run(tiny_llama, corpus, tmp_path / "resumed", **END_TO_END)
+    assert layer_bytes(tmp_path / "resumed") == layer_bytes(tmp_path / "whole")
+    monkeypatch.setattr(RunManifest, "record_stage", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, corpus, tmp_path / "again", **END_TO_END)
+    monkeypatch.undo()
+    run(tiny_llama, corpus, tmp_path / "again", **END_TO_END)
+    assert run_files(tmp_path / "again") == run_files(tmp_path / "whole")
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
         ("basis.prune_fraction=1.5", "basis.prune_fraction must be in (0, 1]"),  # a schedule that ends after the run
         ("basis.new_bases=-1", "basis.new_bases must be >= 0"),
         ("basis.initial_factor=0.5", "basis.initial_factor must be >= 1"),
+        ("basis.regime=global", "basis.regime must be one of"),
+        ("basis.regime=end_to_end", "set e2e.enabled=true"),
+        ("e2e.loss=mse", "e2e.loss must be one of"),
     ],
 )
 def test_bad_basis_settings_are_one_line(override: str, needle: str) -> None:
     with pytest.raises(UserInputError) as err:
-        load_config(None, ["method=basis_selection", override])
+        load_config(None, ["method=basis_selection", *override.split()])
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

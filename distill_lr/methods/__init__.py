@@ -38,8 +38,9 @@ def get_method(cfg: CompressConfig) -> Method:
     """The method ``cfg.method`` names, built for this config."""
     check(cfg.method in REGISTRY, f"method '{cfg.method}' is unknown: use one of {tuple(REGISTRY)}")
     method = REGISTRY[cfg.method](cfg)
-    if cfg.e2e.enabled:  # any method's layers may be trained end to end afterwards
-        method = replace(method, stages=(*method.stages, EndToEnd()), info={**method.info, "e2e": True})
+    if cfg.e2e.enabled:  # any method's layers may be trained end to end afterwards (as it is, unless it says how)
+        stages = method.stages if any(s.name == EndToEnd.name for s in method.stages) else (*method.stages, EndToEnd())
+        method = replace(method, stages=stages, info={**method.info, "e2e": True})
     if cfg.quant.bits is not None:  # any method's layers may be quantized once built
         method = quantize.with_quantization(method, cfg)
     return method

@@ -7,12 +7,17 @@ distillation loss on the calibration inputs (``train.*``, the one training loop 
 ``basis.prune_fraction`` of the steps the bases of smallest |σ| are pruned, linearly, down to the budget rank less
 the new bases. The result is saved as an ordinary factor pair (σ folded in): loading, export and the remote code
 need nothing new. The layer report lists per matrix the original bases kept and the new bases used.
+
+``basis.regime=end_to_end`` is the paper's setting, for models that fit: the layer loop writes each matrix's
+starting bases untrained, and the end-to-end stage (``e2e.*``, ``e2e.loss=lm`` for the target text's own loss)
+relearns σ and the new bases of the whole model at once and prunes them over its steps (``RelearnedBases``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -25,9 +30,12 @@ from distill_lr.factorize import balance_factors, svd_bases
 from distill_lr.fit import FactorSlots, FitState, split_holdout
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import LowRankLinear
+from distill_lr.report import LayerReport
 from distill_lr.schema import CompressConfig
+from distill_lr.stages.base import FinishedLayers
+from distill_lr.stages.e2e import EndToEnd, Trainable
 from distill_lr.stats import input_moments
-from distill_lr.train import TrainResult, layer_fit, layer_objective
+from distill_lr.train import TrainResult, factor_modules, layer_fit, layer_objective
 
 USED = 1e-3  # a new basis counts as used when its ‖b‖·‖a‖ is above this share of the largest kept σ
 
@@ -46,6 +54,14 @@ class BasisLinear(nn.Module):
         A_new = torch.randn(new_bases, Vh.shape[1], generator=generator, dtype=torch.float32) * rms
         self.A_new = nn.Parameter(A_new.to(Vh.device))
         self.B_new = nn.Parameter(torch.zeros(U.shape[0], new_bases, device=U.device))
+
+    @classmethod
+    def from_low_rank(cls, module: LowRankLinear, new_bases: int, generator: torch.Generator) -> BasisLinear:
+        """A factor pair's rank-one terms ``b_i a_iᵀ`` as unit bases ``u_i v_iᵀ`` with weights ``σ_i = ‖b_i‖‖a_i‖``: the
+        same product, plus ``new_bases`` new bases at zero."""
+        A, B = module.A.weight.detach().float(), module.B.weight.detach().float()
+        a, b = A.norm(dim=1), B.norm(dim=0)
+        return cls(B / b.clamp_min(1e-30), a * b, A / a.clamp_min(1e-30)[:, None], new_bases, module.B.bias, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.linear(x, self.Vh.to(x.dtype)) * (self.sigma * self.mask).to(x.dtype)
@@ -89,9 +105,30 @@ def fold(module: BasisLinear) -> tuple[Tensor, Tensor, dict[str, int]]:
     return *balance_factors(A, B), {"kept": len(kept), "new": module.B_new.shape[1], "new_used": used}
 
 
+def start_bases(rank: int, shape: torch.Size, factor: float) -> int:
+    """The bases a matrix of ``shape`` and budget ``rank`` starts from: ``basis.initial_factor`` times the budget, at most full rank."""
+    return min(min(shape), max(rank, math.ceil(rank * factor)))
+
+
+def prune_on_schedule(
+    modules: dict[str, BasisLinear], budgets: dict[str, tuple[int, int]], fraction: float, s: FitState, total: int
+) -> None:
+    """After step ``s.step`` of ``total``: prune each module to its scheduled bases (``budgets``: start, end). A prune
+    voids the best held-out state so far: only states at the final budgets may be kept."""
+    pruned = [m.prune_(bases_at(s.step, total, *budgets[n], fraction)) for n, m in modules.items()]
+    if any(pruned):
+        s.best, s.bad = {k: math.inf if k == "loss" else math.nan for k in s.best}, 0
+
+
+def prune_to_budget(modules: dict[str, BasisLinear], budgets: dict[str, tuple[int, int]]) -> bool:
+    """Prune every module to its final budget (a fit stopped before its schedule's end); whether any changed."""
+    return any([m.prune_(budgets[n][1]) for n, m in modules.items()])
+
+
 @dataclass(frozen=True)
 class SelectBases(LayerStep):
-    """Start every chosen linear from its SVD bases, relearn their weights and new bases, prune to the budget, fold."""
+    """Start every chosen linear from its SVD bases, relearn their weights and new bases, prune to the budget, fold.
+    With ``basis.regime=end_to_end`` the layer keeps all its starting bases untrained (the end-to-end stage selects)."""
 
     name: ClassVar[str] = "bases"
 
@@ -105,6 +142,7 @@ class SelectBases(LayerStep):
 
     def run(self, work: LayerWork) -> None:
         cfg, layer = work.cfg, work.layer
+        layerwise = cfg.basis.regime == "layerwise"
         names = list(work.ranks)
         moments = input_moments(layer, names, work.x_student, work.kwargs, cfg.batch_size) if cfg.basis.whiten else {}
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + work.index)
@@ -112,19 +150,19 @@ class SelectBases(LayerStep):
         dtype = layer.get_submodule(names[0]).weight.dtype if names else torch.float32
         for name in names:
             linear, rank = layer.get_submodule(name), work.ranks[name]
-            new = min(cfg.basis.new_bases, rank - 1)  # at least one original basis stays
-            k = min(min(linear.weight.shape), max(rank, math.ceil(rank * cfg.basis.initial_factor)))
+            new = min(cfg.basis.new_bases, rank - 1) if layerwise else 0  # at least one original basis stays
+            k = start_bases(rank, linear.weight.shape, cfg.basis.initial_factor)
             U, sigma, Vh = svd_bases(linear.weight, k, moments.get(name))
             modules[name] = BasisLinear(U, sigma, Vh, new, linear.bias, generator)
             budgets[name] = (k, rank - new)
             layer.set_submodule(name, modules[name])
-        result = train_bases(layer, modules, budgets, work, generator)
-        bases = {}
+        if layerwise:
+            work.report.train = train_bases(layer, modules, budgets, work, generator).summary()
+        work.report.bases = {}
         for name, module in modules.items():
-            A, B, bases[name] = fold(module)
+            A, B, work.report.bases[name] = fold(module)
             bias = None if module.bias is None else module.bias.to(dtype)
             layer.set_submodule(name, LowRankLinear.from_factors(A.to(dtype), B.to(dtype), bias))
-        work.report.train = {**result.summary(), "bases": bases}
 
 
 def train_bases(
@@ -139,23 +177,78 @@ def train_bases(
         p.requires_grad_(True)
     objective = layer_objective(layer, (work.x_teacher, work.x_student, work.y), work.kwargs, cfg)
     hold, train = split_holdout(len(work.y), cfg.holdout_fraction, generator)
-
-    def prune(s: FitState, steps: int) -> None:
-        pruned = [m.prune_(bases_at(s.step, steps, *budgets[n], work.cfg.basis.prune_fraction)) for n, m in modules.items()]
-        if any(pruned):  # only states at the final budgets may be kept as the best
-            s.best, s.bad = {"loss": math.inf, "cos": math.nan}, 0
-
+    prune = partial(prune_on_schedule, modules, budgets, work.cfg.basis.prune_fraction)
     scales = [scale for m in modules.values() for scale in m.lr_scales()]
     state = layer_fit(objective, factors, (hold, train), cfg, generator, factors.snapshot(), scales, prune)
     if math.isfinite(state.best["loss"]):
         factors.restore(state.best_factors)
-    late = [module.prune_(budgets[name][1]) for name, module in modules.items()]  # a stop before the schedule's end
-    if any(late) or not math.isfinite(state.best["loss"]):  # the held-out figures of what is kept, not of a state before
+    if prune_to_budget(modules, budgets) or not math.isfinite(state.best["loss"]):  # the held-out figures of what is kept
         state.best, state.best_step = objective.evaluate(hold), state.step
     layer.requires_grad_(False)
     return TrainResult.of(state)
 
 
+class RelearnedBases(Trainable):
+    """``basis.regime=end_to_end`` (the paper's setting): in the end-to-end stage, each factor pair the layer loop wrote
+    (a matrix's starting bases at their SVD weights) becomes fixed rank-one bases with trainable weights σ, plus new
+    bases; σ is pruned to each matrix's budget over ``basis.prune_fraction`` of the stage's steps, then folded."""
+
+    def __init__(self, cfg: CompressConfig) -> None:
+        super().__init__(cfg)
+        self.modules: dict[str, BasisLinear] = {}
+        self.budgets: dict[str, tuple[int, int]] = {}
+
+    def install(self, run: FinishedLayers) -> tuple[dict[str, nn.Module], list[float] | None]:
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        for i, layer in enumerate(run.layers):
+            for name, module in factor_modules(layer).items():
+                rank = run.ranks[f"{run.prefix}{i}.{name}"]
+                new = min(self.cfg.basis.new_bases, rank - 1)
+                basis = BasisLinear.from_low_rank(module, new, generator)
+                layer.set_submodule(name, basis)
+                self.modules[f"{i}.{name}"], self.budgets[f"{i}.{name}"] = basis, (basis.sigma.numel(), rank - new)
+        return dict(self.modules), [scale for m in self.modules.values() for scale in m.lr_scales()]
+
+    def on_step(self, state: FitState, total: int) -> None:
+        prune_on_schedule(self.modules, self.budgets, self.cfg.basis.prune_fraction, state, total)
+
+    def state(self) -> dict[str, Any]:
+        return {"masks": [m.mask.detach().cpu().clone() for m in self.modules.values()]}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        for module, mask in zip(self.modules.values(), saved["masks"], strict=True):
+            module.mask.copy_(mask)
+
+    def finish(self, run: FinishedLayers) -> tuple[dict[str, Any], bool]:
+        changed = prune_to_budget(self.modules, self.budgets)
+        bases = {}
+        for key, module in self.modules.items():
+            i, name = key.split(".", 1)
+            A, B, bases[key] = fold(module)
+            run.layers[int(i)].set_submodule(name, LowRankLinear.from_factors(A, B, module.bias))
+        return {"bases": bases}, changed
+
+    def layer_record(self, index: int, record: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+        mine = {key.split(".", 1)[1]: v for key, v in added["bases"].items() if key.split(".", 1)[0] == str(index)}
+        return {**record, "bases": mine}
+
+
+@dataclass(frozen=True)
+class BasisMethod(Method):
+    """A saved layer's factor pairs have the rank its report records (the starting bases, before an end-to-end stage
+    has selected them), not always the plan's."""
+
+    def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int], report: LayerReport) -> None:
+        super().prepare_resumed(layer, {n: b["kept"] + b["new"] for n, b in (report.bases or {}).items()}, report)
+
+
 def build(cfg: CompressConfig) -> Method:
     settings: dict[str, Any] = {"method": "basis_selection", "basis": dict(vars(cfg.basis))}
-    return Method("basis_selection", (SelectBases(),), settings)
+    if cfg.basis.regime == "layerwise":
+        return BasisMethod("basis_selection", (SelectBases(),), settings)
+    check(
+        cfg.e2e.enabled,
+        "basis.regime=end_to_end relearns and prunes the bases in the end-to-end stage: set e2e.enabled=true (e2e.loss=lm for "
+        "the target text's own loss), or basis.regime=layerwise",
+    )
+    return BasisMethod("basis_selection", (SelectBases(),), settings, stages=(EndToEnd(RelearnedBases),))

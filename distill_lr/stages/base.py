@@ -34,6 +34,7 @@ class FinishedLayers(Protocol):
     model: nn.Module  # the skeleton with embeddings, final norm and head materialised
     prefix: str  # of the decoder layers' names
     layers: nn.ModuleList  # on meta again, with their compressed modules
+    ranks: dict[str, int]  # full module name -> the rank plan's rank
     tokens: TokenSets
     cache: ActivationCache
     manifest: RunManifest

@@ -1,5 +1,6 @@
 """The end-to-end stage: after the layer-wise pass, every factor of the whole compressed model trains
-together to match the dense model's next-token distribution on the calibration set.
+together to match the dense model's next-token distribution on the calibration set (``e2e.loss=kl``), or
+to predict the calibration text's own next tokens (``lm``: a target domain's data, Basis Selection's setting).
 
 The teacher's logits come from the dense final hidden states the streamed pass already holds (the
 teacher stream after the last layer), through the model's own final norm and head, one micro-batch at
@@ -8,15 +9,18 @@ the best factors and stops early; a step whose loss is not finite or explodes ro
 Unlike the layer loop, this stage holds the whole compressed model, its gradients and AdamW's state:
 ``estimate`` says how much before anything runs, and the stage refuses when it does not fit.
 
-Resumable: at every held-out evaluation the factors, the best factors, the optimizer and the schedule
-go to ``E2E_STATE``; a run stopped in the stage resumes it from there (the layer loop only replays
-its saved layers). Once the best factors are written back into the layer files, the manifest records
-the stage's settings and the state file goes.
+What trains is a ``Trainable``: the factor modules by default, another form where a method says so
+(Basis Selection relearns σ of fixed bases here and prunes them). Resumable: at every held-out evaluation
+the parameters, the best ones, the optimizer and the schedule go to ``E2E_STATE``; a run stopped in the
+stage resumes it from there (the layer loop only replays its saved layers). Then the final factors go
+there (a stop while the layer files are rewritten resumes from them); once they are written back into
+the layer files, the manifest records the stage's settings and the state file goes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,6 +28,7 @@ from typing import Any, ClassVar
 
 import psutil
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,13 +39,15 @@ from distill_lr.checkpoint.reader import install_state_
 from distill_lr.errors import UserInputError
 from distill_lr.fit import FactorSlots, FitState, adamw, fit, schedule, split_holdout
 from distill_lr.layerwise import embed, head_logits, run_layer
+from distill_lr.modeling.lowrank import LowRankLinear
 from distill_lr.schema import CompressConfig, E2EConfig
 from distill_lr.stages.base import FinishedLayers, RunStage
 from distill_lr.train import factor_modules, training_autocast
 
 log = logging.getLogger("distill_lr")
 FIT_SHARE = 0.9  # of the free memory the estimate may take
-SAVED_KEYS = (*FitState.__dataclass_fields__, "finished", "factors", "optimizer", "scheduler")  # a state file of another version lacks some
+# a state file of another version lacks some
+SAVED_KEYS = (*FitState.__dataclass_fields__, "finished", "factors", "optimizer", "scheduler", "trainable")
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -106,11 +113,45 @@ def check_folder(manifest: RunManifest, cfg: CompressConfig) -> None:
         )
 
 
+class Trainable:
+    """What the end-to-end stage trains: by default every factor module as the layer-wise pass left it. A method whose
+    student has another form in this stage (Basis Selection's relearned σ) subclasses it and gives its class to
+    ``EndToEnd(trainable=...)``; whatever it trains, it leaves ordinary factor modules in the layers at the end."""
+
+    def __init__(self, cfg: CompressConfig) -> None:
+        self.cfg = cfg
+
+    def install(self, run: FinishedLayers) -> tuple[dict[str, nn.Module], list[float] | None]:
+        """The modules to train, installed in the layers, by ``<layer>.<name>``; one learning-rate scale per parameter
+        (None: each parameter's own RMS, ``fit.param_groups``)."""
+        return {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in factor_modules(layer).items()}, None
+
+    def on_step(self, state: FitState, total: int) -> None:
+        """After each optimizer step of ``total``."""
+
+    def state(self) -> dict[str, Any]:
+        """What a resumable state keeps besides the trained parameters."""
+        return {}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Restore what ``state`` returned."""
+
+    def finish(self, run: FinishedLayers) -> tuple[dict[str, Any], bool]:
+        """With the best parameters installed: leave factor modules in the layers. What the stage's report adds, and
+        whether the installed model differs from the best state evaluated (its held-out figures are then taken again)."""
+        return {}, False
+
+    def layer_record(self, index: int, record: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+        """Layer ``index``'s manifest record once its file is rewritten, given what ``finish`` added to the report."""
+        return record
+
+
 @dataclass(frozen=True)
 class EndToEnd(RunStage):
     """The stage as a ``RunStage``: the methods' registry adds it to every method when ``e2e.enabled``."""
 
     name: ClassVar[str] = "e2e"
+    trainable: type[Trainable] = Trainable
 
     def check(self, run: FinishedLayers) -> None:
         cfg, text = run.cfg, run.reader.config.get_text_config()
@@ -132,12 +173,13 @@ class EndToEnd(RunStage):
             return
         for i, layer in enumerate(run.layers):  # the whole model (its layers have their compressed modules), from the files
             install_state_(layer, load_file(run.out / layer_file(i)), f"{run.prefix}{i}.", run.device, run.dtype)
+        trainable = self.trainable(run.cfg)
         try:
-            run.report.e2e = train_end_to_end(run)
+            run.report.e2e, added = train_end_to_end(run, trainable)
             for i, layer in enumerate(run.layers):
                 state = compressed.layer_state(layer, f"{run.prefix}{i}.", run.save_dtype)
                 run.manifest.save_layer(i, layer_file(i), state)
-                run.manifest.mark_done(i, run.manifest.data["layers"][str(i)]["report"])
+                run.manifest.mark_done(i, trainable.layer_record(i, run.manifest.data["layers"][str(i)]["report"], added))
             run.manifest.record_stage(self.name, asdict(run.cfg.e2e), run.report.e2e)
             (run.out / E2E_STATE).unlink(missing_ok=True)
             restream_students(run)
@@ -146,11 +188,26 @@ class EndToEnd(RunStage):
                 layer.to("meta")
 
 
-def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
-    """AdamW on every factor, KL to the dense logits; the best held-out factors are left installed. Returns the stage's report."""
+def train_end_to_end(run: FinishedLayers, trainable: Trainable) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train what ``trainable`` installs on the loss ``e2e.loss`` names; the best held-out state is left installed as
+    factor modules. Returns the stage's report and what ``trainable.finish`` added to it."""
+    saved = _load_state(run)
+    if saved is not None and saved["finished"]:  # the final factors are saved: a stop while they were written resumes here
+        _install_final(run, saved["factors"])
+        state, added = FitState(**{k: saved[k] for k in FitState.__dataclass_fields__}), saved["added"]
+    else:
+        state, added = _fit(run, trainable, saved)
+    for layer in run.layers:
+        for module in factor_modules(layer).values():
+            module.to(run.dtype).requires_grad_(False)
+    return {**_report(state, run.cfg.e2e.loss), **added}, added
+
+
+def _fit(run: FinishedLayers, trainable: Trainable, saved: dict[str, Any] | None) -> tuple[FitState, dict[str, Any]]:
+    """AdamW from the layer-wise factors or an unfinished ``saved`` state; the final factors are saved before returning."""
     cfg = run.cfg.e2e
-    modules = {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in factor_modules(layer).items()}
     run.model.requires_grad_(False)
+    modules, scales = trainable.install(run)
     for module in modules.values():
         module.float().requires_grad_(True)
     factors = FactorSlots(modules)
@@ -161,32 +218,58 @@ def train_end_to_end(run: FinishedLayers) -> dict[str, Any]:
     objective = Objective(run.model, run.layers, run.tokens.calibration, run.streams[0].teacher, autocast, cfg)
     hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
     steps_per_epoch, total, _ = schedule(cfg, len(train))
-    optimizer = adamw(factors.params, cfg, total)
-    state, finished = _open_state(run, factors, objective, hold, optimizer)
-    if not finished:
-        start = time.perf_counter()
+    optimizer = adamw(factors.params, cfg, total, scales)
+    state = _open_state(run, factors, objective, hold, optimizer, trainable, saved)
+    start = time.perf_counter()
 
-        def order(epoch: int) -> torch.Tensor:  # a function of the epoch alone: a resumed run draws the same
-            return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))]
+    def order(epoch: int) -> torch.Tensor:  # a function of the epoch alone: a resumed run draws the same
+        return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))]
 
-        def on_eval(s: FitState) -> None:
-            _save_state(run, s, factors, optimizer, finished=False)
-            log.info("%s (%.0fs)", _line(s, (s.step - 1) // steps_per_epoch + 1, cfg.epochs), time.perf_counter() - start)
+    def on_eval(s: FitState) -> None:
+        _save_state(run, s, (factors.snapshot(), optimizer), trainable.state(), finished=False)
+        log.info("%s (%.0fs)", _line(s, (s.step - 1) // steps_per_epoch + 1, cfg.epochs, cfg.loss), time.perf_counter() - start)
 
-        fit(objective, factors, (train, hold, order), cfg, optimizer, state, on_eval, desc="e2e")
-        _save_state(run, state, factors, optimizer, finished=True)  # the best factors are final: a stop while they are written resumes here
-    factors.restore(state.best_factors)
-    for module in modules.values():
-        module.to(run.dtype).requires_grad_(False)
+    fit(objective, factors, (train, hold, order), cfg, optimizer, state, on_eval, desc="e2e", on_step=trainable.on_step)
+    if math.isfinite(state.best["loss"]):  # else no held-out evaluation counts (a method's schedule reset it): the end stays
+        factors.restore(state.best_factors)
+    added, changed = trainable.finish(run)
+    if changed or not math.isfinite(state.best["loss"]):  # the figures of what is installed
+        state.best, state.best_step = objective.evaluate(hold), state.step
     if cfg.gradient_checkpointing:
         run.model.gradient_checkpointing_disable()
     run.model.eval()
-    return _report(state)
+    state.best_factors = []
+    _save_state(run, state, (_final_factors(run), None), {"added": added}, finished=True)
+    return state, added
+
+
+def _final_factors(run: FinishedLayers) -> dict[str, torch.Tensor]:
+    """Every factor module's tensors, by ``<layer>.<name>.<tensor>``, on the host."""
+    return {
+        f"{i}.{k}": v.detach().cpu().clone()
+        for i, layer in enumerate(run.layers)
+        for n, m in factor_modules(layer).items()
+        for k, v in m.state_dict(prefix=f"{n}.").items()
+    }
+
+
+def _install_final(run: FinishedLayers, saved: dict[str, torch.Tensor]) -> None:
+    """Install ``_final_factors``' tensors; a low-rank linear whose saved rank differs (a layer file not yet rewritten
+    by a method that changes ranks in the stage) is rebuilt at the saved rank first."""
+    for i, layer in enumerate(run.layers):
+        for n, m in factor_modules(layer).items():
+            tensors = {k[len(f"{i}.{n}.") :]: v for k, v in saved.items() if k.startswith(f"{i}.{n}.")}
+            if isinstance(m, LowRankLinear) and tensors["A.weight"].shape != m.A.weight.shape:
+                bias = tensors.get("B.bias")
+                m = LowRankLinear.from_factors(tensors["A.weight"], tensors["B.weight"], bias).to(run.device)
+                layer.set_submodule(n, m)
+            m.load_state_dict(tensors)
 
 
 @dataclass
 class Objective:
-    """KL of the compressed model's next-token distribution to the dense one's, on calibration sequences."""
+    """On calibration sequences: KL of the compressed model's next-token distribution to the dense one's (``kl``), or
+    the compressed model's next-token cross-entropy of the text itself (``lm``: the target data's own loss)."""
 
     model: nn.Module
     layers: nn.ModuleList
@@ -194,19 +277,25 @@ class Objective:
     teacher_hidden: torch.Tensor  # the dense final hidden states (the teacher stream after the last layer)
     autocast: torch.autocast
     cfg: E2EConfig
-    name: str = "kl"
+
+    @property
+    def name(self) -> str:
+        return self.cfg.loss
 
     def loss(self, idx: torch.Tensor, backward: bool) -> float:
-        """Mean KL over the sequences ``idx`` (a step's batch, or the whole held-out slice), one micro-batch at a
+        """Mean loss over the sequences ``idx`` (a step's batch, or the whole held-out slice), one micro-batch at a
         time; with ``backward`` the gradients accumulate."""
         total, device = 0.0, self.input_ids.device
         for start in range(0, len(idx), self.cfg.micro_batch_size):
             part = idx[start : start + self.cfg.micro_batch_size]
             ids = self.input_ids[part].to(device)
-            teacher = head_logits(self.model, self.layers, self.teacher_hidden[part].to(device), ids)
             with torch.set_grad_enabled(backward), self.autocast:
                 student = self.model(input_ids=ids, use_cache=False).logits
-            value = kl_to_teacher(student, teacher) * len(part) / len(idx)
+            if self.cfg.loss == "lm":
+                value = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()) * len(part) / len(idx)
+            else:
+                teacher = head_logits(self.model, self.layers, self.teacher_hidden[part].to(device), ids)
+                value = kl_to_teacher(student, teacher) * len(part) / len(idx)
             if backward:
                 value.backward()
             total += float(value.detach())
@@ -217,40 +306,56 @@ class Objective:
 
 
 def _open_state(
-    run: FinishedLayers, factors: FactorSlots, objective: Objective, hold: torch.Tensor, optimizer: tuple[torch.optim.Optimizer, Any]
-) -> tuple[FitState, bool]:
-    """The saved state (factors, optimizer and schedule restored) when it belongs to these layers and settings, else a
-    fresh one from the layer-wise factors; and whether the saved fit had finished."""
-    saved = _load_state(run)
+    run: FinishedLayers,
+    factors: FactorSlots,
+    objective: Objective,
+    hold: torch.Tensor,
+    optimizer: tuple[torch.optim.Optimizer, Any],
+    trainable: Trainable,
+    saved: dict[str, Any] | None,
+) -> FitState:
+    """The saved unfinished state (parameters, optimizer, schedule and the trainable's own state restored), else a fresh
+    one from the layer-wise factors."""
     if saved is None:
-        return FitState.start(objective, hold, factors.snapshot()), False
+        return FitState.start(objective, hold, factors.snapshot())
     factors.restore(saved["factors"])
     optimizer[0].load_state_dict(saved["optimizer"])
     optimizer[1].load_state_dict(saved["scheduler"])
+    trainable.load(saved["trainable"])
     log.info("end-to-end stage: resumed at step %d from %s", saved["step"], run.out / E2E_STATE)
-    return FitState(**{k: saved[k] for k in FitState.__dataclass_fields__}), saved["finished"]
+    return FitState(**{k: saved[k] for k in FitState.__dataclass_fields__})
 
 
 def _save_state(
-    run: FinishedLayers, state: FitState, factors: FactorSlots, optimizer: tuple[torch.optim.Optimizer, Any], finished: bool
+    run: FinishedLayers,
+    state: FitState,
+    factors: tuple[Any, tuple[torch.optim.Optimizer, Any] | None],
+    extra: dict[str, Any],
+    finished: bool,
 ) -> None:
-    saved = {k: getattr(state, k) for k in FitState.__dataclass_fields__} | {"finished": finished, "factors": factors.snapshot()}
-    saved |= {"optimizer": optimizer[0].state_dict(), "scheduler": optimizer[1].state_dict()}
+    """``factors``: the trained parameters and the optimizer (unfinished), or the final factor tensors (finished)."""
+    params, optimizer = factors
+    saved = {k: getattr(state, k) for k in FitState.__dataclass_fields__} | {"finished": finished, "factors": params}
+    if optimizer is None:
+        saved |= {"optimizer": {}, "scheduler": {}, "trainable": {}, **extra}
+    else:
+        saved |= {"optimizer": optimizer[0].state_dict(), "scheduler": optimizer[1].state_dict(), "trainable": extra}
     saved |= {"settings": asdict(run.cfg.e2e), "layers": _layer_hashes(run)}
     with files.atomic_file(run.out / E2E_STATE) as tmp:
         torch.save(saved, tmp)
 
 
-def _line(state: FitState, epoch: int, epochs: int) -> str:
-    last = state.curve[-1] if state.curve else {"train_kl": float("nan"), "holdout_kl": float("nan")}
+def _line(state: FitState, epoch: int, epochs: int, loss: str) -> str:
+    last = state.curve[-1] if state.curve else {f"train_{loss}": float("nan"), f"holdout_{loss}": float("nan")}
     return (
-        f"e2e epoch {epoch}/{epochs} | step {state.step} | train KL {last['train_kl']:.4f} | held-out KL {last['holdout_kl']:.4f} "
-        f"(start {state.init_holdout['loss']:.4f}, best {state.best['loss']:.4f} at step {state.best_step})"
+        f"e2e epoch {epoch}/{epochs} | step {state.step} | train {loss} {last[f'train_{loss}']:.4f} | held-out {loss} "
+        f"{last[f'holdout_{loss}']:.4f} (start {state.init_holdout['loss']:.4f}, best {state.best['loss']:.4f} at step {state.best_step})"
     )
 
 
-def _report(state: FitState) -> dict[str, Any]:
+def _report(state: FitState, loss: str) -> dict[str, Any]:
     return {
+        "loss": loss,
         "init_holdout": state.init_holdout["loss"],
         "best_holdout": state.best["loss"],
         "steps": state.step,
