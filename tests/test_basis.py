@@ -19,8 +19,8 @@ from distill_lr.errors import UserInputError
 from distill_lr.factorize import from_linear, svd_bases
 from distill_lr.methods.basis_selection import BasisLinear, RelearnedBases, bases_at, fold, prune_mask_
 from distill_lr.modeling.lowrank import LowRankLinear
-from distill_lr.stages import e2e
 from distill_lr.moments import Moments
+from distill_lr.stages import e2e
 from distill_lr.testing import save_tiny
 
 BASES = {"method": "basis_selection", "train.epochs": "2", "plot": "false"}
