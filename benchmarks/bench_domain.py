@@ -8,8 +8,10 @@ for calibration), at each ratio of decoder-linear weights removed::
     python benchmarks/bench_domain.py --rows basis_selection@code distill@code --ratios 0.7
     python benchmarks/bench_domain.py --append --rows                   # redraw the table and plots from domain.json
 
-Rows are ``method@calibration``. Every run uses uniform ranks (Basis Selection's setting: the same budget for every
-matrix) so that the methods differ in nothing else; the runs of one calibration domain share one teacher pass.
+Rows are ``variant@calibration``: a method, or a method with other settings (``VARIANTS``: Basis Selection end to end
+on the language-modelling loss, distill with the loss-aware allocation). Every other run uses uniform ranks (Basis
+Selection's setting: the same budget for every matrix) so that the methods differ in nothing else; the runs of one
+calibration domain share one teacher pass.
 Writes ``domain.md``, ``domain.json`` and one plot per evaluation domain (``domain-code.png``, ``domain-wiki.png``).
 """
 
@@ -33,8 +35,17 @@ from distill_lr.data import build_token_sets, load_documents
 from distill_lr.driver import compress
 
 DOMAINS = {"code": BUILTIN_CODE, "wiki": BUILTIN_TEXT}
-METHODS = ("whiten", "distill", "basis_selection")
+VARIANTS = {  # what a row's name before the @ runs; the first three are the default rows
+    "whiten": ["method=whiten"],
+    "distill": ["method=distill"],
+    "basis_selection": ["method=basis_selection"],
+    # the paper's setting: σ relearned and pruned end to end on the calibration text's own next tokens
+    "basis_selection_e2e": ["method=basis_selection", "basis.regime=end_to_end", "e2e.enabled=true", "e2e.loss=lm", "e2e.epochs=2"],
+    "distill_loss_aware": ["method=distill", "ranks.allocation=loss-aware"],  # the default allocation instead of uniform ranks
+}
+METHODS = tuple(VARIANTS)
 ROWS = [f"{m}@{d}" for m in METHODS for d in DOMAINS]
+DEFAULT_ROWS = [f"{m}@{d}" for m in METHODS[:3] for d in DOMAINS]
 BASE = [
     "data.num_sequences=64",
     "data.seq_len=256",
@@ -70,7 +81,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
 def run_one(row: str, ratio: float, workdir: Path, windows: dict[str, torch.Tensor], extra: list[str]) -> dict:
     method, _, calibration = row.partition("@")
     out = workdir / f"{method}-{calibration}-{int(ratio * 100)}"
-    overrides = [*BASE, f"method={method}", f"data.source={DOMAINS[calibration]}", f"ranks.target={ratio}", *extra]
+    overrides = [*BASE, *VARIANTS[method], f"data.source={DOMAINS[calibration]}", f"ranks.target={ratio}", *extra]
     where = [f"output={out}", f"teacher_cache={workdir / f'teacher-{calibration}'}", "overwrite=true"]
     report = compress(load_config(None, [*overrides, *where]))
     model = load_compressed(out, dtype=torch.float32)
@@ -146,7 +157,8 @@ def plot(rows: list[dict], dense: dict[str, float], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8])
-    parser.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS, metavar="METHOD@DOMAIN", help="none with --append: redraw only")
+    rows_help = "variant@domain (default: the three methods' rows); none with --append: redraw"
+    parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=ROWS, metavar="ROW", help=rows_help)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where domain.md, domain.json and the plots go")
     parser.add_argument("--workdir", type=Path, help="keep the compressed folders here (default: a temporary folder)")

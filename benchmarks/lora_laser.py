@@ -8,11 +8,17 @@ The built-in SmolLM2-135M is fine-tuned with PEFT LoRA on the code domain (the c
 2. ``distill-lr laser sweep`` on the base and on the fine-tuned model, both scored on held-out code (files the
    fine-tune never saw): each intervention's change of the held-out loss, before against after.
 
+With ``--base int4`` the same is done QLoRA-style: the base is the built-in model with every decoder linear
+quantized to 4 bits by round to nearest (``distill-lr compress method=dense quant.bits=4 quant.method=rtn``, then
+``distill-lr export``: the integers dequantized, which is the weight QLoRA's forward multiplies by), LoRA trains over
+that frozen base, and LASER is swept on the int4 base and on the int4 base with the adapter merged.
+
 Writes ``lora_laser.md``, ``lora_laser.json`` and ``lora_laser.png`` (each intervention's loss change on the base
 against the fine-tuned model) to ``--out``::
 
     python benchmarks/lora_laser.py
     python benchmarks/lora_laser.py --steps 20 --layers 4 20 --types mlp_out --rhos 0.1
+    python benchmarks/lora_laser.py --base int4 --out runs/qlora_laser
 """
 
 from __future__ import annotations
@@ -35,14 +41,25 @@ from distill_lr.data import build_token_sets, load_documents
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def fine_tune(args: argparse.Namespace, tokenizer: AutoTokenizer, out: Path) -> tuple[torch.nn.Module, dict]:
-    """LoRA on the code calibration windows; the adapter saved to ``out/adapter``, the merged model to ``out/merged``."""
+def int4_base(out: Path) -> Path:
+    """The built-in model with its decoder linears quantized to int4 (round to nearest, groups of 128), dequantized into
+    a plain checkpoint that PEFT can wrap."""
+    quantized = out / "int4"
+    settings = ["method=dense", "quant.bits=4", "quant.method=rtn", "data.num_sequences=8", "data.eval_sequences=4", "plot=false"]
+    assert cli.main(["compress", *settings, f"output={quantized}", "overwrite=true"]) == 0
+    assert cli.main(["export", str(quantized), "--output", str(out / "int4-dense")]) == 0
+    return out / "int4-dense"
+
+
+def fine_tune(args: argparse.Namespace, base: Path, tokenizer: AutoTokenizer, out: Path) -> tuple[torch.nn.Module, dict]:
+    """LoRA on the code calibration windows over the frozen ``base``; the adapter saved to ``out/adapter``, the merged
+    model to ``out/merged``."""
     import peft
 
     windows = build_token_sets(
         load_documents(BUILTIN_CODE), tokenizer, num_sequences=args.sequences, seq_len=256, eval_sequences=0, eval_fraction=0.1, seed=0
     ).calibration
-    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0)
     model = peft.get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -130,22 +147,25 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["q", "mlp_in", "mlp_out"])
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--eval-sequences", type=int, default=32, help="held-out windows of 256 tokens per domain, and of the sweeps")
+    parser.add_argument("--base", choices=("bf16", "int4"), default="bf16", help="int4: QLoRA-style, over an int4 base")
     parser.add_argument("--out", type=Path, default=Path("runs/lora_laser"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
     windows = {domain: held_out(domain, tokenizer, args.eval_sequences) for domain in ("code", "wiki")}
-    base = AutoModelForCausalLM.from_pretrained(builtin_model_dir(), dtype=torch.float32).eval()
+    base_dir = int4_base(args.out) if args.base == "int4" else builtin_model_dir()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     dense = {domain: perplexity(base, w) for domain, w in windows.items()}
-    merged, tuned = fine_tune(args, tokenizer, args.out)
+    merged, tuned = fine_tune(args, base_dir, tokenizer, args.out)
     adapted = {domain: perplexity(merged, w) for domain, w in windows.items()}
-    assert cli.main(["spectra", "--compare", str(args.out / "adapter"), "--activations", "0", "--out", str(args.out / "spectra")]) == 0
+    compare = ["--compare", str(args.out / "adapter"), "--activations", "0", "--out", str(args.out / "spectra")]
+    assert cli.main(["spectra", "--model", str(base_dir), *compare]) == 0
     spectra = json.loads((args.out / "spectra" / "spectra.json").read_text())
     moved = [(name, m["compare"]) for layer in spectra["layers"] for name, m in layer.items() if "compare" in m]
-    before = changes(sweep(str(builtin_model_dir()), args, args.out / "laser-base"))
+    before = changes(sweep(str(base_dir), args, args.out / "laser-base"))
     after = changes(sweep(str(args.out / "merged"), args, args.out / "laser-lora"))
-    result = {"device": device_name(), "fine_tune": tuned, "perplexity": {"base": dense, "lora": adapted}, "laser": {}}
+    result = {"device": device_name(), "base": args.base, "fine_tune": tuned, "perplexity": {"base": dense, "lora": adapted}, "laser": {}}
     result["laser"] = {"base": {str(k): v for k, v in before.items()}, "lora": {str(k): v for k, v in after.items()}}
     save_results(result, args.out / "lora_laser.json")
     plot(before, after, args.out / "lora_laser.png")
@@ -154,6 +174,7 @@ def main() -> None:
         name: sum(m[key] for _, m in moved) / len(moved) for name, key in (("change", "weight_change"), ("rank", "effective_rank_change"))
     }
     lines = [
+        "Base: " + ("the built-in model, decoder linears int4 (RTN, g128), dequantized." if args.base == "int4" else "the built-in model."),
         f"LoRA r={args.rank} on {args.sequences} code windows, {args.steps} steps of {args.batch} "
         f"({tuned['seconds']:.0f} s, {device_name()}): training loss {tuned['first_loss']:.3f} → {tuned['last_loss']:.3f}.",
         f"Held-out perplexity, base → LoRA: code {dense['code']:.3f} → {adapted['code']:.3f}, "
