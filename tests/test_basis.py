@@ -100,12 +100,15 @@ def test_a_resumed_basis_selection_run_equals_an_unbroken_one(tmp_path: Path, ti
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
 
 
-def test_a_factor_pair_as_unit_bases_and_weights_is_the_same_product() -> None:
-    pair = LowRankLinear.from_factors(torch.randn(5, 24), torch.randn(16, 5), torch.randn(16))
-    basis = BasisLinear.from_low_rank(pair, 2, torch.Generator().manual_seed(0))
-    x = torch.randn(7, 24)
-    assert torch.allclose(basis(x), pair(x), atol=1e-5)
-    assert torch.allclose(basis.U.norm(dim=0), torch.ones(5)) and torch.allclose(basis.Vh.norm(dim=1), torch.ones(5))
+def test_unbalanced_folding_gives_the_same_bases_and_weights_back() -> None:
+    linear, x = linear_and_inputs(3)
+    stats = Moments.empty(24)
+    stats.update(x)
+    U, sigma, Vh = svd_bases(linear.weight, 6, stats)  # whitened: σ ranks the bases by their output, not by ‖row of A‖
+    module = BasisLinear(U, sigma, Vh, 0, linear.bias, torch.Generator().manual_seed(0))
+    A, B, _ = fold(module, balance=False)
+    back = BasisLinear.from_low_rank(LowRankLinear.from_factors(A, B, linear.bias), 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(back.sigma, sigma.float(), rtol=1e-5) and torch.allclose(back(x), module(x), rtol=1e-5, atol=1e-3)
 
 
 def test_end_to_end_selection_trains_the_lm_loss_and_keeps_the_budget(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:

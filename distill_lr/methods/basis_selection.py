@@ -57,11 +57,11 @@ class BasisLinear(nn.Module):
 
     @classmethod
     def from_low_rank(cls, module: LowRankLinear, new_bases: int, generator: torch.Generator) -> BasisLinear:
-        """A factor pair's rank-one terms ``b_i a_iᵀ`` as unit bases ``u_i v_iᵀ`` with weights ``σ_i = ‖b_i‖‖a_i‖``: the
-        same product, plus ``new_bases`` new bases at zero."""
+        """A factor pair that ``fold(balance=False)`` wrote, its rank-one terms ``b_i a_iᵀ`` as bases ``u_i a_iᵀ`` (``u_i``
+        unit) with weights ``σ_i = ‖b_i‖``: the same product and the same σ, plus ``new_bases`` new bases at zero."""
         A, B = module.A.weight.detach().float(), module.B.weight.detach().float()
-        a, b = A.norm(dim=1), B.norm(dim=0)
-        return cls(B / b.clamp_min(1e-30), a * b, A / a.clamp_min(1e-30)[:, None], new_bases, module.B.bias, generator)
+        b = B.norm(dim=0)
+        return cls(B / b.clamp_min(1e-30), b, A, new_bases, module.B.bias, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.linear(x, self.Vh.to(x.dtype)) * (self.sigma * self.mask).to(x.dtype)
@@ -95,14 +95,16 @@ def bases_at(step: int, total: int, start: int, end: int, fraction: float) -> in
     return max(end, round(start - (start - end) * done))
 
 
-def fold(module: BasisLinear) -> tuple[Tensor, Tensor, dict[str, int]]:
-    """The module as one balanced factor pair ``(A, B)`` of rank kept + new, and what it kept: σ folded into the bases."""
+def fold(module: BasisLinear, balance: bool = True) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """The module as one factor pair ``(A, B)`` of rank kept + new, and what it kept: σ folded into the bases. Balanced
+    (``balance_factors``) to be trained as factors; else ``B = U diag(σ)`` and ``A = Vh``, from which ``from_low_rank``
+    takes the same bases and weights back (a whitened basis's σ is its output's RMS, a unit row of A would not be)."""
     kept = module.mask.nonzero().squeeze(1)
     A = torch.cat([module.Vh[kept], module.A_new.detach()])
     B = torch.cat([module.U[:, kept] * module.sigma.detach()[kept], module.B_new.detach()], dim=1)
     largest = float(module.sigma.detach()[kept].abs().max()) if len(kept) else 1.0
     used = int(((module.B_new.norm(dim=0) * module.A_new.norm(dim=1)) > USED * largest).sum())
-    return *balance_factors(A, B), {"kept": len(kept), "new": module.B_new.shape[1], "new_used": used}
+    return *(balance_factors(A, B) if balance else (A, B)), {"kept": len(kept), "new": module.B_new.shape[1], "new_used": used}
 
 
 def start_bases(rank: int, shape: torch.Size, factor: float) -> int:
@@ -159,8 +161,8 @@ class SelectBases(LayerStep):
         if layerwise:
             work.report.train = train_bases(layer, modules, budgets, work, generator).summary()
         work.report.bases = {}
-        for name, module in modules.items():
-            A, B, work.report.bases[name] = fold(module)
+        for name, module in modules.items():  # end to end: unbalanced, so that the stage gets σ back
+            A, B, work.report.bases[name] = fold(module, balance=layerwise)
             bias = None if module.bias is None else module.bias.to(dtype)
             layer.set_submodule(name, LowRankLinear.from_factors(A.to(dtype), B.to(dtype), bias))
 
