@@ -10,12 +10,14 @@ import torch
 from transformers import AutoTokenizer
 
 from distill_lr import driver
+from distill_lr.checkpoint.layout import E2E_STATE
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, load_non_layer_
 from distill_lr.config import load_config
 from distill_lr.data import build_token_sets, load_documents
 from distill_lr.driver import compress
 from distill_lr.errors import UserInputError
 from distill_lr.report import RunReport
+from distill_lr.stages import e2e
 from distill_lr.testing import save_tiny, write_corpus
 
 # Tiny models: intra-op threads cost more than they save (the suite takes minutes with 2 threads on
@@ -110,6 +112,23 @@ def materialised_layer(folder: Path, index: int = 0):
 def folder_state(folder: Path) -> dict[str, bytes] | None:
     """Every file under ``folder`` with its bytes (None: no such folder): to check that a refused command changed nothing."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
+
+
+def stopped_in_stage(monkeypatch, model: Path, corpus: Path, output: Path, saves: int, **extra) -> None:
+    """A run killed (KeyboardInterrupt) right after the end-to-end stage saved its ``saves``-th resumable state."""
+    real, done = e2e._save_state, []
+
+    def stop(*args, **kwargs):
+        real(*args, **kwargs)
+        done.append(1)
+        if len(done) == saves:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e, "_save_state", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, corpus, output, **extra)
+    monkeypatch.setattr(e2e, "_save_state", real)
+    assert (output / E2E_STATE).is_file()
 
 
 def interrupted_then_resumed(monkeypatch, model: Path, corpus: Path, output: Path, at_layer: int = 2, **extra) -> RunReport:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, interrupted_then_resumed, layer_bytes, run, run_files
+from conftest import fails, interrupted_then_resumed, layer_bytes, run, run_files, stopped_in_stage
 from safetensors.torch import load_file
 
 from distill_lr.builtin import BUILTIN_CODE, builtin_python_documents
@@ -20,7 +20,6 @@ from distill_lr.factorize import from_linear, svd_bases
 from distill_lr.methods.basis_selection import BasisLinear, RelearnedBases, bases_at, fold, prune_mask_
 from distill_lr.modeling.lowrank import LowRankLinear
 from distill_lr.moments import Moments
-from distill_lr.stages import e2e
 from distill_lr.testing import save_tiny
 
 BASES = {"method": "basis_selection", "train.epochs": "2", "plot": "false"}
@@ -136,18 +135,7 @@ def test_end_to_end_selection_trains_the_lm_loss_and_keeps_the_budget(tmp_path: 
 
 def test_a_stop_in_end_to_end_selection_resumes_it_exactly(tmp_path: Path, tiny_llama: Path, corpus: Path, monkeypatch) -> None:
     run(tiny_llama, corpus, tmp_path / "whole", **END_TO_END)
-    real, saves = e2e._save_state, []
-
-    def stop_after_three(*args, **kwargs):  # after the pruning has begun: the masks must come back too
-        real(*args, **kwargs)
-        saves.append(1)
-        if len(saves) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(e2e, "_save_state", stop_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama, corpus, tmp_path / "resumed", **END_TO_END)
-    monkeypatch.setattr(e2e, "_save_state", real)
+    stopped_in_stage(monkeypatch, tiny_llama, corpus, tmp_path / "resumed", 3, **END_TO_END)  # pruning begun: masks saved too
     run(tiny_llama, corpus, tmp_path / "resumed", **END_TO_END)
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, folder_state, held_out_perplexity, layer_bytes, run, run_files
+from conftest import fails, folder_state, held_out_perplexity, layer_bytes, run, run_files, stopped_in_stage
 
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.layout import E2E_STATE
@@ -41,20 +41,7 @@ def test_the_stage_lowers_held_out_kl(tmp_path: Path, peaked: Path, corpus: Path
 
 def test_a_stop_in_the_stage_resumes_it_and_equals_an_unbroken_run(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:
     whole = run(peaked, corpus, tmp_path / "whole", **STAGE)
-    real = e2e._save_state
-    saves = []
-
-    def stop_after_two(*args, **kwargs):  # a kill right after the second saved state
-        real(*args, **kwargs)
-        saves.append(1)
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(e2e, "_save_state", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(peaked, corpus, tmp_path / "resumed", **STAGE)
-    monkeypatch.setattr(e2e, "_save_state", real)
-    assert (tmp_path / "resumed" / E2E_STATE).is_file()
+    stopped_in_stage(monkeypatch, peaked, corpus, tmp_path / "resumed", 2, **STAGE)
     resumed = run(peaked, corpus, tmp_path / "resumed", **STAGE)
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
     assert resumed.perplexity.compressed == pytest.approx(whole.perplexity.compressed, rel=1e-6)
