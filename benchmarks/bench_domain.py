@@ -41,6 +41,7 @@ VARIANTS = {  # what a row's name before the @ runs; the first three are the def
     "basis_selection": ["method=basis_selection"],
     # the paper's setting: σ relearned and pruned end to end on the calibration text's own next tokens
     "basis_selection_e2e": ["method=basis_selection", "basis.regime=end_to_end", "e2e.enabled=true", "e2e.loss=lm", "e2e.epochs=2"],
+    "distill_e2e": ["method=distill", "e2e.enabled=true", "e2e.loss=lm", "e2e.epochs=2"],  # the same stage after distill
     "distill_loss_aware": ["method=distill", "ranks.allocation=loss-aware"],  # the default allocation instead of uniform ranks
 }
 METHODS = tuple(VARIANTS)
