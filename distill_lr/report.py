@@ -57,6 +57,9 @@ class LayerReport:
                 f"loss {tr['init_loss']:.4f} -> {tr['final_loss']:.4f} (held-out {tr['best_holdout']:.4f}, cos {tr['holdout_cos']:.4f})"
             )
         parts.append(f"rel.err teacher-in {self.err_teacher_input:.4f} student-in {self.err_student_input:.4f}")
+        if self.bases:
+            kept, new, used = (sum(b[k] for b in self.bases.values()) for k in ("kept", "new", "new_used"))
+            parts.append(f"bases kept {kept}, new {used}/{new} used")
         q = QuantRecord.of(self.quant)
         if q is not None:
             error = f", output err {self.quant['mean_error']:.4f}" if "mean_error" in self.quant else ""
