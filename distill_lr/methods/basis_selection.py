@@ -107,9 +107,9 @@ def fold(module: BasisLinear, balance: bool = True) -> tuple[Tensor, Tensor, dic
     return *(balance_factors(A, B) if balance else (A, B)), {"kept": len(kept), "new": module.B_new.shape[1], "new_used": used}
 
 
-def start_bases(rank: int, shape: torch.Size, factor: float) -> int:
-    """The bases a matrix of ``shape`` and budget ``rank`` starts from: ``basis.initial_factor`` times the budget, at most full rank."""
-    return min(min(shape), max(rank, math.ceil(rank * factor)))
+def new_bases(rank: int, wanted: int) -> int:
+    """The new bases a matrix of budget ``rank`` gets of the ``wanted`` (``basis.new_bases``): at least one original basis stays."""
+    return min(wanted, rank - 1)
 
 
 def prune_on_schedule(
@@ -152,8 +152,8 @@ class SelectBases(LayerStep):
         dtype = layer.get_submodule(names[0]).weight.dtype if names else torch.float32
         for name in names:
             linear, rank = layer.get_submodule(name), work.ranks[name]
-            new = min(cfg.basis.new_bases, rank - 1) if layerwise else 0  # at least one original basis stays
-            k = start_bases(rank, linear.weight.shape, cfg.basis.initial_factor)
+            new = new_bases(rank, cfg.basis.new_bases) if layerwise else 0
+            k = min(min(linear.weight.shape), max(rank, math.ceil(rank * cfg.basis.initial_factor)))
             U, sigma, Vh = svd_bases(linear.weight, k, moments.get(name))
             modules[name] = BasisLinear(U, sigma, Vh, new, linear.bias, generator)
             budgets[name] = (k, rank - new)
@@ -205,7 +205,7 @@ class RelearnedBases(Trainable):
         for i, layer in enumerate(run.layers):
             for name, module in factor_modules(layer).items():
                 rank = run.ranks[f"{run.prefix}{i}.{name}"]
-                new = min(self.cfg.basis.new_bases, rank - 1)
+                new = new_bases(rank, self.cfg.basis.new_bases)
                 basis = BasisLinear.from_low_rank(module, new, generator)
                 layer.set_submodule(name, basis)
                 self.modules[f"{i}.{name}"], self.budgets[f"{i}.{name}"] = basis, (basis.sigma.numel(), rank - new)
