@@ -226,7 +226,7 @@ def _fit(run: FinishedLayers, trainable: Trainable, saved: dict[str, Any] | None
         return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch))]
 
     def on_eval(s: FitState) -> None:
-        _save_state(run, s, (factors.snapshot(), optimizer), trainable.state(), finished=False)
+        _save_state(run, s, factors.snapshot(), optimizer, trainable=trainable.state())
         log.info("%s (%.0fs)", _line(s, (s.step - 1) // steps_per_epoch + 1, cfg.epochs, cfg.loss), time.perf_counter() - start)
 
     fit(objective, factors, (train, hold, order), cfg, optimizer, state, on_eval, desc="e2e", on_step=trainable.on_step)
@@ -239,7 +239,7 @@ def _fit(run: FinishedLayers, trainable: Trainable, saved: dict[str, Any] | None
         run.model.gradient_checkpointing_disable()
     run.model.eval()
     state.best_factors = []
-    _save_state(run, state, (_final_factors(run), None), {"added": added}, finished=True)
+    _save_state(run, state, _final_factors(run), added=added)
     return state, added
 
 
@@ -329,18 +329,20 @@ def _open_state(
 def _save_state(
     run: FinishedLayers,
     state: FitState,
-    factors: tuple[Any, tuple[torch.optim.Optimizer, Any] | None],
-    extra: dict[str, Any],
-    finished: bool,
+    params: Any,
+    optimizer: tuple[torch.optim.Optimizer, Any] | None = None,
+    trainable: dict[str, Any] | None = None,
+    added: dict[str, Any] | None = None,
 ) -> None:
-    """``factors``: the trained parameters and the optimizer (unfinished), or the final factor tensors (finished)."""
-    params, optimizer = factors
-    saved = {k: getattr(state, k) for k in FitState.__dataclass_fields__} | {"finished": finished, "factors": params}
-    if optimizer is None:
-        saved |= {"optimizer": {}, "scheduler": {}, "trainable": {}, **extra}
-    else:
-        saved |= {"optimizer": optimizer[0].state_dict(), "scheduler": optimizer[1].state_dict(), "trainable": extra}
-    saved |= {"settings": asdict(run.cfg.e2e), "layers": _layer_hashes(run)}
+    """Unfinished: the trained parameters, the optimizer and the trainable's own state. Finished (``added`` given): the
+    final factor tensors and what the trainable added to the report."""
+    saved = {k: getattr(state, k) for k in FitState.__dataclass_fields__} | {"finished": added is not None, "factors": params}
+    saved |= (
+        {"optimizer": {}, "scheduler": {}}
+        if optimizer is None
+        else {"optimizer": optimizer[0].state_dict(), "scheduler": optimizer[1].state_dict()}
+    )
+    saved |= {"trainable": trainable or {}, "added": added or {}, "settings": asdict(run.cfg.e2e), "layers": _layer_hashes(run)}
     with files.atomic_file(run.out / E2E_STATE) as tmp:
         torch.save(saved, tmp)
 
