@@ -47,7 +47,7 @@ from distill_lr.train import factor_modules, training_autocast
 log = logging.getLogger("distill_lr")
 FIT_SHARE = 0.9  # of the free memory the estimate may take
 # a state file of another version lacks some
-SAVED_KEYS = (*FitState.__dataclass_fields__, "finished", "factors", "optimizer", "scheduler", "trainable")
+SAVED_KEYS = (*FitState.__dataclass_fields__, "finished", "factors", "optimizer", "scheduler", "trainable", "added")
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
