@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compress": "distill_lr.driver",
     "load_compressed": "distill_lr.checkpoint.compressed",
-    "export_dense": "distill_lr.checkpoint.compressed",
+    "export_dense": "distill_lr.checkpoint.export",
+    "export": "distill_lr.checkpoint.export",
     "load_config": "distill_lr.config",
     "CompressConfig": "distill_lr.schema",
     "UserInputError": "distill_lr.errors",

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_lr import plots
-from distill_lr.checkpoint import compressed, files
+from distill_lr.checkpoint import compressed, export, files
 from distill_lr.checkpoint.layout import layer_file
 from distill_lr.checkpoint.reader import LayerLoader, install_state_
 from distill_lr.errors import UserInputError
@@ -166,7 +166,7 @@ def finish(run: Run) -> RunReport:
         else:
             report.tasks.append({"task": s.task.task.name, "dense": dense, "compressed": student})
     if cfg.export_dense:
-        compressed.export_dense(out, dense_export_dir(out))
+        export.export_dense(out, dense_export_dir(out))
         report.dense_export = str(dense_export_dir(out))
     record = report.to_dict()
     files.write_json_atomic(record, out / "report.json")

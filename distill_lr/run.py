@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from distill_lr import moe
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.cache import ActivationCache, TeacherStore, plan_cache
-from distill_lr.checkpoint import compressed, files
+from distill_lr.checkpoint import compressed, export, files
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, load_non_layer_
 from distill_lr.data import TokenSets
@@ -83,7 +83,7 @@ def open_input(cfg: CompressConfig) -> Opened:
     if cfg.cache_dir:
         files.check_folder_path(Path(cfg.cache_dir).expanduser(), "cache_dir")
     if cfg.export_dense:  # written at the end: refused now rather than after the run
-        compressed.check_export_target(dense_export_dir(out), out)
+        export.check_export_target(dense_export_dir(out), out, "dense export folder")
     return Opened(device, method, reader, out)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import run, run_files
 
 from distill_lr import cli
-from distill_lr.checkpoint.compressed import export_dense
+from distill_lr.checkpoint.export import export_dense
 
 ROOT = Path(__file__).parents[1]
 

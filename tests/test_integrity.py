@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
 
 from distill_lr import cli
 from distill_lr.analysis.sweep import Model
-from distill_lr.checkpoint import compressed, files
+from distill_lr.checkpoint import compressed, export, files
 from distill_lr.checkpoint.layout import LOCK_NAME, MANIFEST_NAME, layer_file
 from distill_lr.checkpoint.reader import read_header
 from distill_lr.config import load_config
@@ -149,7 +149,7 @@ def test_a_damaged_quantized_file_is_refused_by_the_remote_code_and_the_export(t
     with pytest.raises(ValueError, match=rf"{layer_file(1)} has changed since it was written"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     with pytest.raises(UserInputError, match=rf"{layer_file(1)} has changed since it was written"):
-        compressed.export_dense(out, tmp_path / "dense")
+        export.export_dense(out, tmp_path / "dense")
     assert not (tmp_path / "dense").exists()
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, distill_lr_verify=False)  # the documented way around it
 
@@ -246,16 +246,16 @@ def test_overwrite_deletes_only_the_runs_own_files(tmp_path: Path, tiny_llama: P
 def test_export_dense_takes_str_and_replaces_only_an_earlier_export(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
     out = run(tiny_llama, corpus, tmp_path / "out").output
     dst = str(tmp_path / "dense")
-    compressed.export_dense(out, dst)
+    export.export_dense(out, dst)
     (Path(dst) / "notes.txt").write_text("mine")
-    compressed.export_dense(out, dst)  # over the earlier export: its files only
+    export.export_dense(out, dst)  # over the earlier export: its files only
     assert (Path(dst) / "notes.txt").read_text() == "mine" and (Path(dst) / "config.json").is_file()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.bin").write_bytes(b"x")
     with pytest.raises(UserInputError, match="holds no distill_lr export"):
-        compressed.export_dense(out, tmp_path / "other")
+        export.export_dense(out, tmp_path / "other")
     with pytest.raises(UserInputError, match="lies inside the compressed checkpoint"):
-        compressed.export_dense(out, Path(out) / "dense")
+        export.export_dense(out, Path(out) / "dense")
     assert (tmp_path / "other" / "data.bin").read_bytes() == b"x"
 
 
@@ -364,7 +364,7 @@ def test_sizes_are_written_in_the_unit_that_shows_them() -> None:
 KILLED = """
 import os, signal, sys
 from distill_lr import driver
-from distill_lr.checkpoint import compressed, files
+from distill_lr.checkpoint import compressed, export, files
 from distill_lr.checkpoint.layout import layer_file
 from distill_lr.config import load_config
 

@@ -25,7 +25,7 @@ from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import factorize_layer_, whiten_factors
 from distill_lr.layerwise import capture_inputs
-from distill_lr.modeling.lowrank import CorrectedLinear, QuantLinear, pack_codes, unpack_codes
+from distill_lr.modeling.lowrank import KERNEL_ROWS, CorrectedLinear, QuantLinear, pack_codes, unpack_codes
 from distill_lr.moments import Moments
 from distill_lr.stats import input_moments
 from distill_lr.testing import save_tiny
@@ -102,6 +102,57 @@ def test_quant_linear_computes_with_the_dequantized_weight_and_counts_its_bytes(
     x = torch.randn(5, 40)
     assert torch.allclose(module(x), x @ q.dequantized().T + b, atol=1e-5)
     assert compressed.linear_bytes(module, torch.bfloat16) == q.spec.bytes(24, 40, 2) + 24 * 2 + 16  # bias, qshape
+
+
+KERNEL_CASES = [  # (bits, out, in, group): shorter last groups, a group wider than the row, widths off the kernels' tiles
+    (4, 64, 576, 128),
+    (4, 48, 100, 32),
+    (4, 32, 96, 1000),
+    (4, 64, 300, 96),
+    (8, 64, 576, 128),
+    (8, 24, 4104, 128),
+    (8, 40, 256, 64),
+    (8, 16, 7, 4),
+]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("bits", "out_features", "in_features", "group"), KERNEL_CASES)
+def test_integer_kernels_compute_the_dequantized_weight(
+    bits: int, out_features: int, in_features: int, group: int, symmetric: bool
+) -> None:  # noqa: E501
+    """Stated tolerance: relative Frobenius error ≤ 1e-2 against float32 products of the same bfloat16 inputs (the
+    kernels multiply bfloat16 inputs by bfloat16 scales; bfloat16 keeps 8 significant bits, 0.4%)."""
+    q = quant.rtn(torch.randn(out_features, in_features), quant.QuantSpec(bits, group, symmetric))
+    bias = torch.randn(out_features)
+    module = q.module(bias, torch.bfloat16)
+    assert module.int_kernel() is not None
+    x = torch.randn(2, 3, in_features).bfloat16()
+    expected = x.float() @ q.dequantized().T + bias.bfloat16().float()
+    y = module(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, out_features)
+    assert (y.float() - expected).norm() <= 1e-2 * expected.norm()
+
+
+def test_the_int4_kernel_is_not_used_where_it_does_not_apply_and_the_kernels_follow_new_integers() -> None:
+    assert quant.rtn(torch.randn(40, 64), quant.QuantSpec(4, 32)).module(None, torch.bfloat16).int_kernel() is None  # rows % 16
+    assert quant.rtn(torch.randn(32, 100), quant.QuantSpec(4, 20)).module(None, torch.bfloat16).int_kernel() is None  # group 20
+    assert quant.rtn(torch.randn(32, 64), quant.QuantSpec(3, 32)).module(None, torch.bfloat16).int_kernel() is None  # 3 bits
+    first, second = (quant.rtn(torch.randn(32, 64), quant.QuantSpec(4, 32)).module(None, torch.bfloat16) for _ in range(2))
+    x = torch.randn(1, 64).bfloat16()
+    before = first(x)
+    first.load_state_dict(second.state_dict())
+    assert torch.equal(first(x), second(x)) and not torch.equal(first(x), before)
+
+
+def test_many_rows_and_float32_inputs_use_the_dequantized_weight() -> None:
+    q = quant.rtn(torch.randn(32, 64), quant.QuantSpec(4, 32))
+    module = q.module(None, torch.bfloat16)
+    x = torch.randn(KERNEL_ROWS + 1, 64).bfloat16()
+    assert torch.equal(module(x), torch.nn.functional.linear(x, module.dequantized(torch.bfloat16)))
+    module32 = q.module(None, torch.float32)
+    x32 = torch.randn(1, 64)
+    assert torch.equal(module32(x32), torch.nn.functional.linear(x32, module32.dequantized(torch.float32)))
 
 
 def test_a_full_rank_correction_reproduces_the_weight() -> None:

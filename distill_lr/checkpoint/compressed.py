@@ -5,7 +5,6 @@ The index and ``config.json`` are written last, so a folder that has them is com
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,18 +12,17 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from distill_lr.checkpoint.files import check_apart, check_folder_path, save_tensors_atomic, write_json_atomic
-from distill_lr.checkpoint.layout import CODE_FILES, EXPORT_MARKER, INDEX_NAME, OTHER_FILE, TOKENIZER_FILES, layer_file
+from distill_lr.checkpoint.files import save_tensors_atomic, write_json_atomic
+from distill_lr.checkpoint.layout import CODE_FILES, INDEX_NAME, OTHER_FILE, TOKENIZER_FILES, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, checkpoint_config
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
-from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, QuantLinear, QuantRecord, dequantize
+from distill_lr.modeling.lowrank import ExpertLinears, QuantLinear, QuantRecord
 from distill_lr.report import LayerReport
 
 
@@ -154,77 +152,3 @@ def load_compressed(
     model_class = hf_modeling.low_rank_class(hf_modeling.base_architecture(config))
     model = model_class.from_pretrained(folder, config=config, dtype=dtype)
     return model.to(device).eval()
-
-
-def export_dense(src: str | Path, dst: str | Path) -> None:
-    """Multiply the factors out (and dequantize the integers), file by file, into a checkpoint of the original architecture
-    (fused MoE experts included).
-
-    ``dst`` may be new, empty, or an earlier export (only the files that export wrote are replaced).
-    """
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    data = _compressed_config(src)
-    verify_files(src)  # a damaged file is named, not exported
-    info = data.pop(hf_modeling.CONFIG_KEY)
-    ranks = info["ranks"]
-    data["model_type"] = info.get("base_model_type", data["model_type"])
-    data.pop("auto_map", None)
-    check_export_target(dst, src)
-    _clear_export(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
-    quant = QuantRecord.of(info.get("quant"))
-    for name in files:
-        tensors = load_file(src / name)
-        if quant is not None:
-            _dequantize_(tensors, quant)
-        for module in [m for m in ranks if f"{m}.A.weight" in tensors]:
-            a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
-            tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
-            if f"{module}.B.bias" in tensors:
-                tensors[f"{module}.bias"] = tensors.pop(f"{module}.B.bias")
-        for experts in sorted({m.rpartition(".")[0] for m in ranks if f"{m}.A" in tensors}):  # a LowRankExperts
-            local = {k[len(experts) + 1 :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(experts + ".")]}
-            tensors.update({f"{experts}.{k}": v for k, v in LowRankExperts.fused_state(local).items()})
-        save_tensors_atomic(tensors, dst / name)
-    write_index(dst, files)
-    copy_side_files(src, dst, modeling=False)
-    write_json_atomic(data, dst / "config.json")
-    written = [*files, INDEX_NAME, "config.json", *(name for name in TOKENIZER_FILES if (dst / name).is_file())]
-    write_json_atomic({"exported_from": str(src), "files": written}, dst / EXPORT_MARKER)
-
-
-def _dequantize_(tensors: dict[str, torch.Tensor], quant: QuantRecord) -> None:
-    """Quantized linears of one file as float weights, then each corrected weight as ``base + B A`` (a dense export)."""
-    for module in [m for m in quant.modules if f"{m}.qweight" in tensors]:
-        out_features, in_features = tensors.pop(f"{module}.qshape").tolist()
-        scale, zero = tensors.pop(f"{module}.scale"), tensors.pop(f"{module}.zero", None)
-        weight = dequantize(tensors.pop(f"{module}.qweight"), scale, zero, quant.bits, quant.group_size, in_features)
-        tensors[f"{module}.weight"] = weight[:out_features].to(scale.dtype)
-    for module in [m for m in quant.corrections if f"{m}.base.weight" in tensors]:
-        a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
-        base = tensors.pop(f"{module}.base.weight")
-        tensors[f"{module}.weight"] = (base.float() + b.float() @ a.float()).to(base.dtype)
-        if f"{module}.base.bias" in tensors:
-            tensors[f"{module}.bias"] = tensors.pop(f"{module}.base.bias")
-
-
-def check_export_target(dst: Path, src: Path) -> None:
-    """Refuse a dense export folder that is a file, lies in or around ``src``, or holds anything but an earlier export."""
-    check_apart(dst, "dense export folder", {"the compressed checkpoint": src})
-    check_folder_path(dst, "dense export folder")
-    if dst.is_dir() and any(dst.iterdir()) and not (dst / EXPORT_MARKER).is_file():
-        found = ", ".join(sorted(p.name for p in dst.iterdir())[:5])
-        raise UserInputError(
-            f"dense export folder {dst} is not empty and holds no distill_lr export (it has {found}): choose a new or empty folder"
-        )
-
-
-def _clear_export(dst: Path) -> None:
-    """Delete an earlier export's files from ``dst`` (``check_export_target`` has passed)."""
-    marker = dst / EXPORT_MARKER
-    if not marker.is_file():
-        return
-    for name in json.loads(marker.read_text())["files"]:
-        (dst / name).unlink(missing_ok=True)
-    marker.unlink()

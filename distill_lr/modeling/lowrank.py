@@ -121,7 +121,9 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :n]
-    if 8 % bits == 0:  # 2 and 4 bits: each byte holds whole codes, lowest first
+    if bits == 4:  # two codes a byte, lowest first (one pass per nibble: faster than a broadcast shift)
+        return torch.stack((packed & 15, packed >> 4), -1).view(rows, -1)[:, :n]
+    if bits == 2:  # four codes a byte, lowest first
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :n]
     parts = packed.view(rows, -1, bits).int() << (torch.arange(bits, device=packed.device, dtype=torch.int32) * 8)
@@ -137,14 +139,89 @@ def group_columns(per_group: Tensor, group_size: int, n: int) -> Tensor:
     return per_group.repeat_interleave(min(group_size, n), dim=1)[:, :n]
 
 
-def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
-    """The float32 weight ``(out, in)`` of packed group-wise codes: ``(codes − zero) · scale``; no ``zero``: symmetric."""
+def dequantize(
+    qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, in_features: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The weight ``(out, in)`` of packed group-wise codes, ``(codes − zero) · scale`` in ``dtype``; no ``zero``: symmetric.
+
+    Codes minus zero are integers below 2⁸, exact in every float dtype, so computing in ``dtype`` rounds once, as
+    a float32 product cast to ``dtype`` would (for scales that ``dtype`` holds exactly: the saved ones).
+    """
     rows, groups = scale.shape
     group_size = min(group_size, in_features)  # one group per row: no padding out to a wider group
-    codes = unpack_codes(qweight, bits, in_features)
-    grouped = nn.functional.pad(codes, (0, groups * group_size - in_features)).view(rows, groups, group_size).float()
-    offset = float(1 << (bits - 1)) if zero is None else zero.float()[..., None]
-    return ((grouped - offset) * scale.float()[..., None]).view(rows, -1)[:, :in_features]
+    codes = unpack_codes(qweight, bits, in_features).to(dtype)
+    if groups * group_size != in_features:  # a shorter last group
+        codes = nn.functional.pad(codes, (0, groups * group_size - in_features))
+    offset = float(1 << (bits - 1)) if zero is None else zero.to(dtype)[..., None]
+    weight = (codes.view(rows, groups, group_size) - offset) * scale.to(dtype)[..., None]
+    return weight.view(rows, -1)[:, :in_features]
+
+
+# The integer kernels are matrix-vector kernels: their time grows with the rows, and from about this many rows
+# (int8; about 100 for int4) dequantising once for a dense matmul is faster (`bench_infer.py --rows`, docs/infer.md).
+KERNEL_ROWS = 32
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
+Kernel = Callable[[Tensor], Tensor]  # x (rows, in) -> x Ŵᵀ (rows, out)
+
+
+def int4_kernel(qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, in_features: int) -> Kernel | None:
+    """``torch._weight_int4pack_mm_for_cpu`` over these integers, or None where it does not apply.
+
+    The kernel computes ``x ((q − 8) s + z)ᵀ`` per group of 32–256 columns with a float offset ``z``, so our
+    integer zero ``zp`` becomes ``z = (8 − zp) s``. Its groups must tile ours, so it takes the largest size
+    that divides our group (any size when one group spans the row); columns are padded to a whole number of
+    its groups, with zero inputs there. The output rows must be a multiple of 16.
+    """
+    rows = qweight.shape[0]
+    group = min(group_size, in_features)
+    sizes = [k for k in INT4_KERNEL_GROUPS if group % k == 0 or group == in_features]
+    if rows % 16 or not sizes or qweight.device.type != "cpu":
+        return None
+    kgroup = min(sizes, key=lambda k: (-(-in_features // k) * k, -k))  # least padding, then the widest group
+    padded = -(-in_features // kgroup) * kgroup
+    codes = nn.functional.pad(unpack_codes(qweight, 4, in_features), (0, padded - in_features), value=8).int()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    ours = (torch.arange(0, padded, kgroup) // group).clamp(max=scale.shape[1] - 1)  # our group of each kernel group
+    s = scale.float()[:, ours]
+    offset = torch.zeros_like(s) if zero is None else (8 - zero.float()[:, ours]) * s
+    scales_and_zeros = torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    def matmul(x: Tensor) -> Tensor:
+        x = nn.functional.pad(x, (0, padded - in_features))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, kgroup, scales_and_zeros)
+
+    return matmul
+
+
+def int8_kernel(qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, in_features: int) -> Kernel | None:
+    """``torch._weight_int8pack_mm`` (int8 weights, one scale per output row) once per group of columns, or None off the CPU.
+
+    Codes are stored unsigned; the kernel's int8 weight is ``code − 128``, and an asymmetric zero adds
+    ``(128 − zp) s · Σ x`` over the group's columns. The kernel reads columns 16 at a time (on torch 2.13 it
+    returns wrong sums or crashes otherwise), so each group is padded with zero columns to a multiple of 16.
+    """
+    if qweight.device.type != "cpu":
+        return None
+    rows, group = qweight.shape[0], min(group_size, in_features)
+    weight = (unpack_codes(qweight, 8, in_features).to(torch.int16) - 128).to(torch.int8)
+    parts = []
+    for g, start in enumerate(range(0, in_features, group)):
+        cols = slice(start, min(start + group, in_features))
+        pad = -(cols.stop - cols.start) % 16
+        shift = None if zero is None else (128 - zero[:, g].float()) * scale[:, g].float()
+        w = nn.functional.pad(weight[:, cols], (0, pad))
+        parts.append((cols, pad, w, scale[:, g].to(torch.bfloat16).contiguous(), shift))
+
+    def matmul(x: Tensor) -> Tensor:
+        y = x.new_zeros(x.shape[0], rows, dtype=torch.float32)  # the groups' sums added in float32
+        for cols, pad, w, s, shift in parts:
+            xg = nn.functional.pad(x[:, cols], (0, pad))
+            y += torch.ops.aten._weight_int8pack_mm(xg, w, s)
+            if shift is not None:
+                y += xg.sum(-1, keepdim=True).float() * shift
+        return y.to(x.dtype)
+
+    return matmul
 
 
 @dataclass
@@ -174,9 +251,12 @@ class QuantLinear(nn.Module):
     Each row's columns fall in groups of ``group_size`` (the last one may be shorter) with one ``scale``
     (and, asymmetric, one integer ``zero``) per group; symmetric grids have the fixed zero ``2^(bits−1)``.
     The codes are packed (``pack_codes``), so an int4 weight takes half a byte per entry plus the scales.
-    The forward pass dequantises the whole weight to the input's dtype and runs one dense matmul: no
-    kernel is needed, and the dense copy lives only for that matmul. ``qshape`` (out, in) makes the saved
-    tensors self-describing (a dense export dequantises them file by file).
+    ``qshape`` (out, in) makes the saved tensors self-describing (a dense export dequantises them file by file).
+
+    The forward pass runs one of PyTorch's own integer kernels where it applies (``int_kernel``: bfloat16 input
+    on the CPU, at most ``KERNEL_ROWS`` rows, 4 or 8 bits); elsewhere it dequantises the whole weight to the
+    input's dtype for one dense matmul, and the dense copy lives only for that matmul. The kernels' layout
+    of the integers is built on first use and kept beside the saved form (rebuilt if the integers change).
     """
 
     def __init__(
@@ -217,10 +297,26 @@ class QuantLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight ``(out, in)`` the integers stand for, in ``dtype`` (default: the scales')."""
         zero = None if self.symmetric else self.zero
-        return dequantize(self.qweight, self.scale, zero, self.bits, self.group_size, self.in_features).to(dtype or self.scale.dtype)
+        return dequantize(self.qweight, self.scale, zero, self.bits, self.group_size, self.in_features, dtype or self.scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= KERNEL_ROWS * self.in_features:
+            kernel = self.int_kernel()
+            if kernel is not None:
+                y = kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias
         return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def int_kernel(self) -> Kernel | None:
+        """``x (rows, in) -> x Ŵᵀ`` through an integer kernel for this weight's grid, or None where none applies."""
+        tensors = [self.qweight, self.scale] + ([] if self.symmetric else [self.zero])
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if getattr(self, "_kernel_key", None) != key:
+            zero = None if self.symmetric else self.zero
+            build = {4: int4_kernel, 8: int8_kernel}.get(self.bits)
+            self._kernel = build and build(self.qweight, self.scale, zero, self.group_size, self.in_features)
+            self._kernel_key = key
+        return self._kernel
 
     def extra_repr(self) -> str:
         grid = "symmetric" if self.symmetric else "asymmetric"
