@@ -15,7 +15,7 @@ not trained: too few tokens describe neither its inputs nor its outputs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,9 +85,9 @@ def module_ranks(ranks: dict[str, int], experts: dict[str, nn.Module]) -> dict[s
     return out
 
 
-def unfuse_experts_(layer: nn.Module, ranks: dict[str, int]) -> dict[str, nn.Module]:
-    """Swap each fused experts module with a projection in ``ranks`` for a dense ``LowRankExperts`` computing the same."""
-    wanted = {name.rpartition(".")[0] for name in ranks}
+def unfuse_experts_(layer: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Swap each fused experts module with a projection in ``names`` for a dense ``LowRankExperts`` computing the same."""
+    wanted = {name.rpartition(".")[0] for name in names}
     return replace_experts_(layer, lambda _, experts: LowRankExperts.from_experts(experts), lambda name, _: name in wanted)
 
 
@@ -100,12 +100,13 @@ class Routing:
 
 
 @contextmanager
-def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> Iterator[Routing]:
+def record_routing(layer: nn.Module, names: list[str], device: torch.device, inputs: bool = False) -> Iterator[Routing]:
     """While active, count the tokens routed to each expert and collect the named projections' per-expert moments.
 
     A projection sees the tokens grouped per expert, zero-padded to a common length; the experts module's
     own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
-    outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``).
+    outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``),
+    unless ``inputs`` asks for input moments everywhere (GPTQ's Hessians).
     """
     modules = dict(layer.named_modules())
     routing = Routing()
@@ -114,7 +115,7 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device) -> 
         parent, _, projection = name.rpartition(".")
         twin = f"{parent}.{'up_proj' if projection == 'gate_proj' else 'gate_proj'}"
         module = modules[name]
-        outputs = records_outputs(module.out_features, module.in_features)
+        outputs = not inputs and records_outputs(module.out_features, module.in_features)
         if projection != "down_proj" and not outputs and twin in routing.stats:
             routing.stats[name] = routing.stats[twin]  # gate and up see the same tokens: one set of input moments
         else:

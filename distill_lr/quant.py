@@ -16,13 +16,15 @@ llm-compressor's static activation ordering does; the groups stay contiguous in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from distill_lr.modeling.lowrank import QuantLinear, group_columns, pack_codes
+from distill_lr.modeling.lowrank import QuantExpertLinears, QuantLinear, group_columns, pack_codes
 
 BITS = (2, 3, 4, 8)
+M = TypeVar("M", bound=QuantLinear)
 GPTQ_BLOCK = 128  # columns whose updates are applied together (the result does not depend on it)
 
 
@@ -61,17 +63,35 @@ class Quantized:
         g = self.spec.group_size
         return (self.codes.float() - group_columns(self.zero, g, n)) * group_columns(self.scale, g, n)
 
+    @classmethod
+    def stacked(cls, parts: list[Quantized]) -> Quantized:
+        """Weights quantized one by one (each on its own grid) as one, their rows stacked: the experts of a projection."""
+        return cls(*(torch.cat([getattr(q, f) for q in parts]) for f in ("codes", "scale", "zero")), parts[0].spec)
+
     def module(self, bias: Tensor | None, dtype: torch.dtype) -> QuantLinear:
         """A ``QuantLinear`` holding these integers, its scales and bias in ``dtype``."""
         out_features, in_features = self.codes.shape
         s = self.spec
         module = QuantLinear(in_features, out_features, s.bits, s.group_size, s.symmetric, bias is not None, self.codes.device, dtype)
-        module.qweight.copy_(pack_codes(self.codes, s.bits))
-        module.scale.copy_(self.scale)
-        if not s.symmetric:
-            module.zero.copy_(self.zero)
         if bias is not None:
             module.bias.data.copy_(bias)
+        return self.fill_(module)
+
+    def expert_module(self, num_experts: int, dtype: torch.dtype) -> QuantExpertLinears:
+        """A ``QuantExpertLinears`` holding these stacked integers (``stacked``) of ``num_experts`` experts, scales in ``dtype``."""
+        rows, in_features = self.codes.shape
+        s = self.spec
+        module = QuantExpertLinears(
+            num_experts, in_features, rows // num_experts, s.bits, s.group_size, s.symmetric, self.codes.device, dtype
+        )
+        return self.fill_(module)
+
+    def fill_(self, module: M) -> M:
+        """Copy the integers, scales and zeros into ``module`` (a ``QuantLinear`` of their shape)."""
+        module.qweight.copy_(pack_codes(self.codes, self.spec.bits))
+        module.scale.copy_(self.scale)
+        if not self.spec.symmetric:
+            module.zero.copy_(self.zero)
         return module
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 from distill_lr.checkpoint import compressed
 from distill_lr.checkpoint.export import ADAPTER_CONFIG, export
 from distill_lr.errors import UserInputError
+from distill_lr.testing import save_tiny
 
 Q4 = {"quant.bits": 4, "quant.group_size": 16, "save_dtype": "float32"}
 
@@ -75,6 +76,10 @@ def test_exports_refuse_what_their_format_cannot_hold(tmp_path: Path, tiny_llama
     factors = run(tiny_llama, corpus, tmp_path / "factors", method="whiten", **Q4).output
     refused(factors, "compressed-tensors", "is a quantized factor of a low-rank pair")
     refused(lowrank, "onnx", "unknown export format 'onnx'")
+    moe = run(save_tiny(tmp_path / "mixtral", "mixtral"), corpus, tmp_path / "moe", method="dense", **Q4).output
+    refused(moe, "compressed-tensors", "mlp.experts.down_proj is a quantized MoE expert projection")
+    moe_qlr = run(save_tiny(tmp_path / "mixtral", "mixtral"), corpus, tmp_path / "moe-qlr", method="qlr", **Q4).output
+    refused(moe_qlr, "lora", "mlp.experts.down_proj is a corrected MoE expert projection")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     refused(lowrank, "dense", "is not empty and holds no distill_lr export", tmp_path / "full")

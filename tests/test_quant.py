@@ -25,7 +25,15 @@ from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import factorize_layer_, whiten_factors
 from distill_lr.layerwise import capture_inputs
-from distill_lr.modeling.lowrank import KERNEL_ROWS, CorrectedLinear, QuantLinear, pack_codes, unpack_codes
+from distill_lr.modeling.lowrank import (
+    KERNEL_ROWS,
+    CorrectedExperts,
+    CorrectedLinear,
+    QuantExpertLinears,
+    QuantLinear,
+    pack_codes,
+    unpack_codes,
+)
 from distill_lr.moments import Moments
 from distill_lr.stats import input_moments
 from distill_lr.testing import save_tiny
@@ -309,12 +317,77 @@ def test_a_group_wider_than_every_row_is_one_group_per_row_with_a_warning(tmp_pa
     assert q.scale.shape == (64, 1) and q.dequantized().shape == (64, 64)
 
 
-def test_moe_experts_are_named_as_left_unquantized(tmp_path: Path, corpus: Path) -> None:
-    report = run(save_tiny(tmp_path / "mixtral", "mixtral"), corpus, tmp_path / "out", method="dense", **Q4)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_expert_projections_are_quantized_per_expert_and_load_everywhere(tmp_path: Path, corpus: Path, arch: str) -> None:
+    """Every expert's gate/up/down quantized on its own grid (GPTQ from its routed tokens): 4-bit expert bytes are at most
+    27% of bf16, the folder loads with our loader and with plain remote code, and the dense export computes the same."""
+    model = save_tiny(tmp_path / arch, arch)
+    settings = {**Q4, "quant.group_size": 64}  # 4 bits and a bf16 scale per 64 weights: 26.6% of bf16
+    report = run(model, corpus, tmp_path / "out", method="dense", save_dtype="bfloat16", export_dense=True, **settings)
     entry = report.layers[0].quant
-    assert entry["experts_not_quantized"] and all("experts" in n for n in entry["experts_not_quantized"])
-    assert not any("experts" in n for n in entry["modules"]) and any("self_attn" in n for n in entry["modules"])
-    compressed.load_compressed(report.output)
+    experts = [n for n in entry["modules"] if ".experts." in n]
+    assert sorted(n.rpartition(".")[2] for n in experts) == ["down_proj", "gate_proj", "up_proj"]
+    assert "experts_not_quantized" not in entry and len(entry["errors"]) > len(entry["modules"])  # one error per expert
+    ours = compressed.load_compressed(report.output, dtype=torch.float32)
+    projection = ours.get_submodule(f"model.layers.0.{experts[0]}")
+    assert isinstance(projection, QuantExpertLinears)
+    with safe_open(Path(report.output) / "model-layer-00000.safetensors", "pt") as fh:
+        stored = sum(fh.get_tensor(k).nbytes for k in fh.keys() if ".experts." in k and not k.endswith("qshape"))
+    original = AutoModelForCausalLM.from_pretrained(model)
+    dense_bf16 = sum(2 * p.numel() for n, p in original.named_parameters() if "layers.0.mlp.experts" in n)
+    spec = quant.QuantSpec(4, 64)
+    modules = [ours.get_submodule(f"model.layers.0.{n}") for n in experts]
+    assert stored == sum(m.num_experts * spec.bytes(m.expert_out_features, m.in_features, 2) for m in modules)
+    assert stored <= (0.27 if arch == "mixtral" else 0.28) * dense_bf16  # qwen3_moe's down reads 32 inputs: a scale per 32
+    remote = AutoModelForCausalLM.from_pretrained(report.output, trust_remote_code=True, dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(report.dense_export, dtype=torch.float32)
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        expected = ours(ids).logits
+        assert torch.allclose(remote(ids).logits, expected, atol=1e-5)
+        assert torch.allclose(dense(ids).logits, expected, atol=2e-3)  # its dequantized weights rounded once to bf16
+    assert held_out_perplexity(ours, model, corpus) == pytest.approx(report.perplexity.compressed, rel=1e-3)
+
+
+def test_qlr_corrects_every_expert_and_the_corrections_are_trained(tmp_path: Path, corpus: Path) -> None:
+    """qlr on a tiny Mixtral: every expert projection quantized with a correction per expert (whitened SVD of its
+    residual); the corrections beat the integers alone, training them beats both, and the folder loads and exports."""
+    model = save_tiny(tmp_path / "mixtral", "mixtral")
+    settings = {**Q4, "save_dtype": "float32", "quant.correction_rank": 4}
+    alone = run(model, corpus, tmp_path / "alone", method="dense", **settings)
+    corrected = run(model, corpus, tmp_path / "corrected", method="qlr", export_dense=True, **settings)
+    trained = run(model, corpus, tmp_path / "trained", method="qlr", **settings, **{"quant.correction_train": True})
+    entry = corrected.layers[0].quant
+    assert {n: r for n, r in entry["corrections"].items() if ".experts." in n} == {
+        f"mlp.experts.{p}": 4 for p in ("down_proj", "gate_proj", "up_proj")
+    }
+    assert "experts_not_quantized" not in entry
+    errors = [r.layers[-1].err_student_input for r in (alone, corrected, trained)]
+    assert errors[1] < errors[0] and errors[2] < errors[1]
+    ours = compressed.load_compressed(corrected.output)
+    assert isinstance(ours.get_submodule("model.layers.0.mlp.experts.up_proj"), CorrectedExperts)
+    dense = AutoModelForCausalLM.from_pretrained(corrected.dense_export)
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, ours(ids).logits, atol=1e-4)
+    assert held_out_perplexity(ours, model, corpus) == pytest.approx(corrected.perplexity.compressed, rel=1e-3)
+
+
+def test_starved_experts_are_rounded_and_named(tmp_path: Path, corpus: Path) -> None:
+    starving = {"ranks.min_expert_tokens": 10**6}
+    report = run(save_tiny(tmp_path / "mixtral", "mixtral"), corpus, tmp_path / "out", method="dense", **Q4, **starving)
+    rounded = report.layers[0].quant["rounded_experts"]
+    assert list(rounded.values()) == [[0, 1, 2, 3]]  # every expert of the tiny model: none received a million tokens
+
+
+@pytest.mark.parametrize("extra", [{"method": "dense"}, {"method": "qlr", "quant.correction_train": True}])
+def test_resumed_run_with_quantized_experts_equals_unbroken_run(tmp_path: Path, corpus: Path, monkeypatch, extra: dict) -> None:
+    model = save_tiny(tmp_path / "mixtral", "mixtral", num_hidden_layers=3)
+    unbroken = run(model, corpus, tmp_path / "unbroken", **Q4, **extra)
+    resumed = interrupted_then_resumed(monkeypatch, model, corpus, tmp_path / "resumed", **Q4, **extra)
+    assert [r.resumed for r in resumed.layers] == [True, True, False]
+    assert run_files(tmp_path / "unbroken") == run_files(tmp_path / "resumed")
+    assert resumed.perplexity == unbroken.perplexity
 
 
 def test_a_factors_hessians_are_its_inputs_moments(tiny_llama: Path) -> None:

@@ -104,6 +104,13 @@ def _compressed_tensors(src: Source, dst: Path) -> str:
                 f"{target} is a quantized factor of a low-rank pair: compressed-tensors has no low-rank layer to hold it; "
                 "export --format dense, or compress with method=dense or method=qlr for a compressed-tensors base"
             )
+    linears = _linears(src.config)
+    experts = [t for t in targets if t not in linears]  # not a linear of the base model: a fused experts' projection
+    if experts:
+        raise UserInputError(
+            f"{experts[0]} is a quantized MoE expert projection: its export to compressed-tensors' fused-experts layout "
+            "is not built; export --format dense"
+        )
     strategy = _ct_strategy(src, quant, targets)
     dense_linears = {m for m in ranks if m not in quant.corrections}  # float factor pairs, written as plain weights
 
@@ -116,7 +123,7 @@ def _compressed_tensors(src: Source, dst: Path) -> str:
         _multiply_out_(tensors, {m: ranks[m] for m in dense_linears})
         return tensors
 
-    src.config["quantization_config"] = _ct_config(src.config, quant, strategy, set(targets))
+    src.config["quantization_config"] = _ct_config(quant, strategy, sorted(linears - set(targets)))
     _write_model(src, dst, convert)
     note = "; export its corrections with --format lora to load on top of it" if quant.corrections else ""
     return f"compressed-tensors checkpoint of {src.folder} written to {dst} ({quant.bits}-bit, pack-quantized, {strategy}){note}"
@@ -127,6 +134,11 @@ def _lora(src: Source, dst: Path) -> str:
     if quant is None or not quant.corrections:
         raise UserInputError(
             f"{src.folder} has no low-rank corrections (method=qlr writes them): a LoRA adapter holds a quantized base's corrections"
+        )
+    experts = sorted(set(quant.corrections) - _linears(src.config))
+    if experts:
+        raise UserInputError(
+            f"{experts[0]} is a corrected MoE expert projection: LoRA adapters of fused experts are not built; export --format dense"
         )
     rank = max(quant.corrections.values())  # smaller corrections are padded with zero rows and columns: exact
     _clear_export(dst)
@@ -179,7 +191,8 @@ def _multiply_out_(tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> N
         tensors[f"{module}.weight"] = (b.float() @ a.float()).to(b.dtype)
         if f"{module}.B.bias" in tensors:
             tensors[f"{module}.bias"] = tensors.pop(f"{module}.B.bias")
-    for experts in sorted({m.rpartition(".")[0] for m in ranks if f"{m}.A" in tensors}):  # a LowRankExperts
+    lowrank_experts = {k.rsplit(".", 2)[0] for k, v in tensors.items() if v.ndim == 3 and k.endswith((".down_proj.weight", ".down_proj.A"))}
+    for experts in sorted(lowrank_experts):  # a LowRankExperts (factor pairs or dequantized integers) as the fused module
         local = {k[len(experts) + 1 :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(experts + ".")]}
         tensors.update({f"{experts}.{k}": v for k, v in LowRankExperts.fused_state(local).items()})
 
@@ -187,12 +200,13 @@ def _multiply_out_(tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> N
 def _dequantize_(tensors: dict[str, torch.Tensor], quant: QuantRecord) -> None:
     """Quantized linears of one file as float weights, then each corrected weight as ``base + B A`` (a dense export)."""
     for module in [m for m in quant.modules if f"{m}.qweight" in tensors]:
-        out_features, in_features = tensors.pop(f"{module}.qshape").tolist()
+        *rows, in_features = tensors.pop(f"{module}.qshape").tolist()  # (out, in), or (experts, out, in)
         scale, zero = tensors.pop(f"{module}.scale"), tensors.pop(f"{module}.zero", None)
         weight = dequantize(tensors.pop(f"{module}.qweight"), scale, zero, quant.bits, quant.group_size, in_features)
-        tensors[f"{module}.weight"] = weight[:out_features].to(scale.dtype)
+        tensors[f"{module}.weight"] = weight.reshape(*rows, in_features).to(scale.dtype)
     for module in [m for m in quant.corrections if f"{m}.base.weight" in tensors]:
-        a, b = tensors.pop(f"{module}.A.weight"), tensors.pop(f"{module}.B.weight")
+        factor = "weight" if f"{module}.A.weight" in tensors else ""  # a linear's A.weight, or an experts' A (E, r, in)
+        a, b = (tensors.pop(".".join(filter(None, (module, f, factor)))) for f in ("A", "B"))
         base = tensors.pop(f"{module}.base.weight")
         tensors[f"{module}.weight"] = (base.float() + b.float() @ a.float()).to(base.dtype)
         if f"{module}.base.bias" in tensors:
@@ -244,16 +258,19 @@ def _pack_ct(tensors: dict[str, torch.Tensor], module: str, target: str, quant: 
     return packed
 
 
-def _ct_config(data: dict[str, Any], quant: QuantRecord, strategy: str, quantized: set[str]) -> dict[str, Any]:
-    """compressed-tensors' ``QuantizationConfig`` for these integers: every ``Linear`` of the model but those listed in
-    ``ignore`` (the head and the linears left in float), found on a model built on the meta device."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+def _linears(config: dict[str, Any]) -> set[str]:
+    """The names of the base architecture's ``nn.Linear`` modules, from a model built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**{k: v for k, v in data.items() if k != "quantization_config"})
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _ct_config(quant: QuantRecord, strategy: str, ignore: list[str]) -> dict[str, Any]:
+    """compressed-tensors' ``QuantizationConfig`` for these integers: one scheme over every ``Linear`` but ``ignore``."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
     weights = QuantizationArgs(
         num_bits=quant.bits,
         type="int",

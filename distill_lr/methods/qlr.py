@@ -13,11 +13,20 @@ import torch
 from torch import nn
 
 from distill_lr.errors import check
-from distill_lr.factorize import balance_factors, break_even_rank, whiten_factors
+from distill_lr.factorize import balance_factors, break_even_rank, svd_factors, whiten_factors
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.methods.distill import Distill
-from distill_lr.methods.quantize import check_group_size, dense_linears, quantize_linear, record
-from distill_lr.modeling.lowrank import CorrectedLinear
+from distill_lr.methods.quantize import (
+    ExpertsDone,
+    check_group_size,
+    dense_experts,
+    dense_linears,
+    quantize_experts_,
+    quantize_linear,
+    record,
+)
+from distill_lr.modeling.lowrank import CorrectedExperts, CorrectedLinear, ExpertLinears, QuantExpertLinears
+from distill_lr.moments import Moments
 from distill_lr.ranks import rule_rank, rule_value
 from distill_lr.schema import CompressConfig, QuantConfig
 from distill_lr.stats import input_moments
@@ -66,7 +75,31 @@ class Correct(LayerStep):
                 corrections[name] = rank
             layer.set_submodule(name, module)
             errors.append(error)
-        record(work, [f"{n}.base" if n in corrections else n for n in names], errors, corrections)
+        experts = dense_experts(layer)
+        done = quantize_experts_(work, experts, moments=True) if experts else ExpertsDone()
+        for name, dense in done.dense.items():
+            rank = correction_rank(cfg.quant, f"layers.{work.index}.{name}", (dense.out_features, dense.in_features))
+            if rank is not None:
+                layer.set_submodule(name, corrected_experts(dense, layer.get_submodule(name), rank, done.moments[name]))
+                corrections[name] = rank
+        modules = [f"{n}.base" if n in corrections else n for n in [*names, *experts]]
+        record(work, modules, errors + done.errors, corrections, rounded_experts=done.rounded)
+
+
+def corrected_experts(dense: ExpertLinears, base: QuantExpertLinears, rank: int, moments: list[Moments | None] | None) -> CorrectedExperts:
+    """Each expert's quantization residual corrected by its output-optimal pair (whitened SVD over the tokens routed to it;
+    the plain SVD for an expert without moments)."""
+    residual = dense.weight.detach().float() - base.dequantized(torch.float32).view_as(dense.weight)
+    per_expert = moments or [None] * dense.num_experts
+    pairs = [
+        balance_factors(*(svd_factors(R, rank) if m is None else whiten_factors(R, rank, m)))
+        for R, m in zip(residual, per_expert, strict=True)
+    ]
+    module = CorrectedExperts(base, rank)
+    with torch.no_grad():
+        module.A.copy_(torch.stack([a for a, _ in pairs]))
+        module.B.copy_(torch.stack([b for _, b in pairs]))
+    return module
 
 
 def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -> int | None:

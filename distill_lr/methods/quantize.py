@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from distill_lr import quant
+from distill_lr import moe, quant
 from distill_lr.methods.base import LayerStep, LayerWork, Method
-from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
+from distill_lr.modeling.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankLinear, QuantExpertLinears, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
 from distill_lr.ranks import matches
 from distill_lr.schema import CompressConfig, QuantConfig
-from distill_lr.stats import input_moments
+from distill_lr.stats import expert_input_moments, input_moments
 
 log = logging.getLogger("distill_lr")
 
@@ -48,21 +48,97 @@ def factor_linears(layer: nn.Module) -> list[str]:
     return [f"{n}.{f}" for n, m in layer.named_modules() if isinstance(m, LowRankLinear) for f in ("A", "B")]
 
 
+def quantize_weight(
+    W: torch.Tensor, cfg: QuantConfig, moments: Moments | None, scale_dtype: torch.dtype
+) -> tuple[quant.Quantized, float | None]:
+    """``W`` by GPTQ from its inputs' moments (``quant.method=gptq`` and moments known) or by rounding; the relative
+    output error when the moments are known."""
+    W = W.detach().float()
+    H = None if moments is None else moments.second_moment().float().to(W.device)
+    if cfg.method == "gptq" and H is not None:
+        q = quant.gptq(W, H, spec(cfg), scale_dtype, cfg.damping, cfg.act_order)
+    else:
+        q = quant.rtn(W, spec(cfg), scale_dtype)
+    return q, None if H is None else quant.output_error(W, q.dequantized(), H)
+
+
 def quantize_linear(
     linear: nn.Linear, cfg: QuantConfig, moments: Moments | None, scale_dtype: torch.dtype
 ) -> tuple[QuantLinear, float | None]:
     """The linear as a ``QuantLinear`` (same device and dtype), and its relative output error when the moments are known."""
-    W = linear.weight.detach().float()
-    H = None if moments is None else moments.second_moment().float().to(W.device)
-    if cfg.method == "gptq":
-        if H is None:
-            raise ValueError("quant.method=gptq needs the second moment of the linear's inputs")
-        q = quant.gptq(W, H, spec(cfg), scale_dtype, cfg.damping, cfg.act_order)
-    else:
-        q = quant.rtn(W, spec(cfg), scale_dtype)
-    error = None if H is None else quant.output_error(W, q.dequantized(), H)
+    if cfg.method == "gptq" and moments is None:
+        raise ValueError("quant.method=gptq needs the second moment of the linear's inputs")
+    q, error = quantize_weight(linear.weight, cfg, moments, scale_dtype)
     bias = None if linear.bias is None else linear.bias.detach()
     return q.module(bias, linear.weight.dtype), error
+
+
+def dense_experts(layer: nn.Module) -> list[str]:
+    """Every dense expert projection of the layer, ``<experts>.<projection>``: of fused experts modules, and the
+    projections a ``LowRankExperts`` keeps dense (its factor pairs are not these)."""
+    names = [f"{n}.{p}" for n, m in layer.named_modules() if is_fused_experts(m) for p in EXPERT_PROJECTIONS]
+    return names + [n for n, m in layer.named_modules() if isinstance(m, ExpertLinears) and m.rank is None]
+
+
+def routed_moments(routing: moe.Routing | None, name: str, min_tokens: int) -> list[Moments | None] | None:
+    """Each expert's input moments of the projection, None for an expert that received fewer than ``min_tokens`` tokens."""
+    if routing is None:
+        return None
+    tokens = routing.tokens[name.rpartition(".")[0]]
+    return [m if int(n) >= min_tokens else None for m, n in zip(routing.stats[name], tokens, strict=True)]
+
+
+def quantize_projection(
+    dense: ExpertLinears, moments: list[Moments | None] | None, cfg: QuantConfig, scale_dtype: torch.dtype
+) -> tuple[QuantExpertLinears, list[float], list[int]]:
+    """A dense projection of every expert as integers, each expert on its own grid: by GPTQ where its moments are known,
+    else rounded. The module, the experts' output errors, and the experts rounded for want of moments under GPTQ."""
+    parts, errors, rounded = [], [], []
+    for e, W in enumerate(dense.weight):
+        q, error = quantize_weight(W, cfg, None if moments is None else moments[e], scale_dtype)
+        parts.append(q)
+        errors += [] if error is None else [error]
+        if moments is not None and moments[e] is None:
+            rounded.append(e)
+    return quant.Quantized.stacked(parts).expert_module(dense.num_experts, dense.weight.dtype), errors, rounded
+
+
+@dataclass
+class ExpertsDone:
+    """What ``quantize_experts_`` did: the output errors, the experts rounded for want of tokens (per experts module), and
+    per projection the dense module it replaced and its experts' moments (what a correction of the residual needs)."""
+
+    errors: list[float] = field(default_factory=list)
+    rounded: dict[str, list[int]] = field(default_factory=dict)
+    dense: dict[str, ExpertLinears] = field(default_factory=dict)
+    moments: dict[str, list[Moments | None] | None] = field(default_factory=dict)
+
+
+def quantize_experts_(work: LayerWork, names: list[str], moments: bool) -> ExpertsDone:
+    """Unfuse the layer's experts and swap the named dense expert projections for ``QuantExpertLinears``: each expert by
+    GPTQ from the moments of the tokens routed to it (recorded when ``moments``), or rounded when it received fewer than
+    ``ranks.min_expert_tokens`` (named in the log)."""
+    layer, cfg, done = work.layer, work.cfg, ExpertsDone()
+    moe.unfuse_experts_(layer, names)
+    routing = expert_input_moments(layer, names, work.x_student, work.kwargs, cfg.batch_size) if moments else None
+    for name in names:
+        dense = layer.get_submodule(name)
+        per_expert = routed_moments(routing, name, cfg.ranks.min_expert_tokens)
+        module, errors, starved = quantize_projection(dense, per_expert, cfg.quant, work.save_dtype)
+        layer.set_submodule(name, module)
+        done.errors += errors
+        done.dense[name], done.moments[name] = dense, per_expert
+        if starved:
+            done.rounded[name.rpartition(".")[0]] = starved
+    for path, experts in done.rounded.items():
+        log.warning(
+            "layer %d %s: experts %s received fewer than %d calibration tokens: rounded to nearest instead of GPTQ",
+            work.index,
+            path,
+            experts,
+            cfg.ranks.min_expert_tokens,
+        )
+    return done
 
 
 def quantize_named_(work: LayerWork, names: list[str], moments: dict[str, Moments]) -> list[float]:
@@ -76,17 +152,26 @@ def quantize_named_(work: LayerWork, names: list[str], moments: dict[str, Moment
     return errors
 
 
-def record(work: LayerWork, names: list[str], errors: list[float], corrections: dict[str, int] | None = None) -> None:
-    """Add to the layer report what was quantized (``modules``, ``corrections``) and its mean output error."""
+def record(
+    work: LayerWork,
+    names: list[str],
+    errors: list[float],
+    corrections: dict[str, int] | None = None,
+    rounded_experts: dict[str, list[int]] | None = None,
+) -> None:
+    """Add to the layer report what was quantized (``modules``, ``corrections``, experts rounded for want of tokens) and its
+    mean output error."""
     q = work.cfg.quant
     entry: dict[str, Any] = work.report.quant or {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric, "method": q.method}
     entry["modules"] = sorted([*entry.get("modules", []), *names])
-    experts = [n for n, m in work.layer.named_modules() if isinstance(m, ExpertLinears) or is_fused_experts(m)]
-    if experts and "experts_not_quantized" not in entry:  # not built: the expert projections keep the save dtype
-        log.warning("layer %d: %d MoE expert projection(s) stay unquantized (e.g. %s)", work.index, len(experts), experts[0])
+    experts = [n for n, m in work.layer.named_modules() if type(m) is ExpertLinears or is_fused_experts(m)]
+    if experts and "experts_not_quantized" not in entry:  # experts' factor pairs: not built
+        log.warning("layer %d: %d MoE expert module(s) stay unquantized (e.g. %s)", work.index, len(experts), experts[0])
         entry["experts_not_quantized"] = experts
     if corrections:
         entry["corrections"] = corrections
+    if rounded_experts:
+        entry["rounded_experts"] = rounded_experts
     if errors:
         entry.setdefault("errors", []).extend(errors)
         entry["mean_error"] = round(sum(entry["errors"]) / len(entry["errors"]), 6)
@@ -111,7 +196,10 @@ class Quantize(LayerStep):
         )
         needs = cfg.quant.method == "gptq"
         moments = input_moments(work.layer, names, work.x_student, work.kwargs, cfg.batch_size) if needs else {}
-        record(work, names, quantize_named_(work, names, moments))
+        errors = quantize_named_(work, names, moments)
+        experts = dense_experts(work.layer) if self.dense else []
+        done = quantize_experts_(work, experts, moments=needs) if experts else ExpertsDone()
+        record(work, names + experts, errors + done.errors, rounded_experts=done.rounded)
 
 
 def check_group_size(cfg: QuantConfig, layers: nn.ModuleList) -> None:

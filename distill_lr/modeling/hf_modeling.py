@@ -34,9 +34,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .lowrank import (
     EXPERT_PROJECTIONS,
+    CorrectedExperts,
     CorrectedLinear,
+    ExpertLinears,
     LowRankExperts,
     LowRankLinear,
+    QuantExpertLinears,
     QuantLinear,
     QuantRecord,
     is_fused_experts,
@@ -156,13 +159,23 @@ def apply_compressed_(model: nn.Module, ranks: dict[str, int], quant: dict[str, 
     record = QuantRecord.of(quant)
     if record is None:
         return
+    parents = {name.removesuffix(".base").rpartition(".")[0] for name in [*record.modules, *record.corrections]}
+    replace_experts_(model, lambda _, m: LowRankExperts.like(m), lambda name, _: name in parents)  # fused: dense projections
+    grid = (record.bits, record.group_size, record.symmetric)
     for name, rank in record.corrections.items():
-        model.set_submodule(name, CorrectedLinear(model.get_submodule(name), rank))
+        module = model.get_submodule(name)
+        corrected = CorrectedExperts(QuantExpertLinears.like(module, *grid), rank) if isinstance(module, ExpertLinears) else None
+        model.set_submodule(name, corrected or CorrectedLinear(module, rank))
     for name in record.modules:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
+        module = model.get_submodule(name)
+        if isinstance(module, QuantExpertLinears):  # a corrected experts projection's base, installed above
+            continue
+        if isinstance(module, ExpertLinears) and module.rank is None:
+            model.set_submodule(name, QuantExpertLinears.like(module, *grid))
+        elif isinstance(module, nn.Linear):
+            model.set_submodule(name, QuantLinear.like(module, *grid))
+        else:
             raise ValueError(f"compressed checkpoint quantizes {name}, which is not a linear of the model")
-        model.set_submodule(name, QuantLinear.like(linear, record.bits, record.group_size, record.symmetric))
 
 
 def low_rank_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:

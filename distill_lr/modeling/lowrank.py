@@ -323,6 +323,43 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, {grid}"
 
 
+class QuantExpertLinears(QuantLinear):
+    """One projection of every expert as group-wise integers: ``(E, tokens, in) -> (E, tokens, out)``, a quantized
+    stand-in for a dense ``ExpertLinears``. The experts' rows are stacked (``qweight (E·out, ·)``, ``scale (E·out,
+    groups)``), each expert on its own grid; ``qshape`` is ``(E, out, in)``. The forward pass dequantises all experts
+    for one batched matmul (no integer kernel: the tokens come grouped per expert)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, num_experts * out_features, bits, group_size, symmetric, False, device, dtype)
+        self.num_experts, self.expert_out_features = num_experts, out_features
+        self.qshape = torch.tensor([num_experts, out_features, in_features], device=device)
+
+    @classmethod
+    def like(cls, experts: ExpertLinears, bits: int, group_size: int, symmetric: bool) -> QuantExpertLinears:  # type: ignore[override]
+        """Empty, shaped after a dense ``ExpertLinears`` and on its device and dtype."""
+        w = experts.weight
+        return cls(experts.num_experts, experts.in_features, experts.out_features, bits, group_size, symmetric, w.device, w.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.dequantized(x.dtype).view(self.num_experts, self.expert_out_features, self.in_features)
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, " + super().extra_repr().replace(
+            f"out_features={self.out_features}", f"out_features={self.expert_out_features}"
+        )
+
+
 class CorrectedLinear(LowRankLinear):
     """``y = base(x) + B(A x)``: a quantized weight plus a low-rank correction of its error (LQER, CALDERA).
 
@@ -431,6 +468,22 @@ class ExpertLinears(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class CorrectedExperts(ExpertLinears):
+    """``y = base(x) + B(A x)`` for every expert: quantized expert weights plus a low-rank correction of each one's error.
+
+    The factors are a low-rank ``ExpertLinears``'s (``A (E, rank, in)``, ``B (E, out, rank)``: the layer-wise training
+    finds and trains them); ``base`` is the ``QuantExpertLinears``.
+    """
+
+    def __init__(self, base: QuantExpertLinears, rank: int) -> None:
+        out_features = base.expert_out_features
+        super().__init__(base.num_experts, base.in_features, out_features, rank, device=base.scale.device, dtype=base.scale.dtype)
+        self.base = base
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + super().forward(x)
 
 
 class LowRankExperts(nn.Module):
