@@ -34,11 +34,12 @@ from distill_lr.builtin import resolve_model_dir
 DENSE = "dense"
 
 
-def load(folder: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+def load(folder: str, dtype: torch.dtype, device: str, dense_above: float | None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir("builtin:SmolLM2-135M-Instruct") if folder == DENSE else Path(folder)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    options = {"distill_lr_dense_above": dense_above} if dense_above is not None and folder != DENSE else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **options)
     return model.to(device).eval()
 
 
@@ -72,7 +73,7 @@ def measure_one(args: argparse.Namespace) -> None:
     """One (folder, threads, dtype) cell, in this process; prints its JSON line."""
     torch.set_num_threads(args.threads[0])
     dtype = getattr(torch, args.dtype[0])
-    model = load(args.folders[0], dtype, args.device)
+    model = load(args.folders[0], dtype, args.device, args.dense_above)
     row = measure(model, args.prompt, args.new_tokens, args.repeats, args.device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device.startswith("cuda"):
@@ -83,6 +84,7 @@ def measure_one(args: argparse.Namespace) -> None:
 def cell(folder: str, threads: int, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, folder, "--one", "--threads", str(threads), "--dtype", dtype, "--device", args.device]
     command += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    command += [] if args.dense_above is None else ["--dense-above", str(args.dense_above)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"measuring {folder} failed:\n{done.stderr[-3000:]}")
@@ -98,7 +100,8 @@ def run_grid(args: argparse.Namespace) -> None:
             for folder in folders:
                 r = cell(folder, threads, dtype, args)
                 base = base or r
-                name = DENSE if folder == DENSE else Path(folder).name
+                suffix = "" if args.dense_above is None else f" (dense ≥ {args.dense_above})"
+                name = DENSE if folder == DENSE else Path(folder).name + suffix
                 row = {
                     "name": name,
                     "threads": threads,
@@ -109,7 +112,8 @@ def run_grid(args: argparse.Namespace) -> None:
                     "decode_ratio": round(r["decode_s"] / base["decode_s"], 3),
                     "peak_mib": round(r["peak_bytes"] / 2**20),
                     "device": r["device"],
-                    "command": " ".join(["python benchmarks/bench_infer.py", folder, "--threads", str(threads), "--dtype", dtype]),
+                    "command": " ".join(["python benchmarks/bench_infer.py", folder, "--threads", str(threads), "--dtype", dtype])
+                    + ("" if args.dense_above is None else f" --dense-above {args.dense_above}"),
                 }
                 rows.append(row)
                 keys = ("prefill_ms", "prefill_ratio", "decode_ms", "decode_ratio", "peak_mib")
@@ -225,6 +229,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write <out>.json, .md and .png (e.g. docs/infer)")
     parser.add_argument("--rows", action="store_true", help="time the integer kernels against dequantize-and-matmul by rows")
+    parser.add_argument("--dense-above", type=float, help="load with distill_lr_dense_above: pairs keeping this share run dense")
     parser.add_argument("--forms", metavar="RUN", help="time one layer's factor pairs as B(A x) and as their dense product")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one cell, in a fresh process
     args = parser.parse_args()

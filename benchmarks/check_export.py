@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill_lr.checkpoint.compressed import load_compressed
-from distill_lr.checkpoint.export import export
+from distill_lr.checkpoint.export import decompress_for_peft, export
 
 
 def main() -> None:
@@ -30,13 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     has_corrections = bool(json.loads((args.run / "config.json").read_text())["distill_lr"].get("quant", {}).get("corrections"))
     print(export(args.run, args.workdir / "ct", "compressed-tensors"))
-    # PEFT wraps linears that have a weight: the base is dequantized as it loads (transformers' dequantize=True)
-    options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if has_corrections else {}
-    theirs = AutoModelForCausalLM.from_pretrained(args.workdir / "ct", dtype=torch.float32, **options).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(args.workdir / "ct", dtype=torch.float32).eval()
     if has_corrections:
         from peft import PeftModel
 
         print(export(args.run, args.workdir / "lora", "lora"))
+        decompress_for_peft(theirs)
         theirs = PeftModel.from_pretrained(theirs, args.workdir / "lora").eval()
     ours = load_compressed(args.run, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.workdir / "ct")

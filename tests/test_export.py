@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+from transformers import AutoModelForCausalLM
 
 from distill_lr.checkpoint import compressed
-from distill_lr.checkpoint.export import ADAPTER_CONFIG, export
+from distill_lr.checkpoint.export import ADAPTER_CONFIG, decompress_for_peft, export
 from distill_lr.errors import UserInputError
 from distill_lr.testing import save_tiny
 
@@ -42,18 +42,24 @@ def test_compressed_tensors_export_loads_without_remote_code_and_computes_our_lo
     assert torch.allclose(logits(theirs), logits(compressed.load_compressed(report.output)), atol=1e-4)
 
 
-def test_lora_adapter_over_the_compressed_tensors_base_computes_the_qlr_model(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+@pytest.mark.parametrize("save_dtype", ["float32", "bfloat16"])
+def test_lora_adapter_over_the_compressed_tensors_base_computes_the_qlr_model(
+    tmp_path: Path, tiny_llama: Path, corpus: Path, save_dtype: str
+) -> None:
+    """Both sides computed in float32, from float32 or bfloat16 files."""
     rules = '{"**.q_proj": 2}'  # ranks differ: the adapter pads the smaller corrections to the largest, exactly
-    report = run(tiny_llama, corpus, tmp_path / "out", method="qlr", **Q4, **{"quant.correction_rank": 4, "quant.correction_rules": rules})
+    settings = {**Q4, "save_dtype": save_dtype, "quant.correction_rank": 4, "quant.correction_rules": rules}
+    report = run(tiny_llama, corpus, tmp_path / "out", method="qlr", **settings)
     export(report.output, tmp_path / "ct", "compressed-tensors")
     export(report.output, tmp_path / "lora", "lora")
     adapter = json.loads((tmp_path / "lora" / ADAPTER_CONFIG).read_text())
     corrections = json.loads((Path(report.output) / "config.json").read_text())["distill_lr"]["quant"]["corrections"]
     assert adapter["r"] == adapter["lora_alpha"] == 4 and sorted(adapter["target_modules"]) == sorted(corrections)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    decompress_for_peft(base)
     without = logits(base)
     corrected = PeftModel.from_pretrained(base, tmp_path / "lora").eval()
-    ours = logits(compressed.load_compressed(report.output))
+    ours = logits(compressed.load_compressed(report.output, dtype=torch.float32))
     assert torch.allclose(logits(corrected), ours, atol=1e-3)
     assert not torch.allclose(without, ours, atol=1e-3)  # the corrections matter
 

@@ -19,6 +19,7 @@ from distill_lr.checkpoint import compressed, files, reader
 from distill_lr.checkpoint.layout import MANIFEST_NAME, layer_file
 from distill_lr.factorize import factorize_layer_
 from distill_lr.layerwise import capture_inputs, run_layer
+from distill_lr.modeling.lowrank import LowRankLinear
 from distill_lr.moments import Moments
 from distill_lr.stats import collect_stats
 from distill_lr.testing import save_tiny
@@ -88,6 +89,25 @@ def test_dense_export_matches_low_rank_model(tmp_path: Path, tiny_llama: Path, c
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, low(ids).logits, atol=1e-4)
     assert "distill_lr" not in json.loads((Path(report.dense_export) / "config.json").read_text())
+
+
+def test_pairs_near_break_even_multiplied_out_at_load_compute_the_same(tmp_path: Path, tiny_llama: Path, corpus: Path) -> None:
+    """``dense_above`` (and the remote code's ``distill_lr_dense_above``) turns the pairs keeping at least that share of their
+    weight into their dense product: only those, and the model computes the same."""
+    report = run(tiny_llama, corpus, tmp_path / "out", save_dtype="float32", method="whiten", **{"ranks.target": 0.3})
+    low = compressed.load_compressed(report.output)
+    pairs = {n: m for n, m in low.named_modules() if isinstance(m, LowRankLinear)}
+    kept = {n: m.rank * (m.in_features + m.out_features) / (m.in_features * m.out_features) for n, m in pairs.items()}
+    above = sorted(kept.values())[len(kept) // 2]  # half of them, or so
+    mixed = compressed.load_compressed(report.output, dense_above=above)
+    remote = AutoModelForCausalLM.from_pretrained(report.output, trust_remote_code=True, distill_lr_dense_above=above)
+    for model in (mixed, remote):
+        left = {n for n, m in model.named_modules() if type(m).__name__ == "LowRankLinear"}  # the remote code's own class
+        assert left == {n for n, k in kept.items() if k < above} and len(left) < len(pairs)
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(mixed(ids).logits, low(ids).logits, atol=1e-4)
+        assert torch.allclose(remote(ids).logits, low(ids).logits, atol=1e-4)
 
 
 def test_sharded_and_single_file_inputs_give_identical_files(tmp_path: Path, corpus: Path) -> None:

@@ -22,7 +22,7 @@ from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, checkpoint_config
 from distill_lr.errors import UserInputError
 from distill_lr.modeling import hf_modeling
-from distill_lr.modeling.lowrank import ExpertLinears, QuantLinear, QuantRecord
+from distill_lr.modeling.lowrank import ExpertLinears, QuantLinear, QuantRecord, multiply_out_
 from distill_lr.report import LayerReport
 
 
@@ -138,11 +138,17 @@ def verify_files(folder: Path) -> None:
 
 
 def load_compressed(
-    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, verify: bool = True
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    dense_above: float | None = None,
 ) -> PreTrainedModel:
     """A transformers model with the low-rank modules in place (the same code as ``trust_remote_code``).
 
     ``verify`` checks the files first (``verify_files``): one read of the checkpoint, which loading reads anyway.
+    ``dense_above``: multiply out the factor pairs that keep at least this fraction of their dense weight's parameters
+    (faster where two matmuls cost more than they save; ``lowrank.multiply_out_``).
     """
     folder = Path(folder).expanduser()
     _compressed_config(folder)
@@ -151,4 +157,6 @@ def load_compressed(
     config = hf_modeling.load_config(folder)
     model_class = hf_modeling.low_rank_class(hf_modeling.base_architecture(config))
     model = model_class.from_pretrained(folder, config=config, dtype=dtype)
+    if dense_above is not None:
+        multiply_out_(model, dense_above)
     return model.to(device).eval()

@@ -161,6 +161,13 @@ def _lora(src: Source, dst: Path) -> str:
     )
 
 
+def decompress_for_peft(model: torch.nn.Module) -> None:
+    """Unpack a compressed-tensors model's integers into float weights in its own dtype, in place, so that PEFT (which
+    wraps linears by their ``weight``) can sit on it. transformers' ``CompressedTensorsConfig(dequantize=True)`` would
+    compute them in the checkpoint's dtype instead: bf16 scales give bf16-rounded weights in a float32 model."""
+    model.hf_quantizer.compressor.decompress_model(model)
+
+
 def _lora_config(rank: int, modules: list[str]) -> dict[str, Any]:
     """PEFT's own ``LoraConfig`` when peft is installed (every field its loader expects), else the fields it requires."""
     settings = {"r": rank, "lora_alpha": rank, "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}

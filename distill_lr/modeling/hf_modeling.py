@@ -11,7 +11,8 @@ of building a dense model with random projections. With it, ``DistillLRConfig`` 
 architecture's config, the original class is built, the modules listed in ``config.distill_lr["ranks"]``
 are swapped for empty low-rank ones, and then transformers loads the factors as usual. Loading a local
 folder first checks its weight files (``verify_files``: present, complete and, with the run's manifest
-beside them, the content the run wrote); ``distill_lr_verify=False`` skips that read.
+beside them, the content the run wrote); ``distill_lr_verify=False`` skips that read. ``distill_lr_dense_above=f``
+multiplies out the factor pairs that keep at least a fraction ``f`` of their dense weight (``multiply_out_``).
 
 ``ranks`` maps module names to ranks. A name of an ``nn.Linear`` (``model.layers.0.self_attn.q_proj``)
 becomes a ``LowRankLinear``; ``<experts>.gate_proj`` / ``.up_proj`` / ``.down_proj`` under a fused MoE
@@ -43,6 +44,7 @@ from .lowrank import (
     QuantLinear,
     QuantRecord,
     is_fused_experts,
+    multiply_out_,
     replace_experts_,
     replace_linears_,
 )
@@ -227,7 +229,11 @@ class DistillLRForCausalLM:
         kwargs.pop("adapter_kwargs", None)
         if kwargs.pop("distill_lr_verify", True) and Path(pretrained_model_name_or_path).is_dir():
             verify_files(Path(pretrained_model_name_or_path))  # a damaged file is named here, not loaded
+        above = kwargs.pop("distill_lr_dense_above", None)
         if config is None:
             config = load_config(pretrained_model_name_or_path)
         model_class = low_rank_class(base_architecture(config))
-        return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        if above is not None:
+            multiply_out_(model, above)
+        return model

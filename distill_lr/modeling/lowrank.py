@@ -411,6 +411,20 @@ def replace_linears_(
     return replaced
 
 
+def multiply_out_(module: nn.Module, above: float) -> list[str]:
+    """Replace, in place, each factor pair (``LowRankLinear``, not a correction) that keeps at least ``above`` of its dense
+    weight's parameters by that dense weight: two matmuls near the break-even rank cost more time than they save
+    (``benchmarks/bench_infer.py --forms``), for at most ``1 / above`` of the pair's memory. Returns the names replaced."""
+    found = [
+        (name, m)
+        for name, m in module.named_modules()
+        if type(m) is LowRankLinear and m.rank * (m.in_features + m.out_features) >= above * m.in_features * m.out_features
+    ]
+    for name, m in found:
+        module.set_submodule(name, m.to_dense())
+    return [name for name, _ in found]
+
+
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
