@@ -98,7 +98,7 @@ def quantize_projection(
         q, error = quantize_weight(W, cfg, None if moments is None else moments[e], scale_dtype)
         parts.append(q)
         errors += [] if error is None else [error]
-        if moments is not None and moments[e] is None:
+        if cfg.method == "gptq" and moments is not None and moments[e] is None:
             rounded.append(e)
     return quant.Quantized.stacked(parts).expert_module(dense.num_experts, dense.weight.dtype), errors, rounded
 

@@ -166,8 +166,10 @@ def apply_compressed_(model: nn.Module, ranks: dict[str, int], quant: dict[str, 
     grid = (record.bits, record.group_size, record.symmetric)
     for name, rank in record.corrections.items():
         module = model.get_submodule(name)
-        corrected = CorrectedExperts(QuantExpertLinears.like(module, *grid), rank) if isinstance(module, ExpertLinears) else None
-        model.set_submodule(name, corrected or CorrectedLinear(module, rank))
+        if isinstance(module, ExpertLinears):
+            model.set_submodule(name, CorrectedExperts(QuantExpertLinears.like(module, *grid), rank))
+        else:
+            model.set_submodule(name, CorrectedLinear(module, rank))
     for name in record.modules:
         module = model.get_submodule(name)
         if isinstance(module, QuantExpertLinears):  # a corrected experts projection's base, installed above
