@@ -195,7 +195,8 @@ def factor_forms(args: argparse.Namespace) -> None:
     folder = Path(args.forms)
     ranks = json.loads((folder / "config.json").read_text())["distill_lr"]["ranks"]
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    layer = sorted({".".join(m.split(".")[:3]) for m in ranks})[len({".".join(m.split(".")[:3]) for m in ranks}) // 2]
+    layers = sorted({".".join(m.split(".")[:3]) for m in ranks})  # model.layers.<i>
+    layer = layers[len(layers) // 2]
     table = []
     for module in sorted(m for m in ranks if m.startswith(layer + ".")):
         with safe_open(folder / index[f"{module}.A.weight"], framework="pt") as fh:

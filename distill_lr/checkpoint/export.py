@@ -112,7 +112,6 @@ def _compressed_tensors(src: Source, dst: Path) -> str:
             "is not built; export --format dense"
         )
     strategy = _ct_strategy(src, quant, targets)
-    dense_linears = {m for m in ranks if m not in quant.corrections}  # float factor pairs, written as plain weights
 
     def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for target, module in targets.items():
@@ -120,7 +119,7 @@ def _compressed_tensors(src: Source, dst: Path) -> str:
                 tensors.update(_pack_ct(tensors, module, target, quant))
         for module in quant.corrections:  # the corrections go to the LoRA export
             tensors.pop(f"{module}.A.weight", None), tensors.pop(f"{module}.B.weight", None)
-        _multiply_out_(tensors, {m: ranks[m] for m in dense_linears})
+        _multiply_out_(tensors, ranks)  # float factor pairs, written as plain weights
         return tensors
 
     src.config["quantization_config"] = _ct_config(quant, strategy, sorted(linears - set(targets)))
