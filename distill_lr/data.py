@@ -1,8 +1,9 @@
 """Calibration and evaluation text, loaded with the ``datasets`` library and cut into token windows.
 
-``load_documents`` accepts the built-in Wikipedia sample, local ``.txt`` / ``.json`` / ``.jsonl`` /
-``.parquet`` files or folders of them, or any dataset name ``datasets.load_dataset`` can load on
-this machine. A ``.txt`` file is split into documents at blank lines (``sample_by="paragraph"``),
+``load_documents`` accepts the built-in texts, local ``.txt`` / ``.json`` / ``.jsonl`` / ``.parquet``
+files or folders of them, or any dataset name ``datasets.load_dataset`` can load on this machine, and
+gives the texts as a sequence of strings (a lazy ``datasets`` column; a list for the built-in texts, which
+need no ``datasets``). A ``.txt`` file is split into documents at blank lines (``sample_by="paragraph"``),
 so one long text file still yields separate documents for the calibration/evaluation split.
 
 ``build_token_sets`` holds out whole documents for evaluation, so no evaluation text is ever
@@ -15,18 +16,21 @@ import codecs
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
 from distill_lr.builtin import BUILTIN_SOURCES, BUILTIN_TEXT, builtin_python_documents, builtin_wikipedia_documents
 from distill_lr.errors import UserInputError, check, first_line
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedTokenizerBase
+
+Documents = Sequence[str]  # the texts of a source: indexable, sized, never loaded whole when they come from ``datasets``
 
 # File suffix -> the datasets builder that reads it.
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -45,17 +49,19 @@ class TokenSets:
     evaluation: torch.Tensor
 
 
-def load_documents(source: str, text_column: str = "text", split: str = "train", subset: str | None = None) -> datasets.Dataset:
-    """The non-empty documents of ``source`` as a dataset with the single column ``text_column``.
+def load_documents(source: str, text_column: str = "text", split: str = "train", subset: str | None = None) -> Documents:
+    """The non-empty texts of ``source`` (from its column ``text_column``).
 
     ``split`` and ``subset`` apply to named datasets only; local files always form one split.
     """
     path = Path(source).expanduser()
     if source.startswith("builtin:"):
         check(source in BUILTIN_SOURCES, f"unknown built-in text '{source}': use one of {BUILTIN_SOURCES}, or a file, folder or dataset")
-        documents = builtin_wikipedia_documents() if source == BUILTIN_TEXT else builtin_python_documents()
-        ds = _text_only(datasets.Dataset.from_dict({"text": documents}), text_column, source)
-    elif path.exists():
+        texts = builtin_wikipedia_documents() if source == BUILTIN_TEXT else builtin_python_documents()
+        return [t for t in texts if t.strip()]
+    import datasets  # not needed by the built-in texts
+
+    if path.exists():
         ds = _load_local(path, text_column)
     else:
         try:
@@ -69,11 +75,13 @@ def load_documents(source: str, text_column: str = "text", split: str = "train",
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch[text_column]], batched=True)
     if len(ds) == 0:
         raise UserInputError(f"{source} has no non-empty documents in column {text_column!r}: give a source with text")
-    return ds
+    return ds[text_column]
 
 
 def _load_local(path: Path, text_column: str) -> datasets.Dataset:
     """A file, or every supported file under a folder: each kind through its builder, then joined."""
+    import datasets
+
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
         if not files:
@@ -137,7 +145,7 @@ def _text_only(ds: datasets.Dataset, text_column: str, source: str) -> datasets.
 
 
 def build_token_sets(
-    documents: datasets.Dataset,
+    documents: Documents,
     tokenizer: PreTrainedTokenizerBase,
     *,
     num_sequences: int,
@@ -145,7 +153,6 @@ def build_token_sets(
     eval_sequences: int,
     eval_fraction: float,
     seed: int,
-    text_column: str = "text",
     max_positions: int | None = None,
 ) -> TokenSets:
     """Calibration and evaluation windows of exactly ``seq_len`` tokens, from disjoint sets of documents.
@@ -167,7 +174,7 @@ def build_token_sets(
     prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
 
-    stream = _token_stream(documents, calib_docs, tokenizer, text_column, POOL_FACTOR * num_sequences * body)
+    stream = _token_stream(documents, calib_docs, tokenizer, POOL_FACTOR * num_sequences * body)
     pool = _windows(stream, body, prefix)
     check(
         len(pool) >= num_sequences,
@@ -177,7 +184,7 @@ def build_token_sets(
     )
     calibration = pool[torch.randperm(len(pool), generator=generator)[:num_sequences]]
 
-    stream = _token_stream(documents, eval_docs, tokenizer, text_column, eval_sequences * body)
+    stream = _token_stream(documents, eval_docs, tokenizer, eval_sequences * body)
     evaluation = _windows(stream, body, prefix)[:eval_sequences]
     check(
         eval_sequences == 0 or len(evaluation) > 0,
@@ -225,15 +232,13 @@ def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
-def _token_stream(
-    documents: datasets.Dataset, indices: list[int], tokenizer: PreTrainedTokenizerBase, text_column: str, budget: int
-) -> list[int]:
+def _token_stream(documents: Documents, indices: list[int], tokenizer: PreTrainedTokenizerBase, budget: int) -> list[int]:
     """Token ids of the documents at ``indices``, in that order, with EOS between them; stops once ``budget`` is reached."""
     separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     stream: list[int] = []
     start, batch = 0, _FIRST_BATCH
     while start < len(indices) and len(stream) < budget:
-        texts = [text.strip() for text in documents[indices[start : start + batch]][text_column]]
+        texts = [documents[i].strip() for i in indices[start : start + batch]]
         for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
             if ids:
                 stream.extend(separator + ids if stream else ids)

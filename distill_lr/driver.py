@@ -29,13 +29,14 @@ from distill_lr.methods.base import LayerWork
 from distill_lr.ranks import layer_ranks
 from distill_lr.report import LayerReport, Perplexity, RunReport
 from distill_lr.run import Run, dense_export_dir, open_input, prepare
-from distill_lr.runtime import elapsed, overflow_message, release_freed_host_memory
+from distill_lr.runtime import PhaseLog, overflow_message, release_freed_host_memory
 from distill_lr.schema import CompressConfig
 from distill_lr.streams import Stream, score
 
 log = logging.getLogger("distill_lr")
 ERROR_PROBE_SEQUENCES = 32  # calibration sequences on which the teacher-input error is reported
-RUN_FACTS = ("prepass_seconds", "reused")  # of this invocation: in report.json, never in config.json (a function of the settings)
+# Of this invocation: in report.json, never in config.json (a function of the settings).
+RUN_FACTS = ("prepass_seconds", "prepass_peak_gib", "reused")
 
 
 def compress(cfg: CompressConfig) -> RunReport:
@@ -57,10 +58,10 @@ def compress_layers(run: Run) -> None:
     loader = LayerLoader(run.reader, run.layers, run.prefix, read_ahead=run.cfg.read_ahead)
     try:
         for i in tqdm(range(len(run.layers)), desc="layers", unit="layer"):
-            t0 = time.perf_counter()
-            layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
-            times = {"load": elapsed(t0)}
-            report = compress_layer(run, i, layer, times)
+            t0, phases = time.perf_counter(), PhaseLog(run.device)
+            with phases("load"):
+                layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
+            report = compress_layer(run, i, layer, phases)
             layer.to("meta")
             release_freed_host_memory()
             run.report.layers.append(report)
@@ -70,21 +71,30 @@ def compress_layers(run: Run) -> None:
         run.writer.close()  # also on a crash: the layers finished so far reach the disk and the manifest
 
 
-def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, float]) -> LayerReport:
+def compress_layer(run: Run, index: int, layer: nn.Module, phases: PhaseLog) -> LayerReport:
     """Dense layer in, compressed layer written (or read back when a resumed run has it); advances every stream by one layer."""
-    calibration, name = run.streams[0], f"{run.prefix}{index}."
+    name = f"{run.prefix}{index}."
     ranks = layer_ranks(run.ranks, name)
-    t = time.perf_counter()
-    outputs = [teacher_pass(run, layer, index, s) for s in run.streams]
+    with phases("teacher"):
+        outputs = [teacher_pass(run, layer, index, s) for s in run.streams]
     y = outputs[0]  # the target
-    times["teacher"] = elapsed(t)
     done = run.manifest.done(index)
     if done is not None:
         report, state = resumed_layer(run, layer, ranks, done)
     else:
-        report, state = fresh_layer(run, index, layer, ranks, y, times)
+        report, state = fresh_layer(run, index, layer, ranks, y, phases)
     install_state_(layer, state, name, run.device, run.dtype)  # as saved: fresh and resumed runs propagate the same student
-    t = time.perf_counter()
+    with phases("student"):
+        advance_streams(run, index, layer, report, outputs)
+    if done is None:
+        report.seconds, report.peak_gib = phases.seconds, phases.peak_gib
+        run.writer.submit(partial(run.manifest.mark_done, index, report.to_record()))
+    return report
+
+
+def advance_streams(run: Run, index: int, layer: nn.Module, report: LayerReport, outputs: list[torch.Tensor]) -> None:
+    """Every stream one layer up (teacher <- the dense outputs, student <- the compressed layer's), and the layer's errors."""
+    calibration, y = run.streams[0], outputs[0]
     if report.err_teacher_input is None:  # a diagnostic: a subset of the calibration set is enough
         probe = calibration.teacher[:ERROR_PROBE_SEQUENCES]
         report.err_teacher_input = relative_error(run_layer(layer, probe, calibration.kwargs[index], run.cfg.batch_size), y[: len(probe)])
@@ -92,27 +102,22 @@ def compress_layer(run: Run, index: int, layer: nn.Module, times: dict[str, floa
         s.student, s.teacher = advance(run, layer, index, s), out
     if report.err_student_input is None:
         report.err_student_input = relative_error(calibration.student, y)
-    times["student"] = elapsed(t)
-    if done is None:
-        report.seconds = times
-        run.writer.submit(partial(run.manifest.mark_done, index, report.to_record()))
-    return report
 
 
 def fresh_layer(
-    run: Run, index: int, layer: nn.Module, ranks: dict[str, int], y: torch.Tensor, times: dict[str, float]
+    run: Run, index: int, layer: nn.Module, ranks: dict[str, int], y: torch.Tensor, phases: PhaseLog
 ) -> tuple[LayerReport, dict[str, torch.Tensor]]:
     """Run the method's steps on the layer and queue its file; the report so far and the state as it will be saved."""
     s = run.streams[0]
     report = LayerReport(layer=index, linears=len(ranks))
     work = LayerWork(index, layer, ranks, s.teacher, s.student, y, s.kwargs[index], run.cfg, report, run.save_dtype)
     for step in run.method.steps:
-        t = time.perf_counter()
-        step.run(work)
-        times[step.name] = elapsed(t)
+        with phases(step.name):
+            step.run(work)
     report.linear_bytes = compressed.linear_bytes(layer, run.save_dtype)
     state = compressed.layer_state(layer, f"{run.prefix}{index}.", run.save_dtype)
-    times["save"] = round(run.writer.drain(), 3)  # the previous layer's write, overlapped with this layer until now
+    with phases("save"):
+        run.writer.drain()  # the previous layer's write, overlapped with this layer until now
     run.writer.submit(partial(run.manifest.save_layer, index, layer_file(index), state))
     return report, state
 

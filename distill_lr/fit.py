@@ -29,8 +29,8 @@ class Objective(Protocol):
 
     name: str
 
-    def loss(self, idx: torch.Tensor, backward: bool) -> float:
-        """Mean loss of the sequences ``idx``; with ``backward`` their gradients accumulate."""
+    def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
+        """Mean loss of the sequences ``idx``, a 0-dim tensor (left on the device); with ``backward`` their gradients accumulate."""
         ...
 
     def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
@@ -148,6 +148,10 @@ def fit(
 ) -> FitState:
     """Train from ``state.step`` to the end of the schedule, an early stop or a divergence; ``state`` is updated in place.
 
+    The losses stay on the device and are read on the host (a wait for a GPU) only every ``cfg.check_every`` steps,
+    before each evaluation and at the first step: a loss that is not finite or diverges stops the loop at the next
+    read, before that step's update.
+
     ``data``: the training and held-out sequence indices, and each epoch's order of the training ones (called at the
     start of every epoch, and at the first step of a resumed one). ``on_eval`` runs after each held-out evaluation,
     ``on_step(state, total)`` after each optimizer step (a schedule of the caller's, e.g. pruning).
@@ -157,31 +161,43 @@ def fit(
     (opt, scheduler), params = optimizer, factors.params
     steps_per_epoch, total, eval_every = schedule(cfg, len(train))
     perm = torch.empty(0, dtype=torch.long)
+    unread: list[torch.Tensor] = []  # losses of the steps since the last read
     bar = tqdm(range(state.step, total), desc=desc, unit="step", leave=False, initial=state.step, total=total)
     for step in bar:
         epoch, pos = divmod(step, steps_per_epoch)
         if pos == 0 or len(perm) == 0:
             perm = order(epoch)
         opt.zero_grad(set_to_none=True)
-        value = objective.loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True)
-        state.first_loss = value if state.first_loss is None else state.first_loss
-        if not math.isfinite(value) or value > cfg.divergence_factor * state.first_loss:
-            state.rolled_back = f"loss {value:.4g} at step {step} (first {state.first_loss:.4g})"
-            warnings.warn(f"{desc.strip()} diverged ({state.rolled_back}): the best held-out factors so far are kept", stacklevel=3)
-            break
+        unread.append(objective.loss(perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size], backward=True))
+        evaluating = (step + 1) % eval_every == 0 or step + 1 == total
+        if evaluating or state.first_loss is None or (step + 1) % cfg.check_every == 0:
+            values, first_step, unread = torch.stack(unread).tolist(), step + 1 - len(unread), []
+            if _diverged(state, values, (first_step, cfg.divergence_factor), desc):
+                break
+            state.running += values
+            bar.set_postfix({objective.name: f"{values[-1]:.4f}"})
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         scheduler.step()
-        state.running.append(value)
         state.step = step + 1
         if on_step is not None:
             on_step(state, total)
-        bar.set_postfix({objective.name: f"{value:.4f}"})
-        if state.step % eval_every == 0 or state.step == total:
-            if _evaluate(objective, factors, hold, state, cfg.patience, on_eval):
-                break
+        if evaluating and _evaluate(objective, factors, hold, state, cfg.patience, on_eval):
+            break
     bar.close()
     return state
+
+
+def _diverged(state: FitState, values: list[float], where: tuple[int, float], desc: str) -> bool:
+    """Whether one of the losses just read (of the steps from ``where[0]`` on) is not finite or exceeds ``where[1]`` times
+    the first loss."""
+    (first_step, factor), state.first_loss = where, values[0] if state.first_loss is None else state.first_loss
+    for step, value in enumerate(values, first_step):
+        if not math.isfinite(value) or value > factor * state.first_loss:
+            state.rolled_back = f"loss {value:.4g} at step {step} (first {state.first_loss:.4g})"
+            warnings.warn(f"{desc.strip()} diverged ({state.rolled_back}): the best held-out factors so far are kept", stacklevel=4)
+            return True
+    return False
 
 
 def _evaluate(

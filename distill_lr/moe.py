@@ -25,7 +25,15 @@ from torch import nn
 
 from distill_lr.errors import UserInputError
 from distill_lr.layerwise import hooks_removed
-from distill_lr.modeling.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankExperts, is_fused_experts, replace_experts_
+from distill_lr.modeling.lowrank import (
+    EXPERT_PROJECTIONS,
+    ExpertLinears,
+    LowRankExperts,
+    expert_blocks,
+    grouping,
+    is_fused_experts,
+    replace_experts_,
+)
 from distill_lr.moments import Moments, records_outputs
 
 
@@ -100,13 +108,16 @@ class Routing:
 
 
 @contextmanager
-def record_routing(layer: nn.Module, names: list[str], device: torch.device, inputs: bool = False) -> Iterator[Routing]:
+def record_routing(
+    layer: nn.Module, names: list[str], device: torch.device, inputs: bool = False, experts: list[int] | None = None
+) -> Iterator[Routing]:
     """While active, count the tokens routed to each expert and collect the named projections' per-expert moments.
 
-    A projection sees the tokens grouped per expert, zero-padded to a common length; the experts module's
-    own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
+    A projection sees the tokens grouped per expert (sorted, or zero-padded to a common length: ``expert_blocks``);
+    the experts module's own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
     outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``),
-    unless ``inputs`` asks for input moments everywhere (GPTQ's Hessians).
+    unless ``inputs`` asks for input moments everywhere (GPTQ's Hessians). With ``experts``, only those experts' moments
+    are kept (the others' are None): the memory of a few experts' moments, not of all.
     """
     modules = dict(layer.named_modules())
     routing = Routing()
@@ -120,7 +131,10 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device, inp
             routing.stats[name] = routing.stats[twin]  # gate and up see the same tokens: one set of input moments
         else:
             features = module.out_features if outputs else module.in_features
-            routing.stats[name] = [Moments.empty(features, device, of_outputs=outputs) for _ in range(module.num_experts)]
+            kept = range(module.num_experts) if experts is None else experts
+            routing.stats[name] = [
+                Moments.empty(features, device, of_outputs=outputs) if e in kept else None for e in range(module.num_experts)
+            ]
             hooked[name] = outputs
     current: dict[str, list[int]] = {}
 
@@ -129,10 +143,10 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device, inp
         current[path] = counts.tolist()
         routing.tokens[path] = routing.tokens.get(path, 0) + counts.cpu()
 
-    def collect(name: str, grouped: torch.Tensor) -> None:
-        for e, n in enumerate(current[name.rpartition(".")[0]]):
-            if n:
-                routing.stats[name][e].update(grouped[e, :n])
+    def collect(name: str, grouped: torch.Tensor, offsets: torch.Tensor | None) -> None:
+        for e, rows in enumerate(expert_blocks(grouped, current[name.rpartition(".")[0]], offsets)):
+            if len(rows) and routing.stats[name][e] is not None:
+                routing.stats[name][e].update(rows)
 
     hooks = [
         m.register_forward_pre_hook(lambda mod, args, kwargs, path=path: count(path, mod, args, kwargs), with_kwargs=True)
@@ -140,7 +154,7 @@ def record_routing(layer: nn.Module, names: list[str], device: torch.device, inp
         if isinstance(m, LowRankExperts)
     ]
     hooks += [
-        modules[n].register_forward_hook(lambda _m, args, out, n=n, on_out=on_out: collect(n, out if on_out else args[0]))
+        modules[n].register_forward_hook(lambda _m, args, out, n=n, on_out=on_out: collect(n, out if on_out else args[0], grouping(args)))
         for n, on_out in hooked.items()
     ]
     with hooks_removed(hooks):

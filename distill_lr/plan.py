@@ -18,7 +18,7 @@ from distill_lr.data import TokenSets
 from distill_lr.methods.base import Method
 from distill_lr.ranks import RankPlan, free_matrices, layer_index, linear_shapes, needs_prepass, plan_ranks
 from distill_lr.report import describe_kept, describe_plan
-from distill_lr.runtime import overflow_message
+from distill_lr.runtime import PhaseLog, overflow_message
 from distill_lr.schema import CompressConfig
 
 log = logging.getLogger("distill_lr")
@@ -49,7 +49,10 @@ def plan_layers(
             plan = RankPlan(ranks=saved, shapes=shapes)
             record["reused"] = True
         else:
-            plan, record["prepass_seconds"] = measured_plan(cfg, (model, reader, prefix, layers), shapes, ids, compute)
+            phases = PhaseLog(compute[0])
+            with phases("prepass"):
+                plan = measured_plan(cfg, (model, reader, prefix, layers), shapes, ids, compute)
+            record["prepass_seconds"], record["prepass_peak_gib"] = phases.seconds["prepass"], phases.peak_gib["prepass"]
     else:
         plan = plan_ranks(shapes, cfg.ranks, name_prefix)
     record["kept"] = kept_fractions(shapes, plan.ranks, {n: layer_index(n[len(name_prefix) :]) for n in shapes})
@@ -63,8 +66,8 @@ def measured_plan(
     shapes: dict[str, tuple[int, int]],
     ids: torch.Tensor,
     compute: tuple[torch.device, torch.dtype],
-) -> tuple[RankPlan, float]:
-    """The loss-aware plan from the pre-pass's measurements on ``ids``, and the pre-pass's seconds."""
+) -> RankPlan:
+    """The loss-aware plan from the pre-pass's measurements on ``ids``."""
     model, reader, prefix, layers = source
     if len(ids) < cfg.ranks.allocation_sequences:
         warnings.warn(
@@ -76,4 +79,4 @@ def measured_plan(
     free = free_matrices(shapes, cfg.ranks, name_prefix)
     overflow = partial(overflow_message, compute[1])
     sensitivity = prepass.measure(model, reader, prefix, layers, free, ids, compute, cfg.batch_size, overflow)
-    return plan_ranks(shapes, cfg.ranks, name_prefix, sensitivity), sensitivity.seconds
+    return plan_ranks(shapes, cfg.ranks, name_prefix, sensitivity)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from distill_lr.layerwise import LayerKwargs, SharedInputs, call_layer, hooks_removed, layer_device
-from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, expert_blocks, grouping
 
 
 def inverse_sqrt(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,19 +79,26 @@ def factor_grams(
     grams: dict[str, torch.Tensor] = {}
     shared = SharedInputs(layer)
 
-    def record(name: str, x: torch.Tensor) -> None:
+    def record(name: str, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
         if x.shape[-1] > max_features:
             return
         first = shared.first_reader(name, x)
         if first is not None:
             grams[name] = grams[first]
             return
-        t = x.float() if isinstance(modules[name], ExpertLinears) else x.reshape(-1, x.shape[-1]).float()
-        with torch.autocast(t.device.type, enabled=False):  # a float32 sum, not bf16, under the training's autocast
-            gram = t.mT @ t
+        experts = isinstance(modules[name], ExpertLinears)
+        offsets = grouping(args) if experts else None
+        with torch.autocast(x.device.type, enabled=False):  # a float32 sum, not bf16, under the training's autocast
+            if offsets is not None:  # rows sorted by expert: one Gram matrix per expert's block
+                counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
+                gram = torch.stack([b.float().mT @ b.float() for b in expert_blocks(x, counts, offsets)])
+            else:  # a linear's tokens, or experts' zero-padded (E, capacity, in) batch
+                t = x.float() if experts else x.reshape(-1, x.shape[-1]).float()
+                gram = t.mT @ t
         grams[name] = grams[name] + gram if name in grams else gram
 
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in modules.items()]
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args)) for n, m in modules.items()]
     with hooks_removed([*hooks, shared.hook]):
         for batch in batches:
             with autocast:

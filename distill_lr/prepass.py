@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +38,6 @@ class Sensitivity:
     spectra: dict[str, torch.Tensor]
     weights: dict[str, float]
     sequences: int
-    seconds: float
 
 
 def measure(
@@ -57,7 +55,7 @@ def measure(
 
     ``overflow(layer, "dense")`` is the message for a layer whose outputs are not finite.
     """
-    start, (device, dtype) = time.perf_counter(), compute
+    device, dtype = compute
     ids = input_ids.to(device)
     kwargs = capture_inputs(model, layers, ids[:1])[1]
     x = embed(model, layers, ids, batch_size)
@@ -87,7 +85,7 @@ def measure(
             layer.to("meta")
     finally:
         loader.close()
-    return Sensitivity(spectra, weights, len(ids), round(time.perf_counter() - start, 1))
+    return Sensitivity(spectra, weights, len(ids))
 
 
 def _owner(name: str) -> str:

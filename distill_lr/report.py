@@ -33,6 +33,7 @@ class LayerReport:
     err_teacher_input: float | None = None  # ‖student(X_t) − Y‖ / ‖Y‖ on a few calibration sequences
     err_student_input: float | None = None  # ‖student(X_s) − Y‖ / ‖Y‖ on the calibration set
     seconds: dict[str, float] | None = None  # per phase, for the run that computed the layer
+    peak_gib: dict[str, dict[str, float]] | None = None  # per phase: peak host (and GPU) memory, as ``seconds``
     quant: dict[str, Any] | None = None  # a ``QuantRecord`` of the layer, plus its output errors (``methods.quantize.record``)
     linear_bytes: int | None = None  # bytes of the layer's linears in its file (``compressed.linear_bytes``)
     resumed: bool = False  # read back from an earlier run's file
@@ -42,7 +43,7 @@ class LayerReport:
 
     def to_record(self) -> dict[str, Any]:
         """What the resume manifest keeps (a copy): all but the timings, so two runs of one config write the same manifest."""
-        return copy.deepcopy({k: v for k, v in self.to_dict().items() if k not in ("seconds", "resumed")})
+        return copy.deepcopy({k: v for k, v in self.to_dict().items() if k not in ("seconds", "peak_gib", "resumed")})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerReport:
@@ -70,6 +71,9 @@ class LayerReport:
             parts.append("starved experts " + " ".join(f"{path} {experts}" for path, experts in starved.items()))
         if self.seconds:
             parts.append(" ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        if self.peak_gib:
+            peaks = {where: max(p.get(where, 0.0) for p in self.peak_gib.values()) for where in ("host", "gpu")}
+            parts.append("peak " + " ".join(f"{where} {gib:.1f} GiB" for where, gib in peaks.items() if gib))
         if self.resumed:
             parts.append("(resumed)")
         return " | ".join(parts)

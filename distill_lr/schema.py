@@ -124,6 +124,7 @@ def check_optimisation(section: Any, name: str) -> None:
     check(s.evals_per_epoch > 0, f"{name}.evals_per_epoch must be > 0, got {s.evals_per_epoch}")
     check(s.patience > 0, f"{name}.patience must be > 0, got {s.patience}")
     check(s.divergence_factor > 1.0, f"{name}.divergence_factor must be > 1, got {s.divergence_factor}")
+    check(s.check_every > 0, f"{name}.check_every must be > 0, got {s.check_every}")
 
 
 @dataclass
@@ -153,6 +154,8 @@ class TrainConfig:
     # first evaluations worse than the init, then better: patience must outlast that.
     patience: int = 4
     divergence_factor: float = 10.0  # roll back when the loss exceeds this multiple of the initial loss
+    # Steps between reads of the training loss on the host (divergence test, progress bar): each read waits for the GPU.
+    check_every: int = 8
     # Compute dtype of the training steps (the factors stay float32): auto = bfloat16 on a GPU, float32 on a CPU;
     # bfloat16 also on a CPU pays where it has native bf16 matmuls (AVX512-BF16, AMX; emulated elsewhere, slower).
     autocast: str = "auto"
@@ -191,6 +194,7 @@ class E2EConfig:
     evals_per_epoch: int = 4  # also how often a resumable state is saved
     patience: int = 2
     divergence_factor: float = 10.0  # roll back to the best factors when a step's loss exceeds this multiple of the first
+    check_every: int = 8  # steps between reads of the training loss on the host, as train.check_every
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: far less memory
     loss: str = "kl"  # kl: to the dense model's next-token distribution; lm: next-token cross-entropy of the calibration text
 

@@ -79,9 +79,11 @@ def input_moments(layer: nn.Module, names: list[str], inputs: torch.Tensor, kwar
     return stats
 
 
-def expert_input_moments(layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int) -> moe.Routing:
-    """Per expert, ``E[x xᵀ]`` of the tokens routed to each named expert projection (of a ``LowRankExperts``), and the
-    token counts: GPTQ's Hessians of the experts."""
-    with moe.record_routing(layer, names, layer_device(layer), inputs=True) as routing:
+def expert_input_moments(
+    layer: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: LayerKwargs, batch_size: int, experts: list[int] | None = None
+) -> moe.Routing:
+    """Per expert (of ``experts``, default all), ``E[x xᵀ]`` of the tokens routed to each named expert projection (of a
+    ``LowRankExperts``), and the token counts: GPTQ's Hessians of the experts."""
+    with moe.record_routing(layer, names, layer_device(layer), inputs=True, experts=experts) as routing:
         run_layer(layer, inputs, kwargs, batch_size)
     return routing

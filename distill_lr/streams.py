@@ -85,7 +85,6 @@ def tokenize(cfg: CompressConfig, reader: CheckpointReader) -> tuple[TokenSets, 
         eval_sequences=cfg.data.eval_sequences if cfg.evaluate else 0,
         eval_fraction=cfg.data.eval_fraction,
         seed=cfg.seed,
-        text_column=cfg.data.text_column,
         max_positions=max_positions,
     )
     vocab = reader.config.get_text_config().vocab_size

@@ -26,8 +26,9 @@ from distill_lr.errors import UserInputError, check
 from distill_lr.layerwise import span_logprob
 
 if TYPE_CHECKING:
-    import datasets
     from transformers import PreTrainedTokenizerBase
+
+    from distill_lr.data import Documents
 
 BUILTIN_TASK = "builtin:wiki-lastword"
 TRUE_FALSE = (" True", " False")
@@ -81,7 +82,7 @@ def _example(line: str, where: str) -> Example:
     return Example(row["prompt"], tuple(choices), answer)
 
 
-def builtin_task(documents: datasets.Dataset, held_out: list[int], n_examples: int = 200, seed: int = 0, text_column: str = "text") -> Task:
+def builtin_task(documents: Documents, held_out: list[int], n_examples: int = 200, seed: int = 0) -> Task:
     """Choose a sentence's true last word among 3 other words of the same document (held-out documents only).
 
     The prompt is the previous sentence and the sentence without its last word; the distractors are
@@ -90,7 +91,7 @@ def builtin_task(documents: datasets.Dataset, held_out: list[int], n_examples: i
     generator = torch.Generator().manual_seed(seed)
     examples: list[Example] = []
     for index in held_out:
-        text = documents[index][text_column]
+        text = documents[index]
         words = sorted({w for w in _WORD.findall(text)})
         sentences = [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
         for previous, sentence in zip(["", *sentences], sentences, strict=False):
@@ -118,7 +119,7 @@ def _last_word_example(previous: str, sentence: str, words: list[str], generator
 
 
 def load_tasks(
-    names: list[str], documents: datasets.Dataset | None = None, held_out: list[int] | None = None, n_examples: int = 200, seed: int = 0
+    names: list[str], documents: Documents | None = None, held_out: list[int] | None = None, n_examples: int = 200, seed: int = 0
 ) -> list[Task]:
     """The named tasks: ``builtin:wiki-lastword`` (needs the held-out documents) or JSON-lines files."""
     tasks = []

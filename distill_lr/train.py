@@ -98,17 +98,17 @@ class LayerObjective:
     eval_batch: int  # sequences per held-out batch
     name: str = "loss"
 
-    def loss(self, idx: torch.Tensor, backward: bool) -> float:
+    def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
         return self.batch(idx, backward)[0]
 
-    def batch(self, idx: torch.Tensor, backward: bool) -> tuple[float, float]:
-        """Summed loss over the input sources and mean cosine of the sequences ``idx``.
+    def batch(self, idx: torch.Tensor, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss over the input sources and mean cosine of the sequences ``idx``, on the device (no host wait).
 
         With ``backward`` the gradients are accumulated one micro-batch and one source at a time,
         so only one forward graph is alive at once (the same gradients as one big backward).
         """
         device = layer_device(self.layer)
-        loss, cos = 0.0, 0.0
+        loss = cos = torch.zeros((), device=device)
         for start in range(0, len(idx), self.micro_batch):
             part = idx[start : start + self.micro_batch]
             weight = len(part) / len(idx)
@@ -119,8 +119,8 @@ class LayerObjective:
                 part_loss = distill_loss(target, pred) * weight
                 if backward:
                     part_loss.backward()
-                loss += float(part_loss.detach())
-                cos += float(mean_cosine(target, pred.detach())) * weight / len(self.sources)
+                loss = loss + part_loss.detach()
+                cos = cos + mean_cosine(target, pred.detach()) * weight / len(self.sources)
         return loss, cos
 
     @torch.no_grad()
@@ -130,8 +130,8 @@ class LayerObjective:
         with parametrize.cached():  # each factor's F' P once per evaluation, not once per batch
             for start in range(0, len(idx), self.eval_batch):
                 loss, cos = self.batch(idx[start : start + self.eval_batch], backward=False)
-                losses.append(loss)
-                coses.append(cos)
+                losses.append(float(loss))
+                coses.append(float(cos))
         return {"loss": sum(losses) / len(losses), "cos": sum(coses) / len(coses)}
 
 

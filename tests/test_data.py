@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,8 +15,16 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from distill_lr import builtin
-from distill_lr.builtin import BUILTIN_MODEL, BUILTIN_TEXT, builtin_model_dir, builtin_wikipedia_documents, resolve_model_dir, wiki_to_text
-from distill_lr.data import TokenSets, build_token_sets, load_documents
+from distill_lr.builtin import (
+    BUILTIN_CODE,
+    BUILTIN_MODEL,
+    BUILTIN_TEXT,
+    builtin_model_dir,
+    builtin_wikipedia_documents,
+    resolve_model_dir,
+    wiki_to_text,
+)
+from distill_lr.data import Documents, TokenSets, build_token_sets, load_documents
 from distill_lr.errors import UserInputError
 from distill_lr.testing import word_tokenizer
 
@@ -23,18 +32,18 @@ EOS = 2  # word_tokenizer's </s>
 
 
 @pytest.fixture(scope="module")
-def wiki() -> datasets.Dataset:
+def wiki() -> Documents:
     return load_documents(BUILTIN_TEXT)
 
 
-def marked_docs(n_docs: int = 40, words: int = 60) -> datasets.Dataset:
+def marked_docs(n_docs: int = 40, words: int = 60) -> Documents:
     """Document i holds the marker word w(10 + i) at every 4th position and filler from w100..w199 elsewhere."""
     g = torch.Generator().manual_seed(1)
     texts = []
     for i in range(n_docs):
         filler = torch.randint(100, 200, (words,), generator=g).tolist()
         texts.append(" ".join(f"w{10 + i}" if k % 4 == 0 else f"w{w}" for k, w in enumerate(filler)))
-    return datasets.Dataset.from_dict({"text": texts})
+    return texts
 
 
 def markers(windows: torch.Tensor) -> set[int]:
@@ -42,7 +51,7 @@ def markers(windows: torch.Tensor) -> set[int]:
     return set(ids[(ids >= 10) & (ids < 100)].tolist())
 
 
-def token_sets(documents: datasets.Dataset, tokenizer=None, **overrides) -> TokenSets:
+def token_sets(documents: Documents, tokenizer=None, **overrides) -> TokenSets:
     settings = dict(num_sequences=8, seq_len=32, eval_sequences=4, eval_fraction=0.25, seed=0)
     settings.update(overrides)
     return build_token_sets(documents, tokenizer or word_tokenizer(), **settings)
@@ -113,9 +122,9 @@ def test_missing_model_package_says_how_to_install(tmp_path: Path, monkeypatch: 
         builtin_model_dir()
 
 
-def test_builtin_wikipedia_is_readable_articles(wiki: datasets.Dataset) -> None:
+def test_builtin_wikipedia_is_readable_articles(wiki: Documents) -> None:
     docs = builtin_wikipedia_documents()
-    assert len(docs) > 90 and docs == list(wiki["text"])
+    assert len(docs) > 90 and docs == list(wiki)
     assert docs[0].startswith("Anarchism is a political philosophy")
     text = "\n".join(docs)
     for markup in ("[[", "]]", "{{", "}}", "{|", "'''", "\n==", "#REDIRECT", "  ", "\n\n\n"):
@@ -146,14 +155,13 @@ It eats  ants.
 def test_load_jsonl_drops_empty_documents(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(["one", "", "  \n", "two"])))
-    ds = load_documents(str(path), text_column="body")
-    assert ds.column_names == ["body"] and list(ds["body"]) == ["one", "two"]
+    assert list(load_documents(str(path), text_column="body")) == ["one", "two"]
 
 
 def test_txt_is_split_into_paragraphs(tmp_path: Path) -> None:
     path = tmp_path / "book.txt"
     path.write_text("First paragraph,\nstill first.\n\nSecond.\n\n\n\nThird.\n")
-    texts = [t.strip() for t in load_documents(str(path))["text"]]
+    texts = [t.strip() for t in load_documents(str(path))]
     assert texts == ["First paragraph,\nstill first.", "Second.", "Third."]
 
 
@@ -163,12 +171,15 @@ def test_folder_takes_every_supported_file(tmp_path: Path) -> None:
     (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"content": "gamma"}) + "\n")
     datasets.Dataset.from_dict({"content": ["delta"]}).to_parquet(str(tmp_path / "c.parquet"))
     (tmp_path / "notes.md").write_text("ignored")
-    texts = sorted(t.strip() for t in load_documents(str(tmp_path), text_column="content")["content"])
+    texts = sorted(t.strip() for t in load_documents(str(tmp_path), text_column="content"))
     assert texts == ["alpha", "beta", "delta", "gamma"]
 
 
-def test_builtin_text_has_one_column(wiki: datasets.Dataset) -> None:
-    assert wiki.column_names == ["text"] and len(wiki) > 90
+def test_builtin_texts_need_no_datasets_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # an import of it now fails
+    for source in (BUILTIN_TEXT, BUILTIN_CODE):
+        texts = load_documents(source)
+        assert len(texts) > 90 and all(isinstance(t, str) and t.strip() for t in texts)
 
 
 @pytest.mark.parametrize(
@@ -280,10 +291,10 @@ def test_token_set_errors(overrides: dict, message: str) -> None:
 
 def test_no_documents_is_an_error() -> None:
     with pytest.raises(UserInputError, match="no documents"):
-        token_sets(datasets.Dataset.from_dict({"text": []}))
+        token_sets([])
 
 
-def test_builtin_text_with_the_builtin_tokenizer(wiki: datasets.Dataset) -> None:
+def test_builtin_text_with_the_builtin_tokenizer(wiki: Documents) -> None:
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
     settings = dict(num_sequences=128, seq_len=512, eval_sequences=64, eval_fraction=0.1, seed=0, max_positions=8192)
     with warnings.catch_warnings():

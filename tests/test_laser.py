@@ -168,12 +168,9 @@ def test_task_files_take_indices_texts_and_true_false(tmp_path: Path) -> None:
 
 
 def test_builtin_task_comes_from_held_out_documents_only() -> None:
-    import datasets
-
     docs = [f"Document {i} talks about apples and pears at length. " * 3 + f"The fruit of document {i} is banana{i}." for i in range(20)]
-    documents = datasets.Dataset.from_dict({"text": docs})
     held_out, calibration = split_documents(len(docs), 0.2, torch.Generator().manual_seed(0))
-    task = builtin_task(documents, held_out, n_examples=50)
+    task = builtin_task(docs, held_out, n_examples=50)
     assert task.name == BUILTIN_TASK and task.examples
     for example in task.examples:
         gold = example.choices[example.answer].strip()

@@ -12,11 +12,14 @@ from conftest import fails, layer_bytes, run
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from distill_lr import moe
 from distill_lr.checkpoint import compressed
 from distill_lr.checkpoint.layout import INDEX_NAME, layer_file
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader, build_skeleton, decoder_layers
-from distill_lr.factorize import svd_factors
+from distill_lr.factorize import experts_from_weights, svd_factors
+from distill_lr.modeling import lowrank
 from distill_lr.modeling.lowrank import LowRankExperts, is_fused_experts
+from distill_lr.precondition import factor_grams
 from distill_lr.testing import save_tiny, tiny_config, word_tokenizer
 
 KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -216,3 +219,75 @@ def test_missing_fused_expert_tensor(tmp_path: Path, tiny_mixtral: Path, corpus:
 def test_rules_must_give_all_experts_of_a_layer_one_rank(tmp_path: Path, tiny_mixtral: Path, corpus: Path) -> None:
     rules = json.dumps({"layers.1.mlp.experts.*.up_proj": 8, "layers.1.mlp.experts.2.up_proj": "skip"})
     fails(tiny_mixtral, corpus, tmp_path / "out", "different up_proj ranks (expert 0: 8, expert 2: dense)", **{"ranks.rules": rules})
+
+
+def routed_block(kind: str, ranks: dict[str, int]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """One MoE block of a tiny random model with its experts as ``LowRankExperts`` (``ranks`` per projection), and tokens."""
+    torch.manual_seed(0)
+    block = AutoModelForCausalLM.from_config(tiny_config(kind, num_hidden_layers=1)).model.layers[0].mlp
+    low = LowRankExperts.from_experts(block.experts)
+    for name, rank in ranks.items():
+        setattr(low, name, experts_from_weights(getattr(low, name).weight, rank))
+    block.experts = low
+    return block, torch.randn(1, 53, low.hidden_dim)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_and_padded_experts_compute_the_same_outputs_and_gradients(kind: str, autocast: bool) -> None:
+    """The grouped matmul path (sorted pairs, no padding, no host read) against the padded batched one, placeholder included."""
+    block, hidden = routed_block(kind, {"gate_proj": 8, "down_proj": 16})  # widths of whole 16-byte units: grouped_fits
+    experts, tokens = block.experts, hidden[0]
+    assert experts.grouped_fits(torch.bfloat16) and not routed_block(kind, {"gate_proj": 12})[0].experts.grouped_fits(torch.bfloat16)
+    _, weights, index = block.gate(tokens)
+    index[:3, -1] = experts.num_experts  # transformers' expert-parallel placeholder: no expert
+    results = []
+    for forward in (experts.grouped_forward, experts.padded_forward):
+        x = tokens.clone().requires_grad_()
+        experts.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(x, index, weights.detach())
+        out.float().square().sum().backward()
+        results.append([out.float(), x.grad, *(p.grad for p in experts.parameters())])
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-6, "rtol": 1e-5}
+    for grouped, padded in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, padded, **tolerance)
+
+
+def test_routed_moments_and_gram_matrices_do_not_depend_on_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics hooked on expert projections read each expert's real rows from either layout."""
+    names = ["experts.gate_proj", "experts.up_proj", "experts.down_proj"]
+    seen = []
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(lowrank, "_GROUPED_MM", None)
+        block, hidden = routed_block("mixtral", {"gate_proj": 8, "up_proj": 8, "down_proj": 16})
+        with moe.record_routing(block, names, torch.device("cpu"), inputs=True) as routing:
+            block(hidden)
+        modules = {n: m for n, m in block.named_modules() if n in names}
+        grams = factor_grams(block, modules, [hidden], {}, torch.autocast("cpu", enabled=False), 1 << 20)
+        seen.append((routing, grams))
+    (grouped, grams_grouped), (padded, grams_padded) = seen
+    assert grouped.tokens.keys() == padded.tokens.keys() and all(torch.equal(grouped.tokens[k], padded.tokens[k]) for k in grouped.tokens)
+    for name in names:
+        for a, b in zip(grouped.stats[name], padded.stats[name], strict=True):
+            assert a.count == b.count
+            torch.testing.assert_close(a.second_moment(), b.second_moment())
+        torch.testing.assert_close(grams_grouped[name], grams_padded[name], atol=1e-5, rtol=1e-5)
+
+
+def test_a_distilled_moe_run_is_the_same_with_grouped_or_padded_experts(
+    tmp_path: Path, tiny_mixtral: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole pipeline (routed statistics, whitened init, preconditioned training, student pass) on either path: the
+    factors agree to float32 rounding amplified by a few training steps."""
+    rules = json.dumps({"layers.*.mlp.experts.*.*": 8})  # widths of whole 16-byte units: the grouped path applies
+    settings = {"method": "distill", "init": "whiten", "ranks.rules": rules, "ranks.allocation": "uniform", "save_dtype": "float32"}
+    grouped = run(tiny_mixtral, corpus, tmp_path / "grouped", **settings)
+    monkeypatch.setattr(lowrank, "_GROUPED_MM", None)
+    padded = run(tiny_mixtral, corpus, tmp_path / "padded", **settings)
+    a, b = (compressed.load_compressed(report.output).state_dict() for report in (grouped, padded))
+    assert any(".experts.down_proj.A" in k for k in a) and a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert grouped.perplexity.compressed == pytest.approx(padded.perplexity.compressed, rel=1e-4)

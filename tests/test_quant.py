@@ -25,10 +25,12 @@ from distill_lr.config import load_config
 from distill_lr.errors import UserInputError
 from distill_lr.factorize import factorize_layer_, whiten_factors
 from distill_lr.layerwise import capture_inputs
+from distill_lr.methods import quantize
 from distill_lr.modeling.lowrank import (
     KERNEL_ROWS,
     CorrectedExperts,
     CorrectedLinear,
+    ExpertLinears,
     QuantExpertLinears,
     QuantLinear,
     pack_codes,
@@ -371,6 +373,21 @@ def test_qlr_corrects_every_expert_and_the_corrections_are_trained(tmp_path: Pat
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, ours(ids).logits, atol=1e-4)
     assert held_out_perplexity(ours, model, corpus) == pytest.approx(corrected.perplexity.compressed, rel=1e-3)
+
+
+def test_expert_moments_are_recorded_a_few_experts_at_a_time_with_the_same_result(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTQ's per-expert Hessians are held for a chunk of experts at a time, within the projection's own weight bytes
+    (all of Mixtral-8x7B's down projections at once would be 13 GB of float64); chunks change nothing in the files."""
+    down, gate = (ExpertLinears(8, inp, out, None, device="meta") for inp, out in ((14336, 4096), (4096, 14336)))
+    assert quantize.expert_chunks(down) == [[e] for e in range(8)] and quantize.expert_chunks(gate) == [list(range(8))]
+    model = save_tiny(tmp_path / "mixtral", "mixtral")
+    settings = {**Q4, "method": "qlr", "quant.correction_rank": 4}
+    together = run(model, corpus, tmp_path / "together", **settings)
+    monkeypatch.setattr(quantize, "expert_chunks", lambda dense: [[e] for e in range(dense.num_experts)])
+    one_by_one = run(model, corpus, tmp_path / "one-by-one", **settings)
+    assert layer_bytes(Path(together.output)) == layer_bytes(Path(one_by_one.output))
 
 
 def test_starved_experts_are_rounded_and_named(tmp_path: Path, corpus: Path) -> None:

@@ -10,14 +10,17 @@ import pytest
 import torch
 from conftest import materialised_layer
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from distill_lr import moe
 from distill_lr.factorize import factorize_layer_
 from distill_lr.fit import FactorSlots, FitState, adamw, fit, lr_factor, param_groups, split_holdout
 from distill_lr.layerwise import capture_inputs, embed, run_layer
-from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
+from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, LowRankLinear
 from distill_lr.precondition import factor_grams, inverse_sqrt, preconditioned
 from distill_lr.schema import TrainConfig
-from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, factor_modules, training_autocast
+from distill_lr.testing import save_tiny
+from distill_lr.train import MIN_LOSS, distill_layer, distill_loss, factor_modules, layer_objective, training_autocast
 
 
 def test_loss_of_identical_outputs_is_minimal() -> None:
@@ -247,11 +250,11 @@ def test_fit_keeps_the_best_held_out_factors_through_a_divergence() -> None:
         def error(self) -> torch.Tensor:
             return (linear.weight - 1).square().mean()
 
-        def loss(self, idx: torch.Tensor, backward: bool) -> float:
+        def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
             self.steps += 1
             value = self.error() * (float("nan") if self.steps == 4 else 1.0)
             value.backward()
-            return float(value)
+            return value.detach()
 
         def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
             return {"loss": float(self.error())}
@@ -265,3 +268,64 @@ def test_fit_keeps_the_best_held_out_factors_through_a_divergence() -> None:
     assert [point["holdout_loss"] for point in state.curve] == sorted((p["holdout_loss"] for p in state.curve), reverse=True)
     factors.restore(state.best_factors)
     assert float((linear.weight - 1).square().mean()) == pytest.approx(state.best["loss"])
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host (``.item()``, ``float()``, ``bool()``): each one waits for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_of_a_moe_layer_reads_nothing_back_to_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped expert matmuls and losses kept on the device: a step runs without a host synchronisation."""
+    torch.manual_seed(0)
+    model, layers, layer = materialised_layer(save_tiny(tmp_path / "mixtral", "mixtral"))
+    ids = torch.randint(3, 200, (8, 16))
+    _, kwargs = capture_inputs(model, layers, ids[:1])
+    x = embed(model, layers, ids, 8)
+    y = run_layer(layer, x, kwargs[0], 8)
+    ranks = moe.module_ranks({n: 8 for n in moe.expert_shapes(layer)} | {"self_attn.q_proj": 8}, moe.fused_experts(layer))
+    moe.unfuse_experts_(layer, ranks)
+    factorize_layer_(layer, ranks, "svd", {})
+    assert any(isinstance(m, LowRankExperts) and m.grouped_fits(torch.float32) for m in layer.modules())
+    objective = layer_objective(layer, (x, x, y), kwargs[0], TrainConfig(batch_size=4))
+    for module in factor_modules(layer).values():
+        module.requires_grad_(True)
+    tolist = torch.Tensor.tolist
+    listed = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: listed.append(t.shape) or tolist(t))
+    with HostReads() as reads:
+        loss = objective.loss(torch.arange(4), backward=True)
+    assert reads.count == 0 and not listed
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(("check_every", "stopped_at"), [(1, 4), (3, 5)])
+def test_the_loss_is_read_every_check_every_steps_and_a_divergence_stops_at_the_next_read(check_every: int, stopped_at: int) -> None:
+    linear = torch.nn.Linear(4, 1, bias=False)
+    factors = FactorSlots({"w": linear})
+
+    class Toy:
+        name, calls = "loss", 0
+
+        def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
+            self.calls += 1
+            value = linear.weight.square().mean() * (float("nan") if self.calls == 5 else 1.0)
+            value.backward()
+            return value.detach()
+
+        def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
+            return {"loss": float(linear.weight.detach().square().mean())}
+
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=0.01, warmup_fraction=0.0, evals_per_epoch=1, check_every=check_every)
+    ids = torch.arange(10)
+    state = FitState.start(Toy(), ids[:1], factors.snapshot())
+    with pytest.warns(UserWarning, match="diverged"):
+        fit(Toy(), factors, (ids, ids[:1], lambda _epoch: ids), cfg, adamw(factors.params, cfg, 10), state)
+    assert state.step == stopped_at and "nan at step 4" in state.rolled_back

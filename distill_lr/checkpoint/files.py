@@ -257,13 +257,11 @@ class BackgroundWriter:
 
         self._pending.append(self._pool.submit(guarded))
 
-    def drain(self) -> float:
-        """Wait for every queued write; returns the seconds spent waiting."""
-        start = time.perf_counter()
+    def drain(self) -> None:
+        """Wait for every queued write."""
         pending, self._pending = self._pending, []
         for future in pending:
             future.result()
-        return time.perf_counter() - start
 
     def close(self) -> None:
         try:

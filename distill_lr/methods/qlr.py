@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -17,7 +18,6 @@ from distill_lr.factorize import balance_factors, break_even_rank, svd_factors, 
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.methods.distill import Distill
 from distill_lr.methods.quantize import (
-    ExpertsDone,
     check_group_size,
     dense_experts,
     dense_linears,
@@ -25,7 +25,7 @@ from distill_lr.methods.quantize import (
     quantize_linear,
     record,
 )
-from distill_lr.modeling.lowrank import CorrectedExperts, CorrectedLinear, ExpertLinears, QuantExpertLinears
+from distill_lr.modeling.lowrank import CorrectedLinear
 from distill_lr.moments import Moments
 from distill_lr.ranks import rule_rank, rule_value
 from distill_lr.schema import CompressConfig, QuantConfig
@@ -76,30 +76,21 @@ class Correct(LayerStep):
             layer.set_submodule(name, module)
             errors.append(error)
         experts = dense_experts(layer)
-        done = quantize_experts_(work, experts, moments=True) if experts else ExpertsDone()
-        for name, dense in done.dense.items():
-            rank = correction_rank(cfg.quant, f"layers.{work.index}.{name}", (dense.out_features, dense.in_features))
-            if rank is not None:
-                layer.set_submodule(name, corrected_experts(dense, layer.get_submodule(name), rank, done.moments[name]))
-                corrections[name] = rank
+        done = quantize_experts_(work, experts, moments=True, correction=partial(expert_correction, cfg.quant, work.index))
+        corrections |= done.corrections
         modules = [f"{n}.base" if n in corrections else n for n in [*names, *experts]]
         record(work, modules, errors + done.errors, corrections, rounded_experts=done.rounded)
 
 
-def corrected_experts(dense: ExpertLinears, base: QuantExpertLinears, rank: int, moments: list[Moments | None] | None) -> CorrectedExperts:
-    """Each expert's quantization residual corrected by its output-optimal pair (whitened SVD over the tokens routed to it;
-    the plain SVD for an expert without moments)."""
-    residual = dense.weight.detach().float() - base.dequantized(torch.float32).view_as(dense.weight)
-    per_expert = moments or [None] * dense.num_experts
-    pairs = [
-        balance_factors(*(svd_factors(R, rank) if m is None else whiten_factors(R, rank, m)))
-        for R, m in zip(residual, per_expert, strict=True)
-    ]
-    module = CorrectedExperts(base, rank)
-    with torch.no_grad():
-        module.A.copy_(torch.stack([a for a, _ in pairs]))
-        module.B.copy_(torch.stack([b for _, b in pairs]))
-    return module
+def expert_correction(
+    cfg: QuantConfig, index: int, name: str, residual: torch.Tensor, moments: Moments | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One expert's correction of its quantization residual: the output-optimal pair of its projection's rank (whitened
+    SVD over the tokens routed to it; the plain SVD for an expert without moments), or None where its rule says skip."""
+    rank = correction_rank(cfg, f"layers.{index}.{name}", tuple(residual.shape))
+    if rank is None:
+        return None
+    return balance_factors(*(svd_factors(residual, rank) if moments is None else whiten_factors(residual, rank, moments)))
 
 
 def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from distill_lr import moe, quant
 from distill_lr.methods.base import LayerStep, LayerWork, Method
-from distill_lr.modeling.lowrank import EXPERT_PROJECTIONS, ExpertLinears, LowRankLinear, QuantExpertLinears, QuantLinear, is_fused_experts
+from distill_lr.modeling.lowrank import EXPERT_PROJECTIONS, CorrectedExperts, ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
 from distill_lr.ranks import matches
 from distill_lr.schema import CompressConfig, QuantConfig
@@ -80,56 +81,67 @@ def dense_experts(layer: nn.Module) -> list[str]:
     return names + [n for n, m in layer.named_modules() if isinstance(m, ExpertLinears) and m.rank is None]
 
 
-def routed_moments(routing: moe.Routing | None, name: str, min_tokens: int) -> list[Moments | None] | None:
-    """Each expert's input moments of the projection, None for an expert that received fewer than ``min_tokens`` tokens."""
-    if routing is None:
-        return None
-    tokens = routing.tokens[name.rpartition(".")[0]]
-    return [m if int(n) >= min_tokens else None for m, n in zip(routing.stats[name], tokens, strict=True)]
-
-
-def quantize_projection(
-    dense: ExpertLinears, moments: list[Moments | None] | None, cfg: QuantConfig, scale_dtype: torch.dtype
-) -> tuple[QuantExpertLinears, list[float], list[int]]:
-    """A dense projection of every expert as integers, each expert on its own grid: by GPTQ where its moments are known,
-    else rounded. The module, the experts' output errors, and the experts rounded for want of moments under GPTQ."""
-    parts, errors, rounded = [], [], []
-    for e, W in enumerate(dense.weight):
-        q, error = quantize_weight(W, cfg, None if moments is None else moments[e], scale_dtype)
-        parts.append(q)
-        errors += [] if error is None else [error]
-        if cfg.method == "gptq" and moments is not None and moments[e] is None:
-            rounded.append(e)
-    return quant.Quantized.stacked(parts).expert_module(dense.num_experts, dense.weight.dtype), errors, rounded
+# A correction of one expert's quantization residual: (projection, residual, its routed moments) -> (A, B), or None.
+Correction = Callable[[str, torch.Tensor, Moments | None], tuple[torch.Tensor, torch.Tensor] | None]
 
 
 @dataclass
 class ExpertsDone:
     """What ``quantize_experts_`` did: the output errors, the experts rounded for want of tokens (per experts module), and
-    per projection the dense module it replaced and its experts' moments (what a correction of the residual needs)."""
+    the rank of each corrected projection."""
 
     errors: list[float] = field(default_factory=list)
     rounded: dict[str, list[int]] = field(default_factory=dict)
-    dense: dict[str, ExpertLinears] = field(default_factory=dict)
-    moments: dict[str, list[Moments | None] | None] = field(default_factory=dict)
+    corrections: dict[str, int] = field(default_factory=dict)
 
 
-def quantize_experts_(work: LayerWork, names: list[str], moments: bool) -> ExpertsDone:
-    """Unfuse the layer's experts and swap the named dense expert projections for ``QuantExpertLinears``: each expert by
-    GPTQ from the moments of the tokens routed to it (recorded when ``moments``), or rounded when it received fewer than
-    ``ranks.min_expert_tokens`` (named in the log)."""
+def input_groups(names: list[str]) -> list[list[str]]:
+    """The projections that read one input, together (an experts module's gate and up; its down alone): one pass each."""
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name in names:
+        path, _, projection = name.rpartition(".")
+        groups.setdefault((path, projection == "down_proj"), []).append(name)
+    return list(groups.values())
+
+
+def expert_chunks(dense: ExpertLinears) -> list[list[int]]:
+    """Experts whose routed input moments are recorded in one pass: as many as keep those float64 moments within the
+    projection's own weight bytes (Mixtral's down projections: one at a time; all eight would hold 13 GB)."""
+    per_expert = dense.in_features**2 * 8
+    size = max(1, dense.weight.numel() * dense.weight.element_size() // per_expert)
+    return [list(range(e, min(e + size, dense.num_experts))) for e in range(0, dense.num_experts, size)]
+
+
+def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correction: Correction | None = None) -> ExpertsDone:
+    """Unfuse the layer's experts and swap the named dense expert projections for ``QuantExpertLinears`` (``CorrectedExperts``
+    where ``correction`` gives pairs): each expert by GPTQ from the moments of the tokens routed to it (recorded when
+    ``moments``, a few experts per pass over the layer, ``expert_chunks``, on the dense layer), or rounded when it received
+    fewer than ``ranks.min_expert_tokens`` (named in the log)."""
     layer, cfg, done = work.layer, work.cfg, ExpertsDone()
     moe.unfuse_experts_(layer, names)
-    routing = expert_input_moments(layer, names, work.x_student, work.kwargs, cfg.batch_size) if moments else None
+    dense: dict[str, ExpertLinears] = {name: layer.get_submodule(name) for name in names}
+    parts: dict[str, list[tuple[quant.Quantized, tuple[torch.Tensor, torch.Tensor] | None]]] = {name: [] for name in names}
+    for group in input_groups(names):
+        for chunk in expert_chunks(dense[group[0]]):
+            routing = expert_input_moments(layer, group, work.x_student, work.kwargs, cfg.batch_size, chunk) if moments else None
+            for name in group:
+                per_expert = routed_moments(routing, name, cfg.ranks.min_expert_tokens)
+                for e in chunk:
+                    m = None if per_expert is None else per_expert[e]
+                    q, error = quantize_weight(dense[name].weight[e], cfg.quant, m, work.save_dtype)
+                    residual = dense[name].weight[e].detach().float() - q.dequantized()
+                    parts[name].append((q, None if correction is None else correction(name, residual, m)))
+                    done.errors += [] if error is None else [error]
+                    if cfg.quant.method == "gptq" and moments and m is None and e not in done.rounded.get(name.rpartition(".")[0], []):
+                        done.rounded.setdefault(name.rpartition(".")[0], []).append(e)
+            del routing  # the chunk's moments: never more than one chunk's at once
     for name in names:
-        dense = layer.get_submodule(name)
-        per_expert = routed_moments(routing, name, cfg.ranks.min_expert_tokens)
-        module, errors, starved = quantize_projection(dense, per_expert, cfg.quant, work.save_dtype)
+        module = quant.Quantized.stacked([q for q, _ in parts[name]]).expert_module(dense[name].num_experts, dense[name].weight.dtype)
+        pairs = [pair for _, pair in parts[name] if pair is not None]
+        if pairs:
+            module = CorrectedExperts.around(module, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+            done.corrections[name] = module.rank
         layer.set_submodule(name, module)
-        done.errors += errors
-        done.dense[name], done.moments[name] = dense, per_expert
-        if starved:
-            done.rounded[name.rpartition(".")[0]] = starved
     for path, experts in done.rounded.items():
         log.warning(
             "layer %d %s: experts %s received fewer than %d calibration tokens: rounded to nearest instead of GPTQ",
@@ -139,6 +151,15 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool) -> Exper
             cfg.ranks.min_expert_tokens,
         )
     return done
+
+
+def routed_moments(routing: moe.Routing | None, name: str, min_tokens: int) -> list[Moments | None] | None:
+    """Each expert's input moments of the projection, None for an expert that received fewer than ``min_tokens`` tokens
+    (or whose moments were not recorded)."""
+    if routing is None:
+        return None
+    tokens = routing.tokens[name.rpartition(".")[0]]
+    return [m if int(n) >= min_tokens else None for m, n in zip(routing.stats[name], tokens, strict=True)]
 
 
 def quantize_named_(work: LayerWork, names: list[str], moments: dict[str, Moments]) -> list[float]:

@@ -350,9 +350,9 @@ class QuantExpertLinears(QuantLinear):
         w = experts.weight
         return cls(experts.num_experts, experts.in_features, experts.out_features, bits, group_size, symmetric, w.device, w.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
         weight = self.dequantized(x.dtype).view(self.num_experts, self.expert_out_features, self.in_features)
-        return torch.bmm(x, weight.transpose(1, 2))
+        return expert_matmul(x, weight.transpose(1, 2), offsets)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, " + super().extra_repr().replace(
@@ -426,6 +426,40 @@ def multiply_out_(module: nn.Module, above: float) -> list[str]:
 
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_UNSUPPORTED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) where grouped mm raised: padded bmm there
+
+
+def expert_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor | None) -> Tensor:
+    """Every expert's tokens times its matrix (``weight_t (E, in, out)``).
+
+    ``offsets`` None: tokens padded per expert, ``x (E, capacity, in)``, one ``torch.bmm``. Otherwise rows sorted
+    by expert, ``x (pairs, in)``, expert e's rows ending at ``offsets[e]`` (int32): one grouped matmul, no
+    padding and no host synchronisation. Autocast does not cover grouped mm: it computes in autocast's dtype here.
+    """
+    if offsets is None:
+        return torch.bmm(x, weight_t)
+    dtype = compute_dtype(x)
+    return _GROUPED_MM(x.to(dtype), weight_t.to(dtype), offs=offsets)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` computes in: autocast's where it is on for ``x``'s device, else ``x``'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def grouping(args: tuple[Any, ...]) -> Tensor | None:
+    """The ``offsets`` of an ``ExpertLinears`` call from its positional arguments (what a forward hook receives)."""
+    return args[1] if len(args) > 1 else None
+
+
+def expert_blocks(x: Tensor, counts: list[int], offsets: Tensor | None) -> list[Tensor]:
+    """The real rows of each expert in an ``ExpertLinears`` input or output (``counts`` tokens per expert)."""
+    if offsets is None:
+        return [x[e, :n] for e, n in enumerate(counts)]
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [x[end - n : end] for n, end in zip(counts, ends, strict=True)]
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -475,10 +509,11 @@ class ExpertLinears(nn.Module):
             self.A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=dtype))
             self.B = nn.Parameter(torch.empty(num_experts, out_features, rank, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """``x`` padded per expert ``(E, capacity, in)``, or sorted by expert ``(pairs, in)`` with ``offsets`` (``expert_matmul``)."""
         if self.rank is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.bmm(torch.bmm(x, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+            return expert_matmul(x, self.weight.transpose(1, 2), offsets)
+        return expert_matmul(expert_matmul(x, self.A.transpose(1, 2), offsets), self.B.transpose(1, 2), offsets)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -496,18 +531,28 @@ class CorrectedExperts(ExpertLinears):
         super().__init__(base.num_experts, base.in_features, out_features, rank, device=base.scale.device, dtype=base.scale.dtype)
         self.base = base
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + super().forward(x)
+    @classmethod
+    def around(cls, base: QuantExpertLinears, A: Tensor, B: Tensor) -> CorrectedExperts:
+        """``base`` corrected by the factors ``A (E, rank, in)``, ``B (E, out, rank)``."""
+        module = cls(base, A.shape[1])
+        with torch.no_grad():
+            module.A.copy_(A)
+            module.B.copy_(B)
+        return module
+
+    def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
+        return self.base(x, offsets) + super().forward(x, offsets)
 
 
 class LowRankExperts(nn.Module):
     """Drop-in for a fused experts module (see ``is_fused_experts``): same ``forward(hidden_states, top_k_index, top_k_weights)``.
 
-    Its ``gate_proj``, ``up_proj`` and ``down_proj`` are ``ExpertLinears``, each dense or low-rank. The
-    (token, expert) pairs are gathered into a zero-padded ``(E, capacity, hidden)`` batch, so every
-    projection of every expert is one batched matmul instead of a Python loop over experts; padding rows
-    stay zero through the experts (no biases, ``act(0) * 0 = 0``) and are never read back. An index equal
-    to ``num_experts`` (transformers' expert-parallel placeholder) is skipped.
+    Its ``gate_proj``, ``up_proj`` and ``down_proj`` are ``ExpertLinears``, each dense or low-rank. Every
+    projection of every expert is one call instead of a Python loop over experts: where torch has a grouped
+    matmul for the device and dtype and the widths suit it (``grouped_fits``), on the (token, expert) pairs
+    sorted by expert (static shapes, no host synchronisation); elsewhere a batched matmul on a zero-padded
+    ``(E, capacity, hidden)`` batch, whose padding rows stay zero through the experts (no biases, ``act(0) * 0 = 0``)
+    and are never read back. An index equal to ``num_experts`` (transformers' expert-parallel placeholder) is skipped.
     """
 
     def __init__(
@@ -562,10 +607,42 @@ class LowRankExperts(nn.Module):
         return {"gate_up_proj": torch.cat([dense["gate_proj"], dense["up_proj"]], dim=1), "down_proj": dense["down_proj"]}
 
     def token_counts(self, top_k_index: Tensor) -> Tensor:
-        """How many tokens each expert receives, ``(E,)`` (placeholder indices not counted)."""
-        return torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts + 1)[: self.num_experts]
+        """How many tokens each expert receives, ``(E,)`` (placeholder indices not counted); no host synchronisation."""
+        index = top_k_index.reshape(-1)
+        return index.new_zeros(self.num_experts + 1).index_add_(0, index, torch.ones_like(index))[: self.num_experts]
+
+    def grouped_fits(self, dtype: torch.dtype) -> bool:
+        """Whether every width the grouped matmuls see is a whole number of 16-byte units in ``dtype`` (torch requires it)."""
+        unit = 16 // dtype.itemsize
+        widths = [self.hidden_dim, self.intermediate_dim] + [getattr(getattr(self, n), "rank", None) or 0 for n in EXPERT_PROJECTIONS]
+        return all(w % unit == 0 for w in widths)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        key = (hidden_states.device.type, compute_dtype(hidden_states))
+        if _GROUPED_MM is not None and key not in _GROUPED_UNSUPPORTED and self.grouped_fits(key[1]):
+            try:
+                return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # this torch has no grouped mm kernel for the device and dtype
+                _GROUPED_UNSUPPORTED.add(key)
+        return self.padded_forward(hidden_states, top_k_index, top_k_weights)
+
+    def grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The pairs sorted by expert (placeholders last, their outputs zeroed), one grouped matmul per factor."""
+        tokens, top_k = top_k_index.shape
+        experts = top_k_index.reshape(-1)
+        order = torch.argsort(experts, stable=True)
+        offsets = self.token_counts(top_k_index).cumsum(0).to(torch.int32)
+        real = (experts[order] < self.num_experts)[:, None]  # placeholder rows lie past the last offset: left unset, both ways
+        x = torch.where(real, hidden_states[order // top_k], 0.0)
+        out = self.down_proj(self.act_fn(self.gate_proj(x, offsets)) * self.up_proj(x, offsets), offsets)
+        pairs = torch.where(real, out * top_k_weights.reshape(-1)[order, None].to(out.dtype), 0.0)
+        per_pair = pairs[torch.argsort(order)]
+        return per_pair.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def padded_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The pairs gathered into a zero-padded ``(E, capacity, hidden)`` batch: one batched matmul per factor."""
         tokens, top_k = top_k_index.shape
         experts = top_k_index.reshape(-1)
         counts = self.token_counts(top_k_index)

@@ -282,10 +282,11 @@ class Objective:
     def name(self) -> str:
         return self.cfg.loss
 
-    def loss(self, idx: torch.Tensor, backward: bool) -> float:
+    def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
         """Mean loss over the sequences ``idx`` (a step's batch, or the whole held-out slice), one micro-batch at a
         time; with ``backward`` the gradients accumulate."""
-        total, device = 0.0, self.input_ids.device
+        device = self.input_ids.device
+        total = torch.zeros((), device=device)
         for start in range(0, len(idx), self.cfg.micro_batch_size):
             part = idx[start : start + self.cfg.micro_batch_size]
             ids = self.input_ids[part].to(device)
@@ -298,11 +299,11 @@ class Objective:
                 value = kl_to_teacher(student, teacher) * len(part) / len(idx)
             if backward:
                 value.backward()
-            total += float(value.detach())
+            total = total + value.detach()
         return total
 
     def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
-        return {"loss": self.loss(idx, backward=False)}
+        return {"loss": float(self.loss(idx, backward=False))}
 
 
 def _open_state(
