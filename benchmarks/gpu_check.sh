@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU part of the Mixtral-8x7B-scale check, in one go (about 8 minutes on one H100/H200), Markdown tables in $OUT:
-#   scale_gpu.md   bench_scale.py: 2 Mixtral-8x7B-shaped layers at 128 x 2048 tokens, the default pipeline and qlr,
-#                  per phase seconds, GPU/host peaks, counted FLOPs and the rate against the measured bf16 peak, the
+#   scale_gpu.md   bench_scale.py: 2 Mixtral-8x7B-shaped layers at 128 x 2048 tokens, the default pipeline (and qlr
+#                  in scale_gpu_qlr.md: its down-projection corrections are slow, docs/benchmarks.md), per phase seconds, GPU/host peaks, counted FLOPs and the rate against the measured bf16 peak, the
 #                  projection to 32 layers, and a profiled training step with its host synchronisations
 #   solvers.md     bench_init.py: the inits' truncated-SVD solvers at Mixtral's shapes
 #   experts.md     bench_experts.py: grouped against padded expert matmuls, one training step
@@ -50,9 +50,10 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/device.txt"
 
 cd benchmarks || exit 1
-timeout 330 python bench_scale.py --device cuda --layers 2 --runs default qlr --profile --data builtin:python \
-  --tokenizer "../$BUNDLE/tokenizer" --workdir /tmp/bench-scale --out "$OUT/scale_gpu" 2>&1 | tail -n 80 | tee "$OUT/scale_gpu.log"
+scale=(--device cuda --layers 2 --data builtin:python --tokenizer "../$BUNDLE/tokenizer" --workdir /tmp/bench-scale)
+timeout 240 python bench_scale.py "${scale[@]}" --runs default --profile --out "$OUT/scale_gpu" 2>&1 | tail -n 60 | tee "$OUT/scale_gpu.log"
 cp /tmp/bench-scale/step_trace.json "$OUT/" 2>/dev/null
+timeout 120 python bench_scale.py "${scale[@]}" --runs qlr --out "$OUT/scale_gpu_qlr" 2>&1 | tail -n 40 | tee "$OUT/scale_gpu_qlr.log"
 timeout 90 python bench_init.py --device cuda 2>&1 | tee "$OUT/solvers.md"
 timeout 60 python bench_experts.py --device cuda --dtype bfloat16 --tokens 4096 16384 --skew 0 2 2>&1 | tee "$OUT/experts.md"
 ls -la "$OUT"
