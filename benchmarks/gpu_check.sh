@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU part of the Mixtral-8x7B-scale check, in one go (about 8 minutes on one H100/H200), Markdown tables in $OUT:
-#   scale_gpu.md   bench_scale.py: 2 Mixtral-8x7B-shaped layers at 128 x 2048 tokens, the default pipeline (and qlr
-#                  in scale_gpu_qlr.md: its down-projection corrections are slow, docs/benchmarks.md), per phase seconds, GPU/host peaks, counted FLOPs and the rate against the measured bf16 peak, the
-#                  projection to 32 layers, and a profiled training step with its host synchronisations
+#   scale_gpu.md   bench_scale.py: 2 Mixtral-8x7B-shaped layers at 128 x 2048 tokens, the default pipeline: per phase
+#                  seconds, GPU/host peaks, counted FLOPs and the rate against the measured bf16 peak, the projection
+#                  to 32 layers, and a profiled training step with its host synchronisations
+#   scale_gpu_qlr.md  the same for qlr, under its own time limit (its down-projection corrections are slow)
 #   solvers.md     bench_init.py: the inits' truncated-SVD solvers at Mixtral's shapes
 #   experts.md     bench_experts.py: grouped against padded expert matmuls, one training step
 #
