@@ -144,7 +144,7 @@ def record_routing(
         routing.tokens[path] = routing.tokens.get(path, 0) + counts.cpu()
 
     def collect(name: str, grouped: torch.Tensor, offsets: torch.Tensor | None) -> None:
-        for e, rows in enumerate(expert_blocks(grouped, current[name.rpartition(".")[0]], offsets)):
+        for e, rows in enumerate(expert_blocks(grouped, offsets, current[name.rpartition(".")[0]])):
             if len(rows) and routing.stats[name][e] is not None:
                 routing.stats[name][e].update(rows)
 

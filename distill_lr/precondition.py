@@ -91,8 +91,7 @@ def factor_grams(
         offsets = grouping(args) if experts else None
         with torch.autocast(x.device.type, enabled=False):  # a float32 sum, not bf16, under the training's autocast
             if offsets is not None:  # rows sorted by expert: one Gram matrix per expert's block
-                counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
-                gram = torch.stack([b.float().mT @ b.float() for b in expert_blocks(x, counts, offsets)])
+                gram = torch.stack([b.float().mT @ b.float() for b in expert_blocks(x, offsets)])
             else:  # a linear's tokens, or experts' zero-padded (E, capacity, in) batch
                 t = x.float() if experts else x.reshape(-1, x.shape[-1]).float()
                 gram = t.mT @ t

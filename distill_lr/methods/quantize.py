@@ -121,6 +121,7 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correcti
     moe.unfuse_experts_(layer, names)
     dense: dict[str, ExpertLinears] = {name: layer.get_submodule(name) for name in names}
     parts: dict[str, list[tuple[quant.Quantized, tuple[torch.Tensor, torch.Tensor] | None]]] = {name: [] for name in names}
+    rounded: dict[str, set[int]] = {}  # per experts module: gate, up and down name the same starved experts
     for group in input_groups(names):
         for chunk in expert_chunks(dense[group[0]]):
             routing = expert_input_moments(layer, group, work.x_student, work.kwargs, cfg.batch_size, chunk) if moments else None
@@ -132,8 +133,8 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correcti
                     residual = dense[name].weight[e].detach().float() - q.dequantized()
                     parts[name].append((q, None if correction is None else correction(name, residual, m)))
                     done.errors += [] if error is None else [error]
-                    if cfg.quant.method == "gptq" and moments and m is None and e not in done.rounded.get(name.rpartition(".")[0], []):
-                        done.rounded.setdefault(name.rpartition(".")[0], []).append(e)
+                    if cfg.quant.method == "gptq" and moments and m is None:
+                        rounded.setdefault(name.rpartition(".")[0], set()).add(e)
             del routing  # the chunk's moments: never more than one chunk's at once
     for name in names:
         module = quant.Quantized.stacked([q for q, _ in parts[name]]).expert_module(dense[name].num_experts, dense[name].weight.dtype)
@@ -142,6 +143,7 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correcti
             module = CorrectedExperts.around(module, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
             done.corrections[name] = module.rank
         layer.set_submodule(name, module)
+    done.rounded = {path: sorted(experts) for path, experts in rounded.items()}
     for path, experts in done.rounded.items():
         log.warning(
             "layer %d %s: experts %s received fewer than %d calibration tokens: rounded to nearest instead of GPTQ",

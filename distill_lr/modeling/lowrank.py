@@ -454,12 +454,13 @@ def grouping(args: tuple[Any, ...]) -> Tensor | None:
     return args[1] if len(args) > 1 else None
 
 
-def expert_blocks(x: Tensor, counts: list[int], offsets: Tensor | None) -> list[Tensor]:
-    """The real rows of each expert in an ``ExpertLinears`` input or output (``counts`` tokens per expert)."""
-    if offsets is None:
-        return [x[e, :n] for e, n in enumerate(counts)]
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    return [x[end - n : end] for n, end in zip(counts, ends, strict=True)]
+def expert_blocks(x: Tensor, offsets: Tensor | None, counts: list[int] | None = None) -> list[Tensor]:
+    """The rows of each expert in an ``ExpertLinears`` input or output: sorted by expert (split at ``offsets``), or
+    padded per expert (the first ``counts[e]`` rows of expert e are real; without ``counts``, all rows, padding too)."""
+    if offsets is not None:
+        ends = offsets.tolist()
+        return [x[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    return [x[e, :n] for e, n in enumerate(counts)] if counts is not None else list(x)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
