@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from bench_quality import E2E
 
 from distill_lr.analysis.tables import markdown_table, save_results
 from distill_lr.checkpoint.layout import MANIFEST_NAME
@@ -71,6 +72,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     **{
         f"qlr{b}-r{r}-trained": ("quantized + correction", [*_qlr(b, r, train=True), "train.epochs=1"]) for b in (4, 3, 2) for r in (16, 64)
     },
+    # the end-to-end stage of bench_quality's +e2e rows over the corrections (the integers frozen); -scales: the
+    # quantization scales train too
+    **{f"qlr{b}-r16+e2e": ("quantized + correction", [*_qlr(b, 16), *E2E]) for b in (4, 3)},
+    **{f"qlr{b}-r16+e2e-scales": ("quantized + correction", [*_qlr(b, 16), *E2E, "e2e.train_scales=true"]) for b in (4, 3)},
 }
 DEFAULT_ROWS = [
     "bf16",

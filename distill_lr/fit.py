@@ -1,6 +1,6 @@
 """One training loop for low-rank factors, shared by the layer-wise distillation and the end-to-end stage.
 
-AdamW (one group per factor, its learning rate relative to the factor's RMS), linear warm-up then cosine
+AdamW (one group per factor, its learning rate relative to the factor's RMS) or Adafactor, linear warm-up then cosine
 decay, gradient clipping; held-out evaluations keep the best factors and stop early after ``patience``
 evaluations without improvement; a step whose loss is not finite or exceeds ``divergence_factor`` times the
 first one stops the loop, and the caller installs the best held-out factors so far. The loop's state
@@ -103,12 +103,19 @@ def schedule(cfg: TrainConfig | E2EConfig, n_train: int) -> tuple[int, int, int]
     return steps_per_epoch, total, max(1, steps_per_epoch // cfg.evals_per_epoch)
 
 
-def adamw(
-    params: list[nn.Parameter], cfg: TrainConfig | E2EConfig, total: int, scales: list[float] | None = None
+def make_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig | E2EConfig, total: int, scales: list[float] | None = None, kind: str = "adamw"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the factors with linear warm-up and cosine decay over ``total`` steps (``scales``: see ``param_groups``)."""
-    groups = param_groups(params, cfg.lr, cfg.relative_lr, scales)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """The optimizer over the factors with linear warm-up and cosine decay over ``total`` steps.
+
+    ``adamw``: one group per factor (``scales``: see ``param_groups``); 12 bytes of state per parameter with its gradient.
+    ``adafactor``: factored second moments and no first moment, 4 bytes per parameter (the gradient); its steps are
+    already relative to each parameter's current RMS (Adafactor's parameter scaling), so it takes the plain ``lr``.
+    """
+    if kind == "adafactor":
+        optimizer: torch.optim.Optimizer = torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr, scales), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_fraction, cfg.min_lr_ratio))
 
 

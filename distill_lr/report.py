@@ -89,11 +89,12 @@ class ParamSummary:
     model_before: int
     model_after: int
     compressed_linears: int
-    factor_params: int = 0  # in the factor pairs: what an end-to-end stage trains
+    factor_params: int = 0  # in the factor pairs of the rank plan
+    added_params: int = 0  # float parameters a method adds outside the plan (qlr's corrections)
     counted: str = "weights of the decoder layers' linear projections (no embeddings, norms, head or biases)"
 
     @classmethod
-    def of(cls, plan: RankPlan, model_params: int) -> ParamSummary:
+    def of(cls, plan: RankPlan, model_params: int, added_params: int = 0) -> ParamSummary:
         return cls(
             decoder_linear_before=plan.dense_params,
             decoder_linear_after=plan.kept_params,
@@ -102,7 +103,13 @@ class ParamSummary:
             model_after=model_params - (plan.dense_params - plan.kept_params),
             compressed_linears=len(plan.ranks),
             factor_params=sum(r * sum(plan.shapes[n]) for n, r in plan.ranks.items()),
+            added_params=added_params,
         )
+
+    @property
+    def trainable(self) -> int:
+        """What the end-to-end stage trains: the factor pairs and the added float parameters (quantization scales aside)."""
+        return self.factor_params + self.added_params
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -109,11 +109,12 @@ def prepare(cfg: CompressConfig, opened: Opened) -> Run:
     streams = open_streams(tokens, tasks, model, layers, device)
     plan, allocated = plan_layers(cfg, method, reader, model, (prefix, layers), tokens, (device, dtype), manifest.plan)
     ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
-    params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()))
+    added = method.added_params(cfg, layers) if method.added_params is not None else 0
+    params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()), added)
     hidden = reader.config.get_text_config().hidden_size
     cache_folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out
     cache = plan_cache(cfg.cache, cache_folder, sum(s.ids.numel() for s in streams), hidden, layers, (device, dtype))
-    writes = params.model_after * save_dtype.itemsize + (e2e.state_bytes(params.factor_params) if cfg.e2e.enabled else 0)
+    writes = params.model_after * save_dtype.itemsize + (e2e.state_bytes(params.trainable, cfg.e2e) if cfg.e2e.enabled else 0)
     teacher = open_teacher(cfg, reader, out, cache, writes, tokens, (device, dtype), fingerprint)
     placement = {"placement": cache.placement, "gib": round(cache.total_bytes / 2**30, 3)}
     report = RunReport(cfg.to_dict(), str(reader.folder), str(out), params, placement, allocation=allocated)

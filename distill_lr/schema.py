@@ -171,6 +171,7 @@ class TrainConfig:
 
 
 E2E_LOSSES = ("kl", "lm")
+E2E_OPTIMIZERS = ("adamw", "adafactor")
 BASIS_REGIMES = ("layerwise", "end_to_end")
 
 
@@ -197,10 +198,17 @@ class E2EConfig:
     check_every: int = 8  # steps between reads of the training loss on the host, as train.check_every
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: far less memory
     loss: str = "kl"  # kl: to the dense model's next-token distribution; lm: next-token cross-entropy of the calibration text
+    # adamw: 16 bytes per trained parameter (itself, its gradient, two moments); adafactor: 8 (factored second moments,
+    # no first moment; its steps are relative to each parameter's RMS by itself, relative_lr aside). docs/e2e.md compares them.
+    optimizer: str = "adamw"
+    # With quant.bits: also train the scales of every integer weight (its codes frozen, as in EfficientQAT's E2E-QP);
+    # false: the scales stay as the layer-wise pass saved them and only the float factors, corrections and biases train.
+    train_scales: bool = False
 
     def __post_init__(self) -> None:
         check_optimisation(self, "e2e")
         check(self.loss in E2E_LOSSES, f"e2e.loss must be one of {E2E_LOSSES}, got '{self.loss}'")
+        check(self.optimizer in E2E_OPTIMIZERS, f"e2e.optimizer must be one of {E2E_OPTIMIZERS}, got '{self.optimizer}'")
         micro_ok = 0 < self.micro_batch_size <= self.batch_size
         check(micro_ok, f"e2e.micro_batch_size must be in [1, e2e.batch_size], got {self.micro_batch_size}")
 
@@ -313,8 +321,6 @@ class CompressConfig:
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(self.cache in PLACEMENTS, f"cache '{self.cache}' is unknown: use one of {PLACEMENTS}")
         check(bool(self.output), "output is empty: give the folder to write the compressed checkpoint to")
-        if self.quant.bits is not None:
-            check(not self.e2e.enabled, "quant.bits with e2e.enabled is not supported: the end-to-end stage trains float factors; drop one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from distill_lr import moe
-from distill_lr.fit import FactorSlots, FitState, adamw, fit, schedule, split_holdout
+from distill_lr.fit import FactorSlots, FitState, fit, make_optimizer, schedule, split_holdout
 from distill_lr.layerwise import LayerKwargs, call_layer, layer_device
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
 from distill_lr.precondition import factor_grams, preconditioned
@@ -156,10 +156,10 @@ def layer_fit(
     on_step: Callable[[FitState, int], None] | None = None,
 ) -> FitState:
     """``fit`` on one layer: the held-out ``split`` (hold, train), each epoch's order drawn from ``generator``, ``init``
-    (a snapshot of the factors) the best so far; ``scales`` and ``on_step`` as ``fit.adamw`` and ``fit.fit`` take them."""
+    (a snapshot of the factors) the best so far; ``scales`` and ``on_step`` as ``fit.make_optimizer`` and ``fit.fit`` take them."""
     hold, train = split
     state = FitState.start(objective, hold, init)
-    optimizer = adamw(factors.params, cfg, schedule(cfg, len(train))[1], scales)
+    optimizer = make_optimizer(factors.params, cfg, schedule(cfg, len(train))[1], scales)
 
     def order(_epoch: int) -> torch.Tensor:
         return train[torch.randperm(len(train), generator=generator)]

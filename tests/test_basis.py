@@ -175,6 +175,7 @@ def test_a_stop_while_selected_layers_are_rewritten_resumes_from_the_final_facto
         ("basis.regime=global", "basis.regime must be one of"),
         ("basis.regime=end_to_end", "set e2e.enabled=true"),
         ("e2e.loss=mse", "e2e.loss must be one of"),
+        ("basis.regime=end_to_end e2e.enabled=true e2e.optimizer=adafactor", "use e2e.optimizer=adamw"),
     ],
 )
 def test_bad_basis_settings_are_one_line(override: str, needle: str) -> None:

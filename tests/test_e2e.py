@@ -1,4 +1,5 @@
-"""The end-to-end stage: it lowers the held-out KL, its resume equals an unbroken run, it refuses what does not fit."""
+"""The end-to-end stage: it lowers the held-out KL, its resume equals an unbroken run, it refuses what does not fit; it
+trains what a quantized run leaves trainable and never changes a saved integer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import fails, folder_state, held_out_perplexity, layer_bytes, run, run_files, stopped_in_stage
+from safetensors.torch import load_file
 
 from distill_lr.checkpoint.compressed import load_compressed
 from distill_lr.checkpoint.layout import E2E_STATE
@@ -95,3 +97,70 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise() -> None:
     p, q = logits.log_softmax(-1), (logits * 2).log_softmax(-1)
     expected = (p.exp() * (p - q)).sum(-1).mean()
     assert float(e2e.kl_to_teacher(logits * 2, logits)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's layer files, by name."""
+    return {k: v for p in sorted(folder.glob("model-layer-*.safetensors")) for k, v in load_file(p).items()}
+
+
+def integers_kept(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """The names of the tensors the stage changed; asserts that every integer tensor is byte-identical."""
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        if not v.is_floating_point():
+            assert torch.equal(v, after[k]), k
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+QLR = {"method": "qlr", "quant.bits": 4, "quant.group_size": 16, "quant.correction_rank": 4, "save_dtype": "float32"}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_the_stage_trains_qlr_corrections_over_frozen_integers(tmp_path: Path, corpus: Path, model_type: str) -> None:
+    model = save_tiny(tmp_path / model_type, model_type, initializer_range=0.2)
+    plain = run(model, corpus, tmp_path / "plain", **QLR)
+    trained = run(model, corpus, tmp_path / "e2e", **QLR, **{k: v for k, v in STAGE.items() if k not in ("method", "ranks.target")})
+    assert trained.e2e["best_holdout"] < trained.e2e["init_holdout"]
+    changed = integers_kept(saved_tensors(tmp_path / "plain"), saved_tensors(tmp_path / "e2e"))
+    assert changed and all(k.endswith(("A.weight", "B.weight", ".A", ".B")) for k in changed)  # the corrections, scales as saved
+    corrections = [v for k, v in saved_tensors(tmp_path / "e2e").items() if k.endswith(("A.weight", "B.weight", ".A", ".B"))]
+    assert plain.params.added_params == sum(v.numel() for v in corrections) > 0  # what the estimate counts as trained
+    model_e2e = load_compressed(tmp_path / "e2e", dtype=torch.float32)
+    assert held_out_perplexity(model_e2e, model, corpus) == pytest.approx(trained.perplexity.compressed, rel=1e-4)
+
+
+QUANTIZED_FACTORS = {"method": "svd", "ranks.target": 0.5, "quant.bits": 4, "quant.group_size": 16, "save_dtype": "float32"}
+E2E_ONLY = {k: v for k, v in STAGE.items() if k.startswith("e2e")}
+
+
+def test_quantized_factors_train_their_scales_and_resume_equals_an_unbroken_run(
+    tmp_path: Path, peaked: Path, corpus: Path, monkeypatch
+) -> None:
+    """Every factor quantized (quant.targets=auto): nothing float is left but the scales, refused unless they train."""
+    fails(peaked, corpus, tmp_path / "refused", "e2e.train_scales=true", **QUANTIZED_FACTORS, **E2E_ONLY)
+    settings = {**QUANTIZED_FACTORS, **E2E_ONLY, "e2e.train_scales": "true"}
+    run(peaked, corpus, tmp_path / "plain", **QUANTIZED_FACTORS)
+    whole = run(peaked, corpus, tmp_path / "whole", **settings)
+    assert whole.e2e["best_holdout"] < whole.e2e["init_holdout"]
+    changed = integers_kept(saved_tensors(tmp_path / "plain"), saved_tensors(tmp_path / "whole"))
+    assert changed and all(k.endswith(".scale") for k in changed)
+    stopped_in_stage(monkeypatch, peaked, corpus, tmp_path / "resumed", 2, **settings)
+    run(peaked, corpus, tmp_path / "resumed", **settings)
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
+
+
+def test_adafactor_lowers_held_out_kl_and_resumes_like_an_unbroken_run(tmp_path: Path, peaked: Path, corpus: Path, monkeypatch) -> None:
+    settings = {**STAGE, "e2e.optimizer": "adafactor"}
+    whole = run(peaked, corpus, tmp_path / "whole", **settings)
+    assert whole.e2e["best_holdout"] < 0.95 * whole.e2e["init_holdout"]
+    stopped_in_stage(monkeypatch, peaked, corpus, tmp_path / "resumed", 2, **settings)
+    run(peaked, corpus, tmp_path / "resumed", **settings)
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
+
+
+def test_adafactor_holds_a_quarter_of_adamw_s_optimizer_bytes() -> None:
+    shape = {"hidden": 4096, "layers": 32, "heads": 32, "vocab": 32000}
+    adamw, adafactor = (e2e.estimate(5_000_000_000, 1_500_000_000, 2, shape, E2EConfig(optimizer=o), 512) for o in ("adamw", "adafactor"))
+    assert adafactor.optimizer * 3 == adamw.optimizer and adafactor.weights == adamw.weights
+    assert e2e.state_bytes(1000, E2EConfig(optimizer="adafactor")) == 8000 < e2e.state_bytes(1000, E2EConfig())

@@ -281,7 +281,7 @@ def test_remote_code_loads_a_quantized_folder_with_its_files_only(tmp_path: Path
         (["quant.bits=4", "quant.group_size=4"], "quant.group_size must be an integer >= 8"),
         (["quant.bits=4", "quant.method=awq"], "quant.method 'awq' is unknown"),
         (["quant.bits=4", "quant.targets=all"], "quant.targets 'all' is unknown"),
-        (["quant.bits=4", "e2e.enabled=true"], "quant.bits with e2e.enabled is not supported"),
+        (["e2e.enabled=true", "e2e.optimizer=sgd"], "e2e.optimizer must be one of"),
         (["method=qlr"], "method=qlr needs quant.bits"),
         (["method=dense"], "method=dense needs quant.bits"),
         (["method=qlr", "quant.bits=3", "quant.targets=factors"], "method=qlr quantizes the dense weights"),

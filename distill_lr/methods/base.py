@@ -84,6 +84,9 @@ class Method:
     factorizes: bool = True  # False: the method replaces no linear by a factor pair of ranks.* (no rank plan is made)
     quant_targets_auto: str = "both"  # what quant.targets=auto quantizes after the steps: "both" (factors and dense linears), "dense"
     quantizes_dense: bool = False  # the steps quantize the dense linears themselves (quant.*): the quantization step leaves them
+    # float parameters the steps add outside the rank plan (qlr's corrections), from the config and the dense layers:
+    # the end-to-end stage trains them, and its memory estimate counts them
+    added_params: Callable[[CompressConfig, nn.ModuleList], int] | None = None
 
     def prepare_resumed(self, layer: nn.Module, ranks: dict[str, int], report: LayerReport) -> None:
         """Give a dense layer the modules its saved state fills (the same as loading the checkpoint does)."""

@@ -253,4 +253,9 @@ def build(cfg: CompressConfig) -> Method:
         "basis.regime=end_to_end relearns and prunes the bases in the end-to-end stage: set e2e.enabled=true (e2e.loss=lm for "
         "the target text's own loss), or basis.regime=layerwise",
     )
+    check(
+        cfg.e2e.optimizer != "adafactor",
+        "basis.regime=end_to_end trains new bases that start at zero, which Adafactor's steps (relative to a parameter's own "
+        "size) cannot move: use e2e.optimizer=adamw",
+    )
     return BasisMethod("basis_selection", (SelectBases(),), settings, stages=(EndToEnd(RelearnedBases),))

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from distill_lr import moe
 from distill_lr.errors import check
 from distill_lr.factorize import balance_factors, break_even_rank, svd_factors, whiten_factors
 from distill_lr.methods.base import LayerStep, LayerWork, Method
@@ -100,6 +101,18 @@ def correction_rank(cfg: QuantConfig, short_name: str, shape: tuple[int, int]) -
     return None if value == "skip" else rule_rank(value, short_name, shape, ("correction rank", fix))
 
 
+def correction_params(cfg: CompressConfig, layers: nn.ModuleList) -> int:
+    """The parameters of every correction pair the run will make, every expert's included (the dense layers on meta)."""
+    total = 0
+    for i, layer in enumerate(layers):
+        shapes = [(n, tuple(layer.get_submodule(n).weight.shape)) for n in dense_linears(layer, cfg.ranks.exclude, i)]
+        shapes += [(moe.expert_group(n), shape) for n, shape in moe.expert_shapes(layer).items()]  # one pair per expert
+        for name, shape in shapes:
+            rank = correction_rank(cfg.quant, f"layers.{i}.{name}", shape)
+            total += 0 if rank is None else rank * sum(shape)
+    return total
+
+
 def build(cfg: CompressConfig) -> Method:
     check(cfg.quant.bits is not None, "method=qlr needs quant.bits (2, 3, 4 or 8): the bits of its quantized weights")
     check(
@@ -108,4 +121,4 @@ def build(cfg: CompressConfig) -> Method:
     )
     steps = (Correct(), Distill()) if cfg.quant.correction_train else (Correct(),)
     info = {"method": "qlr", "correction_train": cfg.quant.correction_train}
-    return Method("qlr", steps, info, factorizes=False, quant_targets_auto="dense", quantizes_dense=True)
+    return Method("qlr", steps, info, factorizes=False, quant_targets_auto="dense", quantizes_dense=True, added_params=correction_params)

@@ -6,7 +6,7 @@ The teacher's logits come from the dense final hidden states the streamed pass a
 teacher stream after the last layer), through the model's own final norm and head, one micro-batch at
 a time: no vocabulary-sized tensor is ever stored. A held-out slice of the calibration sequences picks
 the best factors and stops early; a step whose loss is not finite or explodes rolls back to the best.
-Unlike the layer loop, this stage holds the whole compressed model, its gradients and AdamW's state:
+Unlike the layer loop, this stage holds the whole compressed model, its gradients and the optimizer's state:
 ``estimate`` says how much before anything runs, and the stage refuses when it does not fit.
 
 What trains is a ``Trainable``: the factor modules by default, another form where a method says so
@@ -23,6 +23,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -37,9 +38,9 @@ from distill_lr.checkpoint.layout import E2E_STATE, layer_file
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import install_state_
 from distill_lr.errors import UserInputError
-from distill_lr.fit import FactorSlots, FitState, adamw, fit, schedule, split_holdout
+from distill_lr.fit import FactorSlots, FitState, fit, make_optimizer, schedule, split_holdout
 from distill_lr.layerwise import embed, head_logits, run_layer
-from distill_lr.modeling.lowrank import LowRankLinear
+from distill_lr.modeling.lowrank import LowRankLinear, QuantLinear
 from distill_lr.schema import CompressConfig, E2EConfig
 from distill_lr.stages.base import FinishedLayers, RunStage
 from distill_lr.train import factor_modules, training_autocast
@@ -57,9 +58,14 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+# Bytes of optimizer moments per trained parameter (Adafactor's factored second moments are a row and a column per
+# matrix: counted as nothing).
+MOMENT_BYTES = {"adamw": 8, "adafactor": 0}
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes the stage needs: weights (frozen in the compute dtype, factors in float32), gradients and AdamW
+    """Bytes the stage needs: weights (frozen in the compute dtype, factors in float32), gradients and optimizer
     moments of the factors, activations of one micro-batch (Korthikanti et al. 2022's per-layer count), logits."""
 
     weights: int
@@ -85,15 +91,15 @@ def estimate(factor_params: int, other_params: int, compute_bytes: int, model: d
     activations = per_layer + tokens * hidden * compute_bytes * layers if cfg.gradient_checkpointing else per_layer * layers
     return Estimate(
         weights=other_params * compute_bytes + factor_params * 4,
-        optimizer=factor_params * 12,  # float32 gradient + AdamW's two moments
+        optimizer=factor_params * (4 + MOMENT_BYTES[cfg.optimizer]),  # the float32 gradient and the moments
         activations=activations,
         logits=tokens * vocab * 4 * 4,  # teacher and student logits, their log-softmax, the gradient
     )
 
 
-def state_bytes(factor_params: int) -> int:
-    """Disk the resumable state takes at its largest: the factors, the best factors and AdamW's two moments, float32."""
-    return 16 * factor_params
+def state_bytes(factor_params: int, cfg: E2EConfig) -> int:
+    """Disk the resumable state takes at its largest: the factors, the best factors and the optimizer's moments, float32."""
+    return (8 + MOMENT_BYTES[cfg.optimizer]) * factor_params
 
 
 def free_memory(device: torch.device) -> int:
@@ -124,7 +130,7 @@ class Trainable:
     def install(self, run: FinishedLayers) -> tuple[dict[str, nn.Module], list[float] | None]:
         """The modules to train, installed in the layers, by ``<layer>.<name>``; one learning-rate scale per parameter
         (None: each parameter's own RMS, ``fit.param_groups``)."""
-        return {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in factor_modules(layer).items()}, None
+        return {f"{i}.{n}": m for i, layer in enumerate(run.layers) for n, m in stage_modules(layer, self.cfg.e2e).items()}, None
 
     def on_step(self, state: FitState, total: int) -> None:
         """After each optimizer step of ``total``."""
@@ -146,6 +152,30 @@ class Trainable:
         return record
 
 
+def stage_modules(layer: nn.Module, cfg: E2EConfig) -> dict[str, nn.Module]:
+    """What the stage trains in a layer, by name: the factor modules (float pairs, corrections over frozen integers, the
+    biases beside them) and, with ``e2e.train_scales``, every other quantized weight (its scales)."""
+    found = factor_modules(layer)
+    if cfg.train_scales:
+        inside = tuple(f"{n}." for n in found)
+        found |= {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and not n.startswith(inside)}
+    return found
+
+
+def scales_trainable_(modules: Iterable[nn.Module], trainable: bool) -> None:
+    """Each quantized weight's scales under ``modules`` as a parameter (trained; its integer codes stay buffers, never
+    touched) or as a buffer again: the saved tensors are the same either way."""
+    for module in modules:
+        for q in module.modules():
+            if isinstance(q, QuantLinear):
+                scale = q.scale.detach()
+                del q.scale
+                if trainable:
+                    q.scale = nn.Parameter(scale)
+                else:
+                    q.register_buffer("scale", scale)
+
+
 @dataclass(frozen=True)
 class EndToEnd(RunStage):
     """The stage as a ``RunStage``: the methods' registry adds it to every method when ``e2e.enabled``."""
@@ -157,7 +187,7 @@ class EndToEnd(RunStage):
         cfg, text = run.cfg, run.reader.config.get_text_config()
         shape = {"hidden": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads, "vocab": text.vocab_size}
         p = run.report.params
-        need = estimate(p.factor_params, p.model_after - p.factor_params, run.dtype.itemsize, shape, cfg.e2e, cfg.data.seq_len)
+        need = estimate(p.trainable, p.model_after - p.factor_params, run.dtype.itemsize, shape, cfg.e2e, cfg.data.seq_len)
         free = free_memory(run.device)
         log.info("end-to-end stage: needs about %s; %s free on %s", need.line(), files.human_bytes(free), run.device)
         if need.total > FIT_SHARE * free:
@@ -198,19 +228,27 @@ def train_end_to_end(run: FinishedLayers, trainable: Trainable) -> tuple[dict[st
     else:
         state, added = _fit(run, trainable, saved)
     for layer in run.layers:
-        for module in factor_modules(layer).values():
+        modules = stage_modules(layer, run.cfg.e2e).values()
+        scales_trainable_(modules, False)
+        for module in modules:
             module.to(run.dtype).requires_grad_(False)
     return {**_report(state, run.cfg.e2e.loss), **added}, added
 
 
 def _fit(run: FinishedLayers, trainable: Trainable, saved: dict[str, Any] | None) -> tuple[FitState, dict[str, Any]]:
-    """AdamW from the layer-wise factors or an unfinished ``saved`` state; the final factors are saved before returning."""
+    """``e2e.optimizer`` from the layer-wise factors or an unfinished ``saved`` state; the final factors are saved before returning."""
     cfg = run.cfg.e2e
     run.model.requires_grad_(False)
     modules, scales = trainable.install(run)
+    scales_trainable_(modules.values(), cfg.train_scales)
     for module in modules.values():
         module.float().requires_grad_(True)
     factors = FactorSlots(modules)
+    if not factors.params:
+        raise UserInputError(
+            "the end-to-end stage has nothing to train: every weight is quantized and no float factor or bias is left; set "
+            "e2e.train_scales=true (train the quantization scales), quant.targets=dense (keep the factors float), or e2e.enabled=false"
+        )
     if cfg.gradient_checkpointing:
         run.model.gradient_checkpointing_enable()
         run.model.train()  # transformers checkpoints only in training mode
@@ -218,7 +256,12 @@ def _fit(run: FinishedLayers, trainable: Trainable, saved: dict[str, Any] | None
     objective = Objective(run.model, run.layers, run.tokens.calibration, run.streams[0].teacher, autocast, cfg)
     hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
     steps_per_epoch, total, _ = schedule(cfg, len(train))
-    optimizer = adamw(factors.params, cfg, total, scales)
+    if cfg.optimizer == "adafactor" and scales is not None:
+        raise UserInputError(
+            "e2e.optimizer=adafactor cannot train parameters that start at zero (its steps are relative to a parameter's "
+            "own size; this method's new bases start at zero): use e2e.optimizer=adamw"
+        )
+    optimizer = make_optimizer(factors.params, cfg, total, scales, cfg.optimizer)
     state = _open_state(run, factors, objective, hold, optimizer, trainable, saved)
     start = time.perf_counter()
 
@@ -248,7 +291,7 @@ def _final_factors(run: FinishedLayers) -> dict[str, torch.Tensor]:
     return {
         f"{i}.{k}": v.detach().cpu().clone()
         for i, layer in enumerate(run.layers)
-        for n, m in factor_modules(layer).items()
+        for n, m in stage_modules(layer, run.cfg.e2e).items()
         for k, v in m.state_dict(prefix=f"{n}.").items()
     }
 
@@ -257,9 +300,9 @@ def _install_final(run: FinishedLayers, saved: dict[str, torch.Tensor]) -> None:
     """Install ``_final_factors``' tensors; a low-rank linear whose saved rank differs (a layer file not yet rewritten
     by a method that changes ranks in the stage) is rebuilt at the saved rank first."""
     for i, layer in enumerate(run.layers):
-        for n, m in factor_modules(layer).items():
+        for n, m in stage_modules(layer, run.cfg.e2e).items():
             tensors = {k[len(f"{i}.{n}.") :]: v for k, v in saved.items() if k.startswith(f"{i}.{n}.")}
-            if isinstance(m, LowRankLinear) and tensors["A.weight"].shape != m.A.weight.shape:
+            if isinstance(m, LowRankLinear) and "A.weight" in tensors and tensors["A.weight"].shape != m.A.weight.shape:
                 bias = tensors.get("B.bias")
                 m = LowRankLinear.from_factors(tensors["A.weight"], tensors["B.weight"], bias).to(run.device)
                 layer.set_submodule(n, m)
