@@ -140,14 +140,11 @@ def linear_shapes(config: MixtralConfig) -> list[tuple[int, int]]:
 def memory_bound(config: MixtralConfig, result: dict[str, Any], compute_bytes: int, checkpoint_bytes: int, device: str) -> dict[str, float]:
     """The bound each phase's peak is checked against, in GiB, by part: what the README promises (the non-layer weights,
     one layer computing and the next read ahead, the caches) plus the training state of one layer's trainable factors
-    (the factor pairs; under qlr the corrections, ``quant.correction_rank`` each) and, on the host, the process itself."""
+    (the factor pairs; under qlr the corrections) and, on the host, the process itself."""
     report = result["report"]
     layer = sum(out * inp for out, inp in linear_shapes(config))
-    if report["params"]["factor_params"]:
-        trainable = report["params"]["factor_params"] / config.num_hidden_layers
-    else:
-        corrected = [shape for i, shape in enumerate(linear_shapes(config)) if i != 4]  # the router stays as it is
-        trainable = report["config"]["quant"]["correction_rank"] * sum(out + inp for out, inp in corrected)
+    params = report["params"]
+    trainable = (params["factor_params"] + params["added_params"]) / config.num_hidden_layers
     parts = {
         "non-layer weights": 2 * config.vocab_size * config.hidden_size * compute_bytes,
         "layer computing": layer * compute_bytes,
