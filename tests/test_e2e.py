@@ -3,6 +3,7 @@ trains what a quantized run leaves trainable and never changes a saved integer."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import fails, folder_state, held_out_perplexity, layer_bytes, run,
 from safetensors.torch import load_file
 
 from distill_lr.checkpoint.compressed import load_compressed
-from distill_lr.checkpoint.layout import E2E_STATE
+from distill_lr.checkpoint.layout import E2E_STATE, MANIFEST_NAME
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.schema import E2EConfig
 from distill_lr.stages import e2e
@@ -67,6 +68,12 @@ def test_a_folder_trained_end_to_end_refuses_other_stage_settings(tmp_path: Path
     fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.enabled": "false"})
     fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.lr": 1e-3})
     assert folder_state(tmp_path / "out") == before  # a refused command leaves every file as it was (the manifest still complete)
+    path = tmp_path / "out" / MANIFEST_NAME  # as a folder trained before e2e.optimizer existed records it
+    manifest = json.loads(path.read_text())
+    del manifest["stages"]["e2e"]["settings"]["optimizer"]
+    path.write_text(json.dumps(manifest))
+    assert run(peaked, corpus, tmp_path / "out", **STAGE).e2e["steps"] > 0  # replayed as done, not refused
+    fails(peaked, corpus, tmp_path / "out", "end-to-end stage", **{**STAGE, "e2e.optimizer": "adafactor"})
 
 
 def test_a_finished_layer_wise_run_gets_the_stage_later(tmp_path: Path, peaked: Path, corpus: Path) -> None:

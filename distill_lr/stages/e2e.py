@@ -111,7 +111,8 @@ def free_memory(device: torch.device) -> int:
 def check_folder(manifest: RunManifest, cfg: CompressConfig) -> None:
     """A folder whose layer files an earlier run trained end to end resumes only with the same stage settings."""
     done = manifest.stage(EndToEnd.name)
-    if done is not None and (not cfg.e2e.enabled or done["settings"] != asdict(cfg.e2e)):
+    # a setting added since the folder was trained is recorded as its default: that is how the stage ran
+    if done is not None and (not cfg.e2e.enabled or {**asdict(E2EConfig()), **done["settings"]} != asdict(cfg.e2e)):
         raise UserInputError(
             f"{manifest.folder} holds layers trained by the end-to-end stage with other settings "
             f"({'e2e.enabled=false now' if not cfg.e2e.enabled else 'changed e2e.* values'}): run with the same e2e settings, "
