@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench_quality import SMALL, run_one
+from common import line_plot
 
 from distill_lr.analysis.tables import markdown_table, save_results
 from distill_lr.checkpoint.files import human_bytes
@@ -105,21 +106,8 @@ def markdown(rows: list[dict], base: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        steps, kl = zip(*[(0, r["init_kl"]), *r["curve"]], strict=True)
-        ax.plot(steps, kl, marker="o", markersize=3, label=r["variant"])
-    ax.set_xlabel("end-to-end steps")
-    ax.set_ylabel("held-out KL to the dense model")
-    ax.set_title("SmolLM2-135M-Instruct, end-to-end stage")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    series = {r["variant"]: tuple(zip(*[(0, r["init_kl"]), *r["curve"]], strict=True)) for r in rows}
+    line_plot(series, ("end-to-end steps", "held-out KL to the dense model", "SmolLM2-135M-Instruct, end-to-end stage"), path)
 
 
 def main() -> None:

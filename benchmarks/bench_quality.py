@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import line_plot
 
 from distill_lr.analysis.tables import markdown_table, save_results
 from distill_lr.config import load_config
@@ -126,23 +127,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["removed"] * 100, r["ppl"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=method)
-    ax.axhline(rows[0]["dense_ppl"], color="grey", linestyle="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder-linear parameters removed (%)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M-Instruct, built-in Wikipedia text")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        series[method] = tuple(zip(*pts, strict=True))
+    labels = ("decoder-linear parameters removed (%)", "held-out perplexity (log)", "SmolLM2-135M-Instruct, built-in Wikipedia text")
+    line_plot(series, labels, path, log_y=True, reference=(rows[0]["dense_ppl"], "dense"))
 
 
 def main() -> None:
