@@ -171,3 +171,15 @@ def test_adafactor_holds_a_quarter_of_adamw_s_optimizer_bytes() -> None:
     adamw, adafactor = (e2e.estimate(5_000_000_000, 1_500_000_000, 2, shape, E2EConfig(optimizer=o), 512) for o in ("adamw", "adafactor"))
     assert adafactor.optimizer * 3 == adamw.optimizer and adafactor.weights == adamw.weights
     assert e2e.state_bytes(1000, E2EConfig(optimizer="adafactor")) == 8000 < e2e.state_bytes(1000, E2EConfig())
+
+
+def test_biases_beside_quantized_factors_train_with_the_scales_frozen(tmp_path: Path, corpus: Path) -> None:
+    """Qwen2's q/k/v biases: the float part left around quantized factors trains; integers and scales stay as saved."""
+    model = save_tiny(tmp_path / "qwen2", "qwen2", initializer_range=0.2)
+    words = {"tokenizer": save_tiny(tmp_path / "tok", "llama")}  # the tiny word tokenizer, loaded as such
+    run(model, corpus, tmp_path / "plain", **QUANTIZED_FACTORS, **words)
+    absolute = {"e2e.relative_lr": "false", "e2e.lr": 1e-2}  # the tiny model's biases start at zero: no RMS to be relative to
+    trained = run(model, corpus, tmp_path / "e2e", **QUANTIZED_FACTORS, **{**E2E_ONLY, **absolute}, **words)
+    assert trained.e2e["steps"] > 0
+    changed = integers_kept(saved_tensors(tmp_path / "plain"), saved_tensors(tmp_path / "e2e"))
+    assert changed and all(k.endswith(".bias") for k in changed)
