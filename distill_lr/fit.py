@@ -113,6 +113,8 @@ def make_optimizer(
     already relative to each parameter's current RMS (Adafactor's parameter scaling), so it takes the plain ``lr``.
     """
     if kind == "adafactor":
+        if scales is not None:  # a method's parameters that start at zero (methods refuse the pair in their config checks)
+            raise ValueError("adafactor scales each step by the parameter's own RMS: it takes no per-parameter scales")
         optimizer: torch.optim.Optimizer = torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.relative_lr, scales), lr=cfg.lr, weight_decay=cfg.weight_decay)

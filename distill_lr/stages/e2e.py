@@ -257,11 +257,6 @@ def _fit(run: FinishedLayers, trainable: Trainable, saved: dict[str, Any] | None
     objective = Objective(run.model, run.layers, run.tokens.calibration, run.streams[0].teacher, autocast, cfg)
     hold, train = split_holdout(len(run.tokens.calibration), cfg.holdout_fraction, torch.Generator().manual_seed(run.cfg.seed))
     steps_per_epoch, total, _ = schedule(cfg, len(train))
-    if cfg.optimizer == "adafactor" and scales is not None:
-        raise UserInputError(
-            "e2e.optimizer=adafactor cannot train parameters that start at zero (its steps are relative to a parameter's "
-            "own size; this method's new bases start at zero): use e2e.optimizer=adamw"
-        )
     optimizer = make_optimizer(factors.params, cfg, total, scales, cfg.optimizer)
     state = _open_state(run, factors, objective, hold, optimizer, trainable, saved)
     start = time.perf_counter()
