@@ -166,7 +166,7 @@ def test_adafactor_lowers_held_out_kl_and_resumes_like_an_unbroken_run(tmp_path:
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "whole")
 
 
-def test_adafactor_holds_a_quarter_of_adamw_s_optimizer_bytes() -> None:
+def test_adafactor_holds_a_third_of_adamw_s_optimizer_bytes() -> None:
     shape = {"hidden": 4096, "layers": 32, "heads": 32, "vocab": 32000}
     adamw, adafactor = (e2e.estimate(5_000_000_000, 1_500_000_000, 2, shape, E2EConfig(optimizer=o), 512) for o in ("adamw", "adafactor"))
     assert adafactor.optimizer * 3 == adamw.optimizer and adafactor.weights == adamw.weights

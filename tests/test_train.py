@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill_lr import moe
 from distill_lr.factorize import factorize_layer_
-from distill_lr.fit import FactorSlots, FitState, adamw, fit, lr_factor, param_groups, split_holdout
+from distill_lr.fit import FactorSlots, FitState, fit, lr_factor, make_optimizer, param_groups, split_holdout
 from distill_lr.layerwise import capture_inputs, embed, run_layer
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankExperts, LowRankLinear
 from distill_lr.precondition import factor_grams, inverse_sqrt, preconditioned
@@ -263,7 +263,7 @@ def test_fit_keeps_the_best_held_out_factors_through_a_divergence() -> None:
     ids = torch.tensor([0])
     state = FitState.start(Toy(), ids, factors.snapshot())
     with pytest.warns(UserWarning, match="diverged"):
-        fit(Toy(), factors, (ids, ids, lambda _epoch: ids), cfg, adamw(factors.params, cfg, 10), state)
+        fit(Toy(), factors, (ids, ids, lambda _epoch: ids), cfg, make_optimizer(factors.params, cfg, 10), state)
     assert state.step == 3 and state.best_step == 3 and "nan" in state.rolled_back
     assert [point["holdout_loss"] for point in state.curve] == sorted((p["holdout_loss"] for p in state.curve), reverse=True)
     factors.restore(state.best_factors)
@@ -327,5 +327,5 @@ def test_the_loss_is_read_every_check_every_steps_and_a_divergence_stops_at_the_
     ids = torch.arange(10)
     state = FitState.start(Toy(), ids[:1], factors.snapshot())
     with pytest.warns(UserWarning, match="diverged"):
-        fit(Toy(), factors, (ids, ids[:1], lambda _epoch: ids), cfg, adamw(factors.params, cfg, 10), state)
+        fit(Toy(), factors, (ids, ids[:1], lambda _epoch: ids), cfg, make_optimizer(factors.params, cfg, 10), state)
     assert state.step == stopped_at and "nan at step 4" in state.rolled_back
