@@ -1,7 +1,7 @@
 """End-to-end stage benchmark on the built-in SmolLM2-135M and the built-in Wikipedia text.
 
 One layer-wise run (a ``bench_quality`` row, same calibration settings) is compressed once; each variant copies
-its folder and resumes it with the end-to-end stage on and its own ``e2e.*`` (or ``quant.*``-free) overrides,
+its folder and resumes it with the end-to-end stage on and its own ``e2e.*`` overrides,
 so every variant starts from the same factors and is scored on the same held-out calibration slice (the KL
 curve) and the same held-out documents (perplexity). The table also gives each variant's stage estimate at
 Llama-2-7B shapes (20% removed), so a lighter optimizer's memory and its KL are read side by side::
@@ -42,11 +42,14 @@ LLAMA_7B_FACTORS = int(0.8 * 32 * (4 * 4096**2 + 3 * 4096 * 11008))  # of the de
 LLAMA_7B_OTHER = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings, head, norms
 
 
+def stage_settings(overrides: list[str]) -> E2EConfig:
+    """The variant's ``e2e.*`` settings (its other overrides aside)."""
+    return load_config(None, [o for o in overrides if o.startswith("e2e.")]).e2e
+
+
 def estimate_7b(overrides: list[str]) -> e2e.Estimate:
     """The stage's estimate at Llama-2-7B shapes under the variant's ``e2e.*`` settings."""
-    settings = {k.removeprefix("e2e."): v for k, _, v in (o.partition("=") for o in overrides) if k.startswith("e2e.")}
-    cfg = replace(load_config(None, [f"e2e.{k}={v}" for k, v in settings.items()]).e2e, micro_batch_size=1)
-    return e2e.estimate(LLAMA_7B_FACTORS, LLAMA_7B_OTHER, 2, LLAMA_7B, cfg, 512)
+    return e2e.estimate(LLAMA_7B_FACTORS, LLAMA_7B_OTHER, 2, LLAMA_7B, replace(stage_settings(overrides), micro_batch_size=1), 512)
 
 
 def run_variant(name: str, overrides: list[str], base: dict, steps: int, eval_every: int, workdir: Path) -> dict:
@@ -54,8 +57,7 @@ def run_variant(name: str, overrides: list[str], base: dict, steps: int, eval_ev
     out = workdir / f"e2e-{name}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(base["output"], out)
-    train_seqs = base["train_sequences"]
-    per_epoch = math.ceil(train_seqs / 8)  # e2e.batch_size 8 unless a variant sets it
+    per_epoch = math.ceil(base["train_sequences"] / stage_settings(overrides).batch_size)
     settings = ["e2e.enabled=true", f"e2e.max_steps={steps}", f"e2e.epochs={math.ceil(steps / per_epoch)}", "e2e.patience=1000"]
     settings.append(f"e2e.evals_per_epoch={max(1, per_epoch // eval_every)}")
     config = [*base["overrides"], *settings, *overrides, f"output={out}", f"teacher_cache={workdir / 'teacher'}"]
