@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -19,12 +20,12 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill_lr import plots
+from distill_lr import distributed, plots
 from distill_lr.checkpoint import compressed, export, files
 from distill_lr.checkpoint.layout import layer_file
 from distill_lr.checkpoint.reader import LayerLoader, install_state_
 from distill_lr.errors import UserInputError
-from distill_lr.layerwise import relative_error, run_layer
+from distill_lr.layerwise import error_sums, ratio, run_layer
 from distill_lr.methods.base import LayerWork
 from distill_lr.ranks import layer_ranks
 from distill_lr.report import LayerReport, Perplexity, RunReport
@@ -41,16 +42,18 @@ RUN_FACTS = ("prepass_seconds", "prepass_peak_gib", "reused")
 
 def compress(cfg: CompressConfig) -> RunReport:
     """Run a whole compression; its report is also written to ``<output>/report.json``."""
-    opened = open_input(cfg)
-    with files.claimed_folder(opened.out):  # one run per folder; a refused run leaves it as it was
-        run = prepare(cfg, opened)
-        try:
-            compress_layers(run)
-            return finish(run)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise disk_full(run, err) from err
-            raise
+    with distributed.launched(cfg.device, cfg.dist_timeout_s) as group:
+        opened = open_input(cfg)
+        # one run per folder; a refused run leaves it as it was. Process 0 writes for all the processes of a launch.
+        with files.claimed_folder(opened.out) if group.main else nullcontext():
+            run = prepare(cfg, opened)
+            try:
+                compress_layers(run)
+                return finish(run)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise disk_full(run, err) from err
+                raise
 
 
 def compress_layers(run: Run) -> None:
@@ -62,6 +65,7 @@ def compress_layers(run: Run) -> None:
             with phases("load"):
                 layer = loader.load(i, run.device, run.dtype)  # waits for the read started during layer i-1, starts layer i+1's
             report = compress_layer(run, i, layer, phases)
+            report.comm = distributed.group().take_traffic() if distributed.group().world > 1 else None
             layer.to("meta")
             release_freed_host_memory()
             run.report.layers.append(report)
@@ -78,7 +82,8 @@ def compress_layer(run: Run, index: int, layer: nn.Module, phases: PhaseLog) -> 
     with phases("teacher"):
         outputs = [teacher_pass(run, layer, index, s) for s in run.streams]
     y = outputs[0]  # the target
-    done = run.manifest.done(index)
+    main = distributed.group().main
+    done = distributed.group().broadcast_object(run.manifest.done(index) if main else None)  # process 0 reads the folder
     if done is not None:
         report, state = resumed_layer(run, layer, ranks, done)
     else:
@@ -94,14 +99,15 @@ def compress_layer(run: Run, index: int, layer: nn.Module, phases: PhaseLog) -> 
 
 def advance_streams(run: Run, index: int, layer: nn.Module, report: LayerReport, outputs: list[torch.Tensor]) -> None:
     """Every stream one layer up (teacher <- the dense outputs, student <- the compressed layer's), and the layer's errors."""
-    calibration, y = run.streams[0], outputs[0]
-    if report.err_teacher_input is None:  # a diagnostic: a subset of the calibration set is enough
-        probe = calibration.teacher[:ERROR_PROBE_SEQUENCES]
-        report.err_teacher_input = relative_error(run_layer(layer, probe, calibration.kwargs[index], run.cfg.batch_size), y[: len(probe)])
+    calibration, y, group = run.streams[0], outputs[0], distributed.group()
+    if report.err_teacher_input is None:  # a diagnostic: a subset of the calibration set is enough (split over the processes)
+        probe = calibration.teacher[: -(-ERROR_PROBE_SEQUENCES // group.world)]
+        pred = run_layer(layer, probe, calibration.kwargs[index], run.cfg.batch_size)
+        report.err_teacher_input = ratio(group.sum_floats(error_sums(pred, y[: len(probe)])))
     for s, out in zip(run.streams, outputs, strict=True):
         s.student, s.teacher = advance(run, layer, index, s), out
     if report.err_student_input is None:
-        report.err_student_input = relative_error(calibration.student, y)
+        report.err_student_input = ratio(group.sum_floats(error_sums(calibration.student, y)))
 
 
 def fresh_layer(
@@ -160,16 +166,20 @@ def finish(run: Run) -> RunReport:
     if all(b is not None for b in saved):  # layers written before the field was recorded have none
         dense = report.params.decoder_linear_before * run.save_dtype.itemsize
         report.size = {"bytes": sum(saved), "dense_bytes": dense, "ratio": round(sum(saved) / dense, 4), "dtype": str(run.save_dtype)}
-    compressed.complete_folder(out, run.reader, len(run.layers), run.ranks, run.save_dtype, info, run.manifest)
+    main = distributed.group().main
+    if main:
+        compressed.complete_folder(out, run.reader, len(run.layers), run.ranks, run.save_dtype, info, run.manifest)
     report.seconds = round(time.perf_counter() - run.start, 1)
     if run.teacher is not None:
         report.teacher_cache = {"folder": str(run.teacher.folder), "files_read": run.teacher.read, "files_written": run.teacher.written}
     for s in run.streams[1:]:  # the held-out text and the tasks, through the head of each stack
         dense, student = (score(run.model, run.layers, s, final) for final in (s.teacher, s.student))
         if s.task is None:
-            report.perplexity = Perplexity.of(dense, student, len(s.ids), cfg.data.seq_len)
+            report.perplexity = Perplexity.of(dense, student, len(run.tokens.evaluation), cfg.data.seq_len)
         else:
             report.tasks.append({"task": s.task.task.name, "dense": dense, "compressed": student})
+    if not main:
+        return report
     if cfg.export_dense:
         export.export_dense(out, dense_export_dir(out))
         report.dense_export = str(dense_export_dir(out))

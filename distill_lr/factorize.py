@@ -304,9 +304,32 @@ def experts_from_weights(weight: Tensor, rank: int, init: str = "svd", stats: Se
     return module
 
 
-def factorize_layer_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
-    """Swap the layer's chosen linears and expert projections (unfused by ``moe.unfuse_experts_``) for factors initialised by ``init``."""
-    replace_linears_(layer, lambda name, linear: from_linear(linear, ranks[name], init, stats.get(name)), lambda name, _: name in ranks)
+def factorize_layer_(
+    layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any], mine: Callable[[str], bool] = lambda _: True
+) -> None:
+    """Swap the layer's chosen linears and expert projections (unfused by ``moe.unfuse_experts_``) for factors initialised by ``init``.
+
+    A module ``mine`` rejects gets factors of the right shape left uninitialised: another process computes them.
+    """
+
+    def factored(name: str, linear: nn.Linear) -> LowRankLinear:
+        if mine(name):
+            return from_linear(linear, ranks[name], init, stats.get(name))
+        w, bias = linear.weight, linear.bias is not None
+        return nn.utils.skip_init(LowRankLinear, w.shape[1], w.shape[0], ranks[name], bias, device=w.device, dtype=w.dtype)
+
+    replace_linears_(layer, factored, lambda name, _: name in ranks)
     for name, module in list(layer.named_modules()):
         if isinstance(module, ExpertLinears) and name in ranks:
-            layer.set_submodule(name, experts_from_weights(module.weight, ranks[name], init, stats.get(name)))
+            if mine(name):
+                factors = experts_from_weights(module.weight, ranks[name], init, stats.get(name))
+            else:
+                shape, w = (module.num_experts, module.in_features, module.out_features), module.weight
+                factors = ExpertLinears(*shape, ranks[name], device=w.device, dtype=w.dtype)
+            layer.set_submodule(name, factors)
+
+
+def factorization_cost(module: nn.Module) -> float:
+    """The flops of factoring a linear or every expert of a projection, up to a constant: what owners are balanced by."""
+    out_features, in_features = module.out_features, module.in_features
+    return getattr(module, "num_experts", 1) * out_features * in_features * min(out_features, in_features)

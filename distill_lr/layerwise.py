@@ -174,14 +174,20 @@ def layer_device(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
 
 
-def relative_error(pred: torch.Tensor, target: torch.Tensor, chunk: int = 8) -> float:
-    """‖pred − target‖ / ‖target‖, a few sequences at a time: no float32 copy of a whole cache."""
+def error_sums(pred: torch.Tensor, target: torch.Tensor, chunk: int = 8) -> list[float]:
+    """``[‖pred − target‖², ‖target‖²]``, a few sequences at a time: no float32 copy of a whole cache. Sums add up over
+    the processes that hold parts of a cache."""
     err = ref = 0.0
     for start in range(0, len(target), chunk):
         t, p = target[start : start + chunk].float(), pred[start : start + chunk].float()
         err += float((p - t).square().sum())
         ref += float(t.square().sum())
-    return math.sqrt(err) / max(math.sqrt(ref), 1e-12)
+    return [err, ref]
+
+
+def ratio(sums: list[float]) -> float:
+    """``error_sums`` as the relative error."""
+    return math.sqrt(sums[0]) / max(math.sqrt(sums[1]), 1e-12)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from distill_lr import distributed
 from distill_lr.layerwise import LayerKwargs, SharedInputs, call_layer, hooks_removed, layer_device
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear, expert_blocks, grouping
 
@@ -105,6 +106,22 @@ def factor_grams(
     return grams
 
 
+def whitening_matrices(grams: dict[str, torch.Tensor], damping: float) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``inverse_sqrt`` of each distinct Gram matrix (by identity: q/k/v share one), each one computed by one process
+    (bin-packed by its eigendecomposition's cost) and broadcast to the others."""
+    first = {id(gram): name for name, gram in reversed(grams.items())}  # a matrix's first reader names it alike everywhere
+    unique = {name: grams[name] for name in reversed(first.values())}
+    g = distributed.group()
+    owner = distributed.owners({n: t.shape[-1] ** 3 * (t.shape[0] if t.ndim == 3 else 1) for n, t in unique.items()}, g.world)
+    out = {  # every process computes its own first, then all are broadcast
+        id(gram): inverse_sqrt(gram, damping) if owner[name] == g.rank else (torch.empty_like(gram).float(), torch.empty_like(gram).float())
+        for name, gram in unique.items()
+    }
+    for name, gram in unique.items():
+        g.broadcast_(list(out[id(gram)]), owner[name])
+    return out
+
+
 @contextmanager
 def preconditioned(
     modules: dict[str, nn.Module], grams: dict[str, torch.Tensor], damping: float, frozen: dict[str, list[int]]
@@ -114,11 +131,9 @@ def preconditioned(
     Frozen experts get the identity, so their factors stay bit-for-bit equal to their initialisation.
     """
     registered: list[tuple[nn.Module, str]] = []
-    whitening: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one eigendecomposition per shared Gram matrix
+    whitening = whitening_matrices(grams, damping)
     try:
         for name, gram in grams.items():
-            if id(gram) not in whitening:
-                whitening[id(gram)] = inverse_sqrt(gram, damping)
             P, P_inv = whitening[id(gram)]
             experts = frozen.get(name.rpartition(".")[0])
             if isinstance(modules[name], ExpertLinears) and experts:

@@ -36,6 +36,7 @@ class LayerReport:
     peak_gib: dict[str, dict[str, float]] | None = None  # per phase: peak host (and GPU) memory, as ``seconds``
     quant: dict[str, Any] | None = None  # a ``QuantRecord`` of the layer, plus its output errors (``methods.quantize.record``)
     linear_bytes: int | None = None  # bytes of the layer's linears in its file (``compressed.linear_bytes``)
+    comm: dict[str, dict[str, float]] | None = None  # several processes: per phase, bytes and seconds of the collectives
     resumed: bool = False  # read back from an earlier run's file
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,7 +44,7 @@ class LayerReport:
 
     def to_record(self) -> dict[str, Any]:
         """What the resume manifest keeps (a copy): all but the timings, so two runs of one config write the same manifest."""
-        return copy.deepcopy({k: v for k, v in self.to_dict().items() if k not in ("seconds", "peak_gib", "resumed")})
+        return copy.deepcopy({k: v for k, v in self.to_dict().items() if k not in ("seconds", "peak_gib", "comm", "resumed")})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerReport:
@@ -71,6 +72,9 @@ class LayerReport:
             parts.append("starved experts " + " ".join(f"{path} {experts}" for path, experts in starved.items()))
         if self.seconds:
             parts.append(" ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        if self.comm:
+            spent = {k: sum(p[k] for p in self.comm.values()) for k in ("seconds", "bytes")}
+            parts.append(f"collectives {spent['seconds']:.1f}s {spent['bytes'] / 2**20:.1f} MiB")
         if self.peak_gib:
             peaks = {where: max(p.get(where, 0.0) for p in self.peak_gib.values()) for where in ("host", "gpu")}
             parts.append("peak " + " ".join(f"{where} {gib:.1f} GiB" for where, gib in peaks.items() if gib))

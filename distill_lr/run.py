@@ -10,20 +10,21 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill_lr import moe
+from distill_lr import distributed, moe
 from distill_lr.builtin import resolve_model_dir
 from distill_lr.cache import ActivationCache, TeacherStore, plan_cache
 from distill_lr.checkpoint import compressed, export, files
 from distill_lr.checkpoint.manifest import RunManifest
 from distill_lr.checkpoint.reader import CheckpointReader, load_non_layer_
 from distill_lr.data import TokenSets
+from distill_lr.errors import check
 from distill_lr.layerwise import embed
 from distill_lr.methods import get_method
 from distill_lr.methods.base import Method
@@ -74,8 +75,9 @@ class Opened:
 
 def open_input(cfg: CompressConfig) -> Opened:
     """Resolve the device, the method and the input; refuse an output path that cannot be a separate folder."""
-    device = resolve_device(cfg.device)
+    device = process_device(resolve_device(cfg.device), cfg.device)
     method = get_method(cfg)
+    check_processes(cfg, method)
     reader = CheckpointReader(resolve_model_dir(cfg.model))
     out = Path(cfg.output).expanduser()
     apart = {"the input folder": reader.folder, "the teacher cache": cfg.teacher_cache, "the cache folder": cfg.cache_dir}
@@ -85,6 +87,42 @@ def open_input(cfg: CompressConfig) -> Opened:
     if cfg.export_dense:  # written at the end: refused now rather than after the run
         export.check_export_target(dense_export_dir(out), out, "dense export folder")
     return Opened(device, method, reader, out)
+
+
+def process_device(device: torch.device, asked: str) -> torch.device:
+    """Each process of a launch on the GPU of its ``LOCAL_RANK``; a single process where the settings say."""
+    g = distributed.group()
+    if g.world == 1 or device.type != "cuda":
+        return device
+    check(
+        asked in ("auto", "cuda"),
+        f"device={asked} with {g.world} processes: use device=cuda (each process takes the GPU of its LOCAL_RANK; "
+        "CUDA_VISIBLE_DEVICES picks which GPUs)",
+    )
+    return torch.device("cuda", g.local_rank)
+
+
+def check_processes(cfg: CompressConfig, method: Method) -> None:
+    """Refuse, with several processes, what does not run spread over them yet (before anything is read or written)."""
+    g = distributed.group()
+    if g.world == 1:
+        return
+    fix = f"launch one process (without torchrun or accelerate launch) to run it; {g.world} processes run"
+    serial = [s.name for s in method.steps if not s.data_parallel] + [s.name for s in method.stages]
+    check(not serial, f"method '{cfg.method}' has steps or stages that do not run in several processes yet ({', '.join(serial)}): {fix}")
+    check(not (cfg.evaluate and cfg.eval.tasks), f"eval.tasks are not scored in several processes yet: set eval.tasks=[] or {fix}")
+    check(cfg.teacher_cache is None, f"teacher_cache is not kept by several processes yet: set teacher_cache=null or {fix}")
+
+
+def check_shards(tokens: TokenSets) -> None:
+    """Every process gets at least one sequence of each text (a process without one would have nothing to run)."""
+    world = distributed.group().world
+    texts = ((tokens.calibration, "calibration", "data.num_sequences"), (tokens.evaluation, "held-out", "data.eval_sequences"))
+    for ids, what, setting in texts:
+        check(
+            len(ids) >= world or (what == "held-out" and len(ids) == 0),
+            f"{len(ids)} {what} sequences cannot be split over {world} processes: raise {setting} to at least {world}, or launch fewer",
+        )
 
 
 def dense_export_dir(out: Path) -> Path:
@@ -101,13 +139,17 @@ def prepare(cfg: CompressConfig, opened: Opened) -> Run:
     torch.manual_seed(cfg.seed)
     model, prefix, layers = reader.skeleton()  # checked against the tensors before any work, not at layer i
     fingerprint = reader.fingerprint()  # one stat per tensor: computed once for the manifest and the teacher cache
-    manifest = RunManifest(out, cfg.result_fingerprint(), fingerprint, cfg.overwrite)  # reads and checks; writes nothing yet
+    group = distributed.group()
+    # reads and checks; writes nothing yet (and never outside process 0)
+    manifest = RunManifest(out, cfg.result_fingerprint(), fingerprint, cfg.overwrite, writes=group.main)
     e2e.check_folder(manifest, cfg)
     tokens, tasks = tokenize(cfg, reader)
+    check_shards(tokens)
     manifest.check_text(hashlib.sha256(tokens.calibration.numpy().tobytes()).hexdigest())  # what the layer files are trained on
     load_non_layer_(model, reader, prefix, device, dtype)
     streams = open_streams(tokens, tasks, model, layers, device)
     plan, allocated = plan_layers(cfg, method, reader, model, (prefix, layers), tokens, (device, dtype), manifest.plan)
+    plan = replace(plan, ranks=group.broadcast_object(plan.ranks))  # process 0's, should a pre-pass differ in the last bit
     ranks = moe.module_ranks(plan.ranks, moe.fused_experts(model))  # one rank per projection of all experts
     added = method.added_params(cfg, layers) if method.added_params is not None else 0
     params = ParamSummary.of(plan, sum(int(torch.Size(t.shape).numel()) for t in reader.tensors.values()), added)
@@ -136,12 +178,14 @@ def prepare(cfg: CompressConfig, opened: Opened) -> Run:
         teacher=teacher,
         report=report,
         streams=streams,
+        writer=files.BackgroundWriter(discard=not group.main),
         start=start,
     )
     for step in method.steps:
         step.check(cfg, layers)
     for stage in method.stages:
         stage.check(run)
+    group.barrier()  # every process has read the folder as it was
     manifest.start(plan.ranks)  # the first write into the output folder, once every check has passed
     embed_streams(run)
     return run
@@ -174,7 +218,8 @@ def open_teacher(
 
 def embed_streams(run: Run) -> None:
     """Write the non-layer weights (materialised by ``prepare``), then embed every stream: the layer-0 inputs of both stacks."""
-    compressed.write_non_layer(run.reader, run.model, run.prefix, run.out, run.save_dtype, run.manifest)
+    if distributed.group().main:
+        compressed.write_non_layer(run.reader, run.model, run.prefix, run.out, run.save_dtype, run.manifest)
     hidden = run.reader.config.get_text_config().hidden_size
     for s in run.streams:
         x = run.cache.empty((*s.ids.shape, hidden), run.dtype)

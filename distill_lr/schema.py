@@ -36,6 +36,7 @@ RUN_ONLY_FIELDS = (
     "read_ahead",
     "eval.tasks",
     "eval.task_examples",
+    "dist_timeout_s",
 )
 
 
@@ -312,6 +313,9 @@ class CompressConfig:
     overwrite: bool = False  # replace an output folder that holds another run
     evaluate: bool = True  # perplexity of the dense and the compressed model on held-out text
     export_dense: bool = False  # also write a dense checkpoint (factors multiplied out) to <output>-dense
+    # Launched with several processes (torchrun, accelerate launch): seconds a collective waits for the others before
+    # the run stops with an error (a process that died or hangs); see docs/distributed.md.
+    dist_timeout_s: float = 1800.0
     plot: bool = True  # draw report.png (per-layer error, training curves, rank plan, perplexity) when matplotlib is installed
 
     def __post_init__(self) -> None:
@@ -320,6 +324,7 @@ class CompressConfig:
         check(self.save_dtype in DTYPES, f"save_dtype '{self.save_dtype}' is unknown: use one of {DTYPES}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(self.cache in PLACEMENTS, f"cache '{self.cache}' is unknown: use one of {PLACEMENTS}")
+        check(self.dist_timeout_s > 0, f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(bool(self.output), "output is empty: give the folder to write the compressed checkpoint to")
 
     def to_dict(self) -> dict[str, Any]:

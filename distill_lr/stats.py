@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distill_lr import moe
+from distill_lr.distributed import group
 from distill_lr.layerwise import LayerKwargs, SharedInputs, hooks_removed, layer_device, run_layer
 from distill_lr.modeling.lowrank import LowRankExperts
 from distill_lr.moments import Moments, records_outputs
@@ -87,3 +88,16 @@ def expert_input_moments(
     with moe.record_routing(layer, names, layer_device(layer), inputs=True, experts=experts) as routing:
         run_layer(layer, inputs, kwargs, batch_size)
     return routing
+
+
+def reduce_stats_(stats: dict[str, Any], routing: moe.Routing) -> None:
+    """Sum over the processes what each measured on its own sequences (``collect_stats``): the whole calibration set's
+    moments and token counts, the same in every process. Linears that share one ``Moments`` are summed once."""
+    g = group()
+    if g.world == 1:
+        return
+    entries = [m for v in stats.values() for m in (v if isinstance(v, list) else [v]) if m is not None]
+    moments = list({id(m): m for m in entries}.values())
+    g.sum_([t for m in moments for t in (m.sum_xxT, m.sum_x)] + list(routing.tokens.values()))
+    for m, count in zip(moments, g.sum_floats([float(m.count) for m in moments]), strict=True):
+        m.count = int(count)

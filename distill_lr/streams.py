@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from distill_lr import distributed
 from distill_lr.checkpoint.layout import TOKENIZER_FILES
 from distill_lr.checkpoint.reader import CheckpointReader
 from distill_lr.data import TokenSets, bos_prefix, build_token_sets, held_out_documents, load_documents
@@ -47,8 +48,9 @@ def open_streams(
     tokens: TokenSets, tasks: list[EncodedTask], model: nn.Module, layers: nn.ModuleList, device: torch.device
 ) -> list[Stream]:
     """A compression run's streams: the calibration text, the held-out text (when evaluated), each task's rows."""
+    share = distributed.group().shard  # each process's block of the text's sequences
     text = [
-        Stream.open(name, ids.to(device), model, layers)
+        Stream.open(name, ids[share(len(ids))].to(device), model, layers)
         for name, ids in (("calibration", tokens.calibration), ("evaluation", tokens.evaluation))
     ]
     return [s for s in text if len(s.ids)] + [Stream.open(f"task:{t.task.name}", t.input_ids.to(device), model, layers, t) for t in tasks]
@@ -56,8 +58,9 @@ def open_streams(
 
 def score(model: nn.Module, layers: nn.ModuleList, stream: Stream, final: torch.Tensor) -> dict[str, Any]:
     """A text stream's held-out ``loss`` (per token), ``ppl`` and ``tokens``; a task stream's ``acc`` and ``acc_norm``."""
-    if stream.task is None:
-        total, tokens = head_nll(model, layers, final, stream.ids)
+    if stream.task is None:  # summed over the processes that hold parts of the stream
+        total, tokens = distributed.group().sum_floats(list(head_nll(model, layers, final, stream.ids)))
+        tokens = int(tokens)
         return {"loss": total / tokens, "ppl": math.exp(total / tokens), "tokens": tokens}
     return stream.task.score(head_span_logprobs(model, layers, final, stream.ids, stream.task.spans))
 

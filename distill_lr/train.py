@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from distill_lr import moe
+from distill_lr import distributed, moe
 from distill_lr.fit import FactorSlots, FitState, fit, make_optimizer, schedule, split_holdout
 from distill_lr.layerwise import LayerKwargs, call_layer, layer_device
 from distill_lr.modeling.lowrank import ExpertLinears, LowRankLinear
@@ -101,17 +101,18 @@ class LayerObjective:
     def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
         return self.batch(idx, backward)[0]
 
-    def batch(self, idx: torch.Tensor, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, backward: bool, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss over the input sources and mean cosine of the sequences ``idx``, on the device (no host wait).
 
         With ``backward`` the gradients are accumulated one micro-batch and one source at a time,
-        so only one forward graph is alive at once (the same gradients as one big backward).
+        so only one forward graph is alive at once (the same gradients as one big backward). ``total``: the
+        sequences of the whole batch when ``idx`` is one process's part of it (the means are then its share).
         """
         device = layer_device(self.layer)
         loss = cos = torch.zeros((), device=device)
         for start in range(0, len(idx), self.micro_batch):
             part = idx[start : start + self.micro_batch]
-            weight = len(part) / len(idx)
+            weight = len(part) / (total or len(idx))
             target = self.y[part].to(device, non_blocking=True)
             for x in self.sources:
                 with self.autocast:
@@ -123,16 +124,63 @@ class LayerObjective:
                 cos = cos + mean_cosine(target, pred.detach()) * weight / len(self.sources)
         return loss, cos
 
-    @torch.no_grad()
     def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
-        """Mean loss and cosine over ``idx``, ``eval_batch`` sequences at a time (the held-out evaluation)."""
-        losses, coses = [], []
+        """Mean loss and cosine over ``idx`` (the held-out evaluation)."""
+        return means(self.sums(idx))
+
+    @torch.no_grad()
+    def sums(self, idx: torch.Tensor) -> list[float]:
+        """Summed loss and cosine over ``idx``, ``eval_batch`` sequences at a time, and the number of sequences."""
+        loss_sum = cos_sum = 0.0
         with parametrize.cached():  # each factor's F' P once per evaluation, not once per batch
             for start in range(0, len(idx), self.eval_batch):
-                loss, cos = self.batch(idx[start : start + self.eval_batch], backward=False)
-                losses.append(float(loss))
-                coses.append(float(cos))
-        return {"loss": sum(losses) / len(losses), "cos": sum(coses) / len(coses)}
+                part = idx[start : start + self.eval_batch]
+                loss, cos = self.batch(part, backward=False)
+                loss_sum += float(loss) * len(part)
+                cos_sum += float(cos) * len(part)
+        return [loss_sum, cos_sum, float(len(idx))]
+
+
+def means(sums: list[float]) -> dict[str, float]:
+    """``LayerObjective.sums`` as the held-out metrics."""
+    loss_sum, cos_sum, count = sums
+    return {"loss": loss_sum / count, "cos": cos_sum / count}
+
+
+@dataclass
+class ShardedObjective:
+    """A layer's objective when the sequences are spread over processes (``distill_lr.distributed``).
+
+    Every process is given the same global indices and computes the loss of the ones in its block, as its share of
+    the batch's mean; the losses and the gradients are then summed over the processes in one message. So every
+    process holds the gradient of the whole batch's mean loss, steps the same optimizer state to the same factors,
+    and reads the same held-out metrics: every decision (best factors, early stop, divergence) is the same everywhere.
+    """
+
+    inner: LayerObjective
+    block: tuple[int, int]  # this process's sequences, [start, end) of the global indices
+    params: list[nn.Parameter]
+    group: distributed.Group
+    name: str = "loss"
+
+    def local(self, idx: torch.Tensor) -> torch.Tensor:
+        """The positions, in this process's caches, of the indices it owns."""
+        start, end = self.block
+        return idx[(idx >= start) & (idx < end)] - start
+
+    def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
+        loss = self.inner.batch(self.local(idx), backward, total=len(idx))[0].float()
+        grads = []
+        if backward:
+            for p in self.params:
+                if p.grad is None:  # none of this process's sequences in the batch
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        self.group.sum_([*grads, loss], tag="step")  # counted apart: the bytes of one training step
+        return loss
+
+    def evaluate(self, idx: torch.Tensor) -> dict[str, float]:
+        return means(self.group.sum_floats(self.inner.sums(self.local(idx))))
 
 
 def layer_objective(
@@ -146,7 +194,7 @@ def layer_objective(
 
 
 def layer_fit(
-    objective: LayerObjective,
+    objective: LayerObjective | ShardedObjective,
     factors: FactorSlots,
     split: tuple[torch.Tensor, torch.Tensor],
     cfg: TrainConfig,
@@ -154,17 +202,32 @@ def layer_fit(
     init: list[torch.Tensor],
     scales: list[float] | None = None,
     on_step: Callable[[FitState, int], None] | None = None,
+    bounds: list[int] | None = None,
 ) -> FitState:
     """``fit`` on one layer: the held-out ``split`` (hold, train), each epoch's order drawn from ``generator``, ``init``
-    (a snapshot of the factors) the best so far; ``scales`` and ``on_step`` as ``fit.make_optimizer`` and ``fit.fit`` take them."""
+    (a snapshot of the factors) the best so far; ``scales`` and ``on_step`` as ``fit.make_optimizer`` and ``fit.fit`` take them.
+    ``bounds``: where each process's block of sequences starts (``sequence_bounds``): each batch takes an even share of each."""
     hold, train = split
     state = FitState.start(objective, hold, init)
     optimizer = make_optimizer(factors.params, cfg, schedule(cfg, len(train))[1], scales)
 
     def order(_epoch: int) -> torch.Tensor:
-        return train[torch.randperm(len(train), generator=generator)]
+        drawn = train[torch.randperm(len(train), generator=generator)]
+        return drawn if bounds is None else distributed.interleaved(drawn, bounds, cfg.batch_size)
 
     return fit(objective, factors, (train, hold, order), cfg, optimizer, state, on_step=on_step)
+
+
+def sequence_bounds(local: int) -> list[int]:
+    """Where each process's block of sequences starts in the global indices, and the total at the end (from each one's count)."""
+    counts = distributed.group().gather_ints(local)
+    return [sum(counts[:r]) for r in range(len(counts) + 1)]
+
+
+def sharded(objective: LayerObjective, bounds: list[int], params: list[nn.Parameter]) -> LayerObjective | ShardedObjective:
+    """The objective over every process's sequences (itself in a single process)."""
+    g = distributed.group()
+    return objective if g.world == 1 else ShardedObjective(objective, (bounds[g.rank], bounds[g.rank + 1]), params, g)
 
 
 def train_sources(inputs: str, x_teacher: torch.Tensor, x_student: torch.Tensor) -> list[torch.Tensor]:
@@ -172,6 +235,23 @@ def train_sources(inputs: str, x_teacher: torch.Tensor, x_student: torch.Tensor)
     if inputs == "teacher" or x_student is x_teacher:
         return [x_teacher]
     return [x_student] if inputs == "student" else [x_teacher, x_student]
+
+
+def training_grams(
+    layer: nn.Module, modules: dict[str, nn.Module], objective: LayerObjective | ShardedObjective, train: torch.Tensor, max_features: int
+) -> dict[str, torch.Tensor]:
+    """The preconditioner's Gram matrices over the training sequences, summed over the processes that hold them."""
+    local, inner = (objective.local(train), objective.inner) if isinstance(objective, ShardedObjective) else (train, objective)
+    none = len(local) == 0  # a process whose sequences are all held out: one of them shapes the matrices, zeroed below
+    local = torch.zeros(1, dtype=torch.long) if none else local
+    micro = inner.micro_batch
+    batches = (x[local[i : i + micro]] for x in inner.sources for i in range(0, len(local), micro))
+    grams = factor_grams(layer, modules, batches, inner.kwargs, inner.autocast, max_features)
+    unique = list({id(g): g for g in grams.values()}.values())  # q/k/v share one matrix: summed once
+    for gram in unique if none else []:
+        gram.zero_()
+    distributed.group().sum_(unique)
+    return grams
 
 
 def distill_layer(
@@ -197,18 +277,17 @@ def distill_layer(
         module.float().requires_grad_(True)  # float32 master weights; bf16 compute under train.autocast
     factors = FactorSlots(modules)
     freeze_hooks = moe.freeze_experts(modules, frozen_experts or {})
-    objective = layer_objective(layer, (x_teacher, x_student, y), kwargs, cfg)
-    hold, train = split_holdout(len(y), cfg.holdout_fraction, generator)
+    bounds = sequence_bounds(len(y))  # [0, len(y)] in a single process
+    objective = sharded(layer_objective(layer, (x_teacher, x_student, y), kwargs, cfg), bounds, factors.params)
+    hold, train = split_holdout(bounds[-1], cfg.holdout_fraction, generator)
 
     init_state = factors.snapshot()
     grams: dict[str, torch.Tensor] = {}
     if cfg.precondition:  # over the training sequences, as the steps will see them
-        micro = objective.micro_batch
-        batches = (x[train[i : i + micro]] for x in objective.sources for i in range(0, len(train), micro))
-        grams = factor_grams(layer, modules, batches, kwargs, objective.autocast, cfg.precondition_max_features)
+        grams = training_grams(layer, modules, objective, train, cfg.precondition_max_features)
     with preconditioned(modules, grams, cfg.precondition_damping, frozen_experts or {}):
         del grams  # only the whitening matrices are needed from here on
-        state = layer_fit(objective, factors, (hold, train), cfg, generator, init_state)
+        state = layer_fit(objective, factors, (hold, train), cfg, generator, init_state, bounds=bounds)
     factors.restore(state.best_factors)  # plain again: the snapshots hold the factors' own values
     for hook in freeze_hooks:
         hook.remove()

@@ -53,6 +53,7 @@ def test_defaults_and_overrides() -> None:
         (["method=qlr"], "method=qlr needs quant.bits"),
         (["method=dense"], "method=dense needs quant.bits"),
         (["method=qlr", "quant.bits=4", "quant.targets=factors"], "method=qlr quantizes the dense weights"),
+        (["dist_timeout_s=0"], "dist_timeout_s must be > 0"),
     ],
 )
 def test_bad_settings_give_one_line(overrides: list[str], needle: str) -> None:

@@ -241,14 +241,18 @@ class BackgroundWriter:
 
     ``drain()`` before queueing the next layer's writes keeps at most one layer in flight (host
     memory), and re-raises a failed write in the main thread. Call ``close()`` on every exit path, so
-    a layer that was finished before a crash is on disk and in the manifest.
+    a layer that was finished before a crash is on disk and in the manifest. ``discard``: jobs are dropped (a
+    process beside the one that writes, ``distill_lr.distributed``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, discard: bool = False) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill_lr-writer")
         self._pending: list[Future[None]] = []
+        self.discard = discard
 
     def submit(self, job: Callable[[], None]) -> None:
+        if self.discard:
+            return
         earlier = list(self._pending)
 
         def guarded() -> None:

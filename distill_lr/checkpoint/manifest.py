@@ -37,9 +37,12 @@ def _check_shape(data: Any) -> None:
 class RunManifest:
     """Resume state kept beside the weights: which layers are written, for which config and input."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any], input_fingerprint: str, overwrite: bool) -> None:
-        """Read and check what ``folder`` holds, writing nothing: a refused run leaves it as it was (``start`` writes)."""
-        self.folder = folder
+    def __init__(self, folder: Path, settings: dict[str, Any], input_fingerprint: str, overwrite: bool, writes: bool = True) -> None:
+        """Read and check what ``folder`` holds, writing nothing: a refused run leaves it as it was (``start`` writes).
+
+        ``writes=False``: a process beside the one that writes (``distill_lr.distributed``) keeps the same record in memory only.
+        """
+        self.folder, self.writes = folder, writes
         self.path = folder / MANIFEST_NAME
         self.overwrite = overwrite
         self.data: dict[str, Any] = {"settings": settings, "input": input_fingerprint, "layers": {}, "complete": False}
@@ -85,7 +88,6 @@ class RunManifest:
             self._clear()
         if plan is not None:
             self.data["plan"] = plan
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.save()
 
     def _read(self, overwrite: bool) -> dict[str, Any] | None:
@@ -117,6 +119,8 @@ class RunManifest:
 
     def _clear(self, temporary_only: bool = False) -> None:
         """Delete the files an earlier run wrote here (or only its unfinished temporary files), and nothing else."""
+        if not self.writes:
+            return
         for path in self.folder.iterdir():
             if path.is_file() and written_by_a_run(path.name) and (not temporary_only or path.name.startswith(".")):
                 path.unlink()
@@ -177,4 +181,6 @@ class RunManifest:
         self.save()
 
     def save(self) -> None:
-        files.write_json_atomic(self.data, self.path)
+        if self.writes:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            files.write_json_atomic(self.data, self.path)

@@ -22,11 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distill_lr.config import load_config
+    from distill_lr.distributed import launched_rank
     from distill_lr.driver import compress
 
     warnings.filterwarnings("ignore", module="transformers")
     cfg = load_config(args.config, args.overrides)
     with logging_redirect_tqdm():
         report = compress(cfg)
-    print(report.summary_table())
+    if launched_rank() == 0:  # one table for a launch of several processes
+        print(report.summary_table())
     return 0

@@ -17,14 +17,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distill_lr import moe
-from distill_lr.factorize import INITS, factorize_layer_
+from distill_lr import distributed, moe
+from distill_lr.factorize import INITS, factorization_cost, factorize_layer_
 from distill_lr.layerwise import LayerKwargs
 from distill_lr.modeling.hf_modeling import apply_compressed_
 from distill_lr.report import LayerReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stages.base import RunStage
-from distill_lr.stats import collect_stats
+from distill_lr.stats import collect_stats, reduce_stats_
 
 
 @dataclass
@@ -47,6 +47,7 @@ class LayerStep(ABC):
     """One step of a method on one decoder layer."""
 
     name: ClassVar[str]  # its key in the layer's timings
+    data_parallel: ClassVar[bool] = False  # runs with the sequences spread over processes (``distill_lr.distributed``)
 
     def check(self, cfg: CompressConfig, layers: nn.ModuleList) -> None:  # noqa: B027 (optional hook)
         """Before anything is written (``layers`` dense, on meta): refuse what the step could not do, warn of what it would waste."""
@@ -62,15 +63,31 @@ class Factorize(LayerStep):
 
     init: str  # one of distill_lr.factorize.INITS
     name: ClassVar[str] = "init"
+    data_parallel: ClassVar[bool] = True
 
     def run(self, work: LayerWork) -> None:
         cfg, layer, ranks = work.cfg, work.layer, work.ranks
         moe.unfuse_experts_(layer, ranks)
         names = list(ranks) if INITS[self.init].needs_moments else []
         stats, routing = collect_stats(layer, names, work.x_student, work.kwargs, cfg.batch_size)
+        reduce_stats_(stats, routing)
         if routing.tokens:
             work.report.experts = moe.drop_starved_(routing, cfg.ranks.min_expert_tokens, where=f"layer {work.index}")
-        factorize_layer_(layer, ranks, self.init, stats)
+        factorize_spread_(layer, ranks, self.init, stats)
+
+
+def factorize_spread_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
+    """``factorize_layer_`` with each matrix's factorisation done by one process (bin-packed by its cost) and broadcast."""
+    g = distributed.group()
+    if g.world == 1:
+        factorize_layer_(layer, ranks, init, stats)
+        return
+    modules = dict(layer.named_modules())
+    owner = distributed.owners({name: factorization_cost(modules[name]) for name in ranks}, g.world)
+    factorize_layer_(layer, ranks, init, stats, mine=lambda name: owner[name] == g.rank)
+    modules = dict(layer.named_modules())
+    for name in sorted(ranks):
+        g.broadcast_(list(modules[name].state_dict().values()), owner[name])
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ class Distill(LayerStep):
     """Feature distillation of the whole layer on ``X_t -> Y`` and ``X_s -> Y`` (``distill_lr.train``)."""
 
     name: ClassVar[str] = "train"
+    data_parallel: ClassVar[bool] = True
 
     def run(self, work: LayerWork) -> None:
         if not factor_modules(work.layer):

@@ -1,0 +1,114 @@
+"""Data parallel per layer (``distill_lr.distributed``): one process against several, on the built-in SmolLM2-135M.
+
+Each method runs once as a plain single process and once under ``torchrun --nproc-per-node N``, every process with
+one thread (``OMP_NUM_THREADS=1``), so N processes use N cores where the single process uses one. The table gives
+the mean per-layer wall time (the sum of a layer's phases in report.json), the speed-up, the share of that time
+spent in collectives, the bytes all-reduced or broadcast per layer and per training step (what a projection to more
+GPUs rests on), and the held-out perplexity of each run::
+
+    python benchmarks/bench_distributed.py                   # whiten and distill, 1 and 2 processes (docs/distributed.md)
+    python benchmarks/bench_distributed.py --processes 1 2 4 --methods whiten
+
+Run it alone on the machine: the processes share its cores with nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from distill_lr.analysis.tables import markdown_table, save_results
+
+ROOT = Path(__file__).resolve().parents[1]
+# 64 calibration windows of 256 tokens, the same uniform plan for every run (no pre-pass: it is not part of a layer's time)
+SETTINGS = [
+    "data.num_sequences=64",
+    "data.seq_len=256",
+    "data.eval_sequences=32",
+    "ranks.target=0.2",
+    "ranks.allocation=uniform",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "plot=false",
+]
+
+
+def launch(method: str, processes: int, out: Path, extra: list[str]) -> dict:
+    """One run's report.json, from a plain process (1) or torchrun (several), one thread each."""
+    args = [f"method={method}", f"output={out}", *SETTINGS, *extra]
+    script = str(ROOT / "scripts" / "compress.py")
+    prefix = (
+        [sys.executable]
+        if processes == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*prefix, script, *args], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads((out / "report.json").read_text())
+
+
+def summary(report: dict) -> dict:
+    """Per-layer means of wall time, collective time and bytes; bytes per training step."""
+    layers = report["layers"]
+    wall = sum(sum(layer["seconds"].values()) for layer in layers) / len(layers)
+    comm = [layer.get("comm") or {} for layer in layers]
+    comm_s = sum(p["seconds"] for c in comm for p in c.values()) / len(layers)
+    comm_b = sum(p["bytes"] for c in comm for p in c.values()) / len(layers)
+    steps = sum((layer.get("train") or {}).get("steps", 0) for layer in layers)
+    train_b = sum(c.get("train.step", {}).get("bytes", 0) for c in comm)
+    return {
+        "layer_seconds": round(wall, 2),
+        "comm_seconds": round(comm_s, 3),
+        "comm_share": round(comm_s / wall, 4),
+        "bytes_per_layer": int(comm_b),
+        "bytes_per_step": int(train_b / steps) if steps else None,
+        "phases": {k: round(sum(layer["seconds"][k] for layer in layers) / len(layers), 2) for k in layers[0]["seconds"]},
+        "perplexity": report["perplexity"]["compressed"],
+        "dense_perplexity": report["perplexity"]["dense"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["whiten", "distill"])
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value settings for every run")
+    args = parser.parse_args()
+    results: dict[str, dict[int, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            for n in args.processes:
+                results.setdefault(method, {})[n] = summary(launch(method, n, Path(tmp) / f"{method}-{n}", args.set))
+                print(method, n, results[method][n], flush=True)
+    rows = []
+    for method, by_n in results.items():
+        base = by_n[min(by_n)]
+        for n, r in by_n.items():
+            step = "" if r["bytes_per_step"] is None else f"{r['bytes_per_step'] / 2**20:.2f}"
+            rows.append(
+                [
+                    method,
+                    n,
+                    f"{r['layer_seconds']:.2f}",
+                    f"{base['layer_seconds'] / r['layer_seconds']:.2f}×",
+                    f"{100 * r['comm_share']:.1f}%",
+                    f"{r['bytes_per_layer'] / 2**20:.1f}",
+                    step,
+                    f"{r['perplexity']:.2f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%)",
+                ]
+            )
+    header = ["method", "processes", "s / layer", "speed-up", "in collectives", "MiB / layer", "MiB / train step", "perplexity"]
+    table = markdown_table(header, rows)
+    print(table)
+    save_results({"settings": SETTINGS + args.set, "results": results}, args.out / "distributed.json")
+    (args.out / "distributed_table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Several processes on one compression (``distill_lr.distributed``): 2 processes with gloo on the CPU, launched by torchrun
+as a user would, against the single-process run of the same settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import layer_bytes, overrides_for, run, run_files
+from safetensors.torch import load_file
+
+from distill_lr.distributed import Group, interleaved, owners
+from distill_lr.testing import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPRESS, DYING = ROOT / "scripts" / "compress.py", Path(__file__).parent / "helpers" / "dying_compress.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(args: list[str], script: Path = COMPRESS, processes: int = 2, **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**ENV, **env}, cwd=ROOT)
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def max_relative_difference(a: Path, b: Path) -> float:
+    """The largest difference of two runs' saved tensors, relative to each tensor's largest entry."""
+    worst = 0.0
+    for name in layer_bytes(a):
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys()
+        for key in x:
+            scale = x[key].float().abs().max().clamp_min(1e-12)
+            worst = max(worst, float((x[key].float() - y[key].float()).abs().max() / scale))
+    return worst
+
+
+def test_shards_cover_every_sequence_once_and_differ_by_at_most_one() -> None:
+    blocks = [Group(rank=r, world=3).shard(10) for r in range(3)]
+    assert [list(range(10))[b] for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_owners_balance_the_cost_and_agree_everywhere() -> None:
+    costs = {"a": 8.0, "b": 5.0, "c": 4.0, "d": 3.0, "e": 1.0}
+    owner = owners(costs, 2)
+    load = [sum(c for n, c in costs.items() if owner[n] == r) for r in range(2)]
+    assert sorted(load) == [10.0, 11.0] and owners(dict(reversed(costs.items())), 2) == owner
+
+
+def test_interleaved_order_is_a_permutation_with_an_even_share_of_each_block_per_batch() -> None:
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(interleaved(order, [0, 23], 4), order)  # one process: the order is the single-process one
+    bounds = [0, 11, 23]
+    out = interleaved(order, bounds, 4)
+    assert sorted(out.tolist()) == list(range(23))
+    first = [(out[i : i + 4] < 11).sum().item() for i in range(0, 20, 4)]
+    assert first == [2] * 5  # both blocks still have sequences for the first 5 batches
+    for r in range(2):  # each block's sequences keep their drawn order
+        mine = [i for i in order.tolist() if bounds[r] <= i < bounds[r + 1]]
+        assert [i for i in out.tolist() if bounds[r] <= i < bounds[r + 1]] == mine
+
+
+@pytest.mark.parametrize(("kind", "method"), [("llama", "whiten"), ("llama", "distill"), ("mixtral", "distill")])
+def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus: Path, kind: str, method: str) -> None:
+    model = save_tiny(tmp_path / kind, kind)
+    single = run(model, corpus, tmp_path / "single", method=method)
+    done = torchrun(overrides_for(model, corpus, tmp_path / "two", method=method))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = report(tmp_path / "two")
+    # The moments are float64 sums over each process's sequences, summed again: the same values in another order. A
+    # training batch takes an even share of each process's block (``interleaved``), so the batches are made of other
+    # sequences than a single process's: the trained factors differ a little, the held-out loss hardly at all.
+    tolerance = 1e-6 if method == "whiten" else 1e-2
+    assert max_relative_difference(tmp_path / "single", tmp_path / "two") <= tolerance
+    assert two["perplexity"]["compressed"] == pytest.approx(single.perplexity.compressed, rel=tolerance)
+    assert two["perplexity"]["dense"] == pytest.approx(single.perplexity.dense, rel=1e-6)
+    assert all(layer["comm"]["init"]["bytes"] > 0 for layer in two["layers"])
+    assert (method == "distill") == all(layer["comm"].get("train.step", {}).get("bytes", 0) > 0 for layer in two["layers"])
+    assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
+
+
+def test_a_killed_process_stops_the_launch_and_the_run_resumes_to_the_unbroken_result(tmp_path: Path, corpus: Path) -> None:
+    model = save_tiny(tmp_path / "llama")
+    args = lambda out: overrides_for(model, corpus, out, method="distill")  # noqa: E731
+    unbroken = torchrun(args(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    killed = torchrun(args(tmp_path / "resumed"), script=DYING, DYING_RANK="1", DYING_LAYER="2")
+    assert killed.returncode != 0 and not (tmp_path / "resumed" / "config.json").exists()
+    resumed = torchrun(args(tmp_path / "resumed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert report(tmp_path / "resumed")["layers"][0]["resumed"]
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "unbroken")
+
+
+def test_without_a_launcher_a_dead_peer_ends_the_other_process_in_one_line(tmp_path: Path, corpus: Path) -> None:
+    """Processes started by hand (no torchrun to stop the others): the survivor's collective fails, it does not hang."""
+    model = save_tiny(tmp_path / "llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DYING_RANK": "1", "DYING_LAYER": "1"}
+    args = overrides_for(model, corpus, tmp_path / "out", method="distill", dist_timeout_s=60)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(DYING), *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert procs[1].returncode == 9 and procs[0].returncode == 2
+    last = errors[0].strip().splitlines()[-1]
+    assert last.startswith("error: process 0 of 2: a collective failed") and "resumes" in last, errors[0][-2000:]
+    assert "Traceback" not in errors[0]
+
+
+def test_what_does_not_run_spread_is_refused_by_every_process_in_one_line(tmp_path: Path, corpus: Path) -> None:
+    model = save_tiny(tmp_path / "llama")
+    done = torchrun(overrides_for(model, corpus, tmp_path / "out", method="qlr", **{"quant.bits": 4}))
+    assert done.returncode != 0 and not (tmp_path / "out").exists()
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "do not run in several processes yet" in lines[0], done.stderr[-2000:]
