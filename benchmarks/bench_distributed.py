@@ -107,7 +107,6 @@ def main() -> None:
     table = markdown_table(header, rows)
     print(table)
     save_results({"settings": SETTINGS + args.set, "results": results}, args.out / "distributed.json")
-    (args.out / "distributed_table.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

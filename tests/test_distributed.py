@@ -28,6 +28,13 @@ def torchrun(args: list[str], script: Path = COMPRESS, processes: int = 2, **env
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**ENV, **env}, cwd=ROOT)
 
 
+def accelerate_launch(args: list[str]) -> subprocess.CompletedProcess:
+    """accelerate's launcher for several processes (``--multi_gpu``: torch's elastic launch; gloo where no GPU is visible)."""
+    launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no"]
+    command = [sys.executable, "-m", *launcher, "--dynamo_backend=no", str(COMPRESS), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+
+
 def report(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text())
 
@@ -86,6 +93,16 @@ def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus
     assert all(layer["comm"]["init"]["bytes"] > 0 for layer in two["layers"])
     assert (method == "distill") == all(layer["comm"].get("train.step", {}).get("bytes", 0) > 0 for layer in two["layers"])
     assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
+
+
+def test_accelerate_launch_runs_the_same_processes(tmp_path: Path, corpus: Path) -> None:
+    model = save_tiny(tmp_path / "llama")
+    single = run(model, corpus, tmp_path / "single")
+    done = accelerate_launch(overrides_for(model, corpus, tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(layer["comm"]["init"]["bytes"] > 0 for layer in report(tmp_path / "two")["layers"])  # two processes talked
+    assert max_relative_difference(tmp_path / "single", tmp_path / "two") <= 1e-6
+    assert report(tmp_path / "two")["perplexity"]["compressed"] == pytest.approx(single.perplexity.compressed, rel=1e-6)
 
 
 def test_a_killed_process_stops_the_launch_and_the_run_resumes_to_the_unbroken_result(tmp_path: Path, corpus: Path) -> None:
