@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill_lr import moe
+from distill_lr import distributed, moe
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader
 from distill_lr.factorize import whitened_spectrum
 from distill_lr.layerwise import LayerKwargs, call_layer, capture_inputs, embed, head_loss_gradient, hooks_removed
 from distill_lr.modeling.lowrank import ExpertLinears
-from distill_lr.stats import collect_stats
+from distill_lr.stats import collect_stats, reduce_stats_
 
 log = logging.getLogger("distill_lr")
 
@@ -53,15 +53,18 @@ def measure(
 ) -> Sensitivity:
     """The pre-pass over the dense model (``model`` has its embeddings, final norm and head materialised).
 
-    ``overflow(layer, "dense")`` is the message for a layer whose outputs are not finite.
+    ``overflow(layer, "dense")`` is the message for a layer whose outputs are not finite. With several processes each
+    takes its block of the sequences; the moments, token counts and squared gradients are summed over them.
     """
     device, dtype = compute
-    ids = input_ids.to(device)
+    g = distributed.group()
+    ids = input_ids[g.shard(len(input_ids))].to(device)
     kwargs = capture_inputs(model, layers, ids[:1])[1]
     x = embed(model, layers, ids, batch_size)
     log.info(
         "allocation pre-pass: %d sequences, %.2f GiB of kept layer inputs", len(ids), x.numel() * x.element_size() * len(layers) / 2**30
     )
+    tokens = int(g.sum_floats([float(ids.numel())])[0])
     inputs, spectra = [], {}
     loader = LayerLoader(reader, copy.deepcopy(layers), prefix)  # its own meta layers: unfusing experts leaves the run's as they are
     try:
@@ -69,23 +72,24 @@ def measure(
             layer = loader.load(i, device, dtype)
             inputs.append(x.cpu())
             y = torch.empty_like(x)
-            spectra |= _layer_spectra(layer, f"{prefix}{i}.", names, (x, y), kwargs[i], batch_size, partial(overflow, i, "dense"))
+            spectra |= _layer_spectra(layer, (f"{prefix}{i}.", names), (x, y, tokens), kwargs[i], batch_size, partial(overflow, i, "dense"))
             x = y
             layer.to("meta")
     finally:
         loader.close()
-    grad = head_loss_gradient(model, layers, x, ids)
+    predicted = ids.numel() - len(ids)  # next-token targets: the loss is their mean over every process's sequences
+    grad = head_loss_gradient(model, layers, x, ids) * (predicted / g.sum_floats([float(predicted)])[0])
     weights: dict[str, float] = {}
     loader = LayerLoader(reader, copy.deepcopy(layers), prefix, read_ahead=False)
     try:
         for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="allocation: gradients", unit="layer"):
             layer = loader.load(i, device, dtype)
-            layer_weights, grad = _layer_gradients(layer, inputs.pop().to(device), grad, kwargs[i], batch_size)
+            layer_weights, grad = _layer_gradients(layer, (inputs.pop().to(device), tokens), grad, kwargs[i], batch_size)
             weights |= {n: layer_weights[_owner(n[len(f"{prefix}{i}.") :])] for n in names if n.startswith(f"{prefix}{i}.")}
             layer.to("meta")
     finally:
         loader.close()
-    return Sensitivity(spectra, weights, len(ids))
+    return Sensitivity(spectra, weights, len(input_ids))
 
 
 def _owner(name: str) -> str:
@@ -96,21 +100,22 @@ def _owner(name: str) -> str:
 
 def _layer_spectra(
     layer: nn.Module,
-    prefix: str,
-    names: set[str],
-    streams: tuple[torch.Tensor, torch.Tensor],
+    free: tuple[str, set[str]],
+    streams: tuple[torch.Tensor, torch.Tensor, int],
     kwargs: LayerKwargs,
     batch_size: int,
     overflow: Callable[[], str],
 ) -> dict[str, torch.Tensor]:
-    """σ² of each free matrix of one layer (an expert's scaled by the share of the tokens routed to it),
-    from one forward of the inputs ``streams[0]`` that also writes the layer's outputs into ``streams[1]``."""
-    x, y = streams
+    """σ² of each free matrix (``free``: the layer's prefix, the free names) of one layer (an expert's scaled by the share
+    of the tokens routed to it), from one forward of the inputs ``streams[0]`` that also writes the layer's outputs into
+    ``streams[1]``; ``streams[2]``: the tokens of every process."""
+    (prefix, names), (x, y, tokens) = free, streams
     mine = {n[len(prefix) :]: 1 for n in names if n.startswith(prefix)}
     per_module = moe.module_ranks(mine, moe.fused_experts(layer))
     moe.unfuse_experts_(layer, per_module)
-    stats, _ = collect_stats(layer, list(per_module), x, kwargs, batch_size, out=y, overflow=overflow)
-    modules, tokens = dict(layer.named_modules()), x.shape[0] * x.shape[1]
+    stats, routing = collect_stats(layer, list(per_module), x, kwargs, batch_size, out=y, overflow=overflow)
+    reduce_stats_(stats, routing)
+    modules = dict(layer.named_modules())
     out = {}
     for name in mine:
         owner = _owner(name)
@@ -128,9 +133,11 @@ def _layer_spectra(
 
 
 def _layer_gradients(
-    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, kwargs: LayerKwargs, batch_size: int
+    layer: nn.Module, inputs: tuple[torch.Tensor, int], grad_out: torch.Tensor, kwargs: LayerKwargs, batch_size: int
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Mean squared loss gradient per output coordinate of every linear and experts module, and ∂L/∂x."""
+    """Mean squared loss gradient per output coordinate of every linear and experts module over the tokens of every process
+    (``inputs``: this process's layer inputs, the tokens of all), and ∂L/∂x of this process's sequences."""
+    x, tokens = inputs
     for p in layer.parameters():
         p.requires_grad_(False)
     experts = moe.fused_experts(layer)
@@ -149,5 +156,7 @@ def _layer_gradients(
         for s in range(0, len(x), batch_size):
             batch = x[s : s + batch_size].detach().requires_grad_()
             (grad_in[s : s + batch_size],) = torch.autograd.grad(call_layer(layer, batch, kwargs), batch, grad_out[s : s + batch_size])
-    tokens = x.shape[0] * x.shape[1]
-    return {n: energy[n] / (tokens * widths[n]) for n in hooked if n in widths}, grad_in
+    names = list(hooked)  # the same list in every process; a module that ran in none of them (an expert routed nothing) is left out
+    values = distributed.group().sum_floats([v for n in names for v in (energy[n], float(widths.get(n, 0)), float(n in widths))])
+    summed = {n: values[3 * k : 3 * k + 3] for k, n in enumerate(names)}
+    return {n: e / (tokens * w / ran) for n, (e, w, ran) in summed.items() if ran}, grad_in

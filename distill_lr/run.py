@@ -29,6 +29,7 @@ from distill_lr.layerwise import embed
 from distill_lr.methods import get_method
 from distill_lr.methods.base import Method
 from distill_lr.plan import plan_layers
+from distill_lr.ranks import needs_prepass
 from distill_lr.report import ParamSummary, RunReport
 from distill_lr.runtime import resolve_device, resolve_dtype
 from distill_lr.schema import CompressConfig
@@ -114,10 +115,12 @@ def check_processes(cfg: CompressConfig, method: Method) -> None:
     check(cfg.teacher_cache is None, f"teacher_cache is not kept by several processes yet: set teacher_cache=null or {fix}")
 
 
-def check_shards(tokens: TokenSets) -> None:
-    """Every process gets at least one sequence of each text (a process without one would have nothing to run)."""
+def check_shards(tokens: TokenSets, cfg: CompressConfig) -> None:
+    """Every process gets at least one sequence of each text and of the pre-pass (a process without one would have nothing to run)."""
     world = distributed.group().world
-    texts = ((tokens.calibration, "calibration", "data.num_sequences"), (tokens.evaluation, "held-out", "data.eval_sequences"))
+    texts = [(tokens.calibration, "calibration", "data.num_sequences"), (tokens.evaluation, "held-out", "data.eval_sequences")]
+    if needs_prepass(cfg.ranks):
+        texts.append((tokens.calibration[: cfg.ranks.allocation_sequences], "pre-pass", "ranks.allocation_sequences"))
     for ids, what, setting in texts:
         check(
             len(ids) >= world or (what == "held-out" and len(ids) == 0),
@@ -144,7 +147,7 @@ def prepare(cfg: CompressConfig, opened: Opened) -> Run:
     manifest = RunManifest(out, cfg.result_fingerprint(), fingerprint, cfg.overwrite, writes=group.main)
     e2e.check_folder(manifest, cfg)
     tokens, tasks = tokenize(cfg, reader)
-    check_shards(tokens)
+    check_shards(tokens, cfg)
     manifest.check_text(hashlib.sha256(tokens.calibration.numpy().tobytes()).hexdigest())  # what the layer files are trained on
     load_non_layer_(model, reader, prefix, device, dtype)
     streams = open_streams(tokens, tasks, model, layers, device)

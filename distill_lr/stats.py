@@ -10,6 +10,7 @@ from torch import nn
 
 from distill_lr import moe
 from distill_lr.distributed import group
+from distill_lr.errors import check
 from distill_lr.layerwise import LayerKwargs, SharedInputs, hooks_removed, layer_device, run_layer
 from distill_lr.modeling.lowrank import LowRankExperts
 from distill_lr.moments import Moments, records_outputs
@@ -92,12 +93,20 @@ def expert_input_moments(
 
 def reduce_stats_(stats: dict[str, Any], routing: moe.Routing) -> None:
     """Sum over the processes what each measured on its own sequences (``collect_stats``): the whole calibration set's
-    moments and token counts, the same in every process. Linears that share one ``Moments`` are summed once."""
+    moments and token counts, the same in every process. Linears that share one ``Moments`` are summed once; the order
+    is the names' (a dict's order may differ between processes that built it from a set)."""
     g = group()
     if g.world == 1:
         return
-    entries = [m for v in stats.values() for m in (v if isinstance(v, list) else [v]) if m is not None]
+    layout = [(name, [m is None for m in stats[name]] if isinstance(stats[name], list) else None) for name in sorted(stats)]
+    layout.append(("routing", sorted(routing.tokens)))
+    check(
+        g.broadcast_object(layout) == layout,
+        f"process {g.rank} saw other modules run than process 0 (a linear that runs only for some tokens, as a per-expert "
+        "nn.Linear does): this model's layers do not run spread over processes yet; launch one process",
+    )
+    entries = [m for name in sorted(stats) for m in (stats[name] if isinstance(stats[name], list) else [stats[name]]) if m is not None]
     moments = list({id(m): m for m in entries}.values())
-    g.sum_([t for m in moments for t in (m.sum_xxT, m.sum_x)] + list(routing.tokens.values()))
+    g.sum_([t for m in moments for t in (m.sum_xxT, m.sum_x)] + [routing.tokens[name] for name in sorted(routing.tokens)])
     for m, count in zip(moments, g.sum_floats([float(m.count) for m in moments]), strict=True):
         m.count = int(count)
