@@ -109,16 +109,17 @@ def factor_grams(
 def whitening_matrices(grams: dict[str, torch.Tensor], damping: float) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """``inverse_sqrt`` of each distinct Gram matrix (by identity: q/k/v share one), each one computed by one process
     (bin-packed by its eigendecomposition's cost) and broadcast to the others."""
-    first = {id(gram): name for name, gram in reversed(grams.items())}  # a matrix's first reader names it alike everywhere
-    unique = {name: grams[name] for name in reversed(first.values())}
+    unique: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, gram in grams.items():  # a matrix's first reader names it alike in every process
+        unique.setdefault(id(gram), (name, gram))
     g = distributed.group()
-    owner = distributed.owners({n: t.shape[-1] ** 3 * (t.shape[0] if t.ndim == 3 else 1) for n, t in unique.items()}, g.world)
+    owner = distributed.owners({n: t.shape[-1] ** 3 * (t.shape[0] if t.ndim == 3 else 1) for n, t in unique.values()}, g.world)
     out = {  # every process computes its own first, then all are broadcast
-        id(gram): inverse_sqrt(gram, damping) if owner[name] == g.rank else (torch.empty_like(gram).float(), torch.empty_like(gram).float())
-        for name, gram in unique.items()
+        key: inverse_sqrt(gram, damping) if owner[name] == g.rank else tuple(torch.empty(gram.shape, device=gram.device) for _ in range(2))
+        for key, (name, gram) in unique.items()
     }
-    for name, gram in unique.items():
-        g.broadcast_(list(out[id(gram)]), owner[name])
+    for key, (name, _) in unique.items():
+        g.broadcast_(list(out[key]), owner[name])
     return out
 
 
