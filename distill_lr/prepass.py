@@ -78,7 +78,7 @@ def measure(
     finally:
         loader.close()
     predicted = ids.numel() - len(ids)  # next-token targets: the loss is their mean over every process's sequences
-    grad = head_loss_gradient(model, layers, x, ids) * (predicted / g.sum_floats([float(predicted)])[0])
+    grad = head_loss_gradient(model, layers, x, ids) * (predicted / (tokens - len(input_ids)))
     weights: dict[str, float] = {}
     loader = LayerLoader(reader, copy.deepcopy(layers), prefix, read_ahead=False)
     try:
