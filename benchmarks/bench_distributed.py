@@ -8,6 +8,12 @@ GPUs rests on), and the held-out perplexity of each run::
 
     python benchmarks/bench_distributed.py                   # whiten and distill, 1 and 2 processes (docs/distributed.md)
     python benchmarks/bench_distributed.py --processes 1 2 4 --methods whiten
+    python benchmarks/bench_distributed.py --stage           # the end-to-end stage sharded by FSDP, 1 and 2 processes
+
+``--stage``: one ``whiten`` run is compressed once; each process count resumes a copy of it with the end-to-end stage
+on for ``STAGE``'s steps, so every count trains from the same factors; the table gives the stage's seconds per step
+(its wall time, the loading of the layers and the held-out evaluations included, over its steps),
+the held-out KL, the perplexity and the decoder layers' weights each process holds.
 
 Run it alone on the machine: the processes share its cores with nothing else.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,8 +45,12 @@ SETTINGS = [
 ]
 
 
-def launch(method: str, processes: int, out: Path, extra: list[str]) -> dict:
-    """One run's report.json, from a plain process (1) or torchrun (several), one thread each."""
+# the stage after the layer loop: 8 steps of 8 of the 60 training sequences, evaluated on the 4 held out at steps 4 and 8
+STAGE = ["e2e.enabled=true", "e2e.max_steps=8", "e2e.batch_size=8", "e2e.micro_batch_size=2", "e2e.evals_per_epoch=2"]
+
+
+def launch(method: str, processes: int, out: Path, extra: list[str], threads: int = 1) -> dict:
+    """One run's report.json, from a plain process (1) or torchrun (several), ``threads`` each."""
     args = [f"method={method}", f"output={out}", *SETTINGS, *extra]
     script = str(ROOT / "scripts" / "compress.py")
     prefix = (
@@ -47,7 +58,7 @@ def launch(method: str, processes: int, out: Path, extra: list[str]) -> dict:
         if processes == 1
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([*prefix, script, *args], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "report.json").read_text())
 
@@ -73,13 +84,46 @@ def summary(report: dict) -> dict:
     }
 
 
+def stage(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
+    """The end-to-end stage from one layer-wise base, per process count: the table's rows."""
+    base = tmp / "base"
+    launch("whiten", 1, base, extra, threads=len(processes))  # not timed
+    rows, results = [], {}
+    for n in processes:
+        shutil.copytree(base, tmp / f"stage-{n}")
+        report = launch("whiten", n, tmp / f"stage-{n}", [*extra, *STAGE])
+        results[n] = {**report["e2e"], "perplexity": report["perplexity"]["compressed"]}
+        r, first = results[n], results[min(results)]
+        print(n, {k: v for k, v in r.items() if k != "curve"}, flush=True)
+        rows.append(
+            [
+                n,
+                f"{r['seconds'] / r['steps']:.2f}",
+                f"{(first['seconds'] / first['steps']) / (r['seconds'] / r['steps']):.2f}×",
+                f"{r['init_holdout']:.4f} → {r['best_holdout']:.4f}",
+                f"{r['perplexity']:.2f} ({100 * (r['perplexity'] / first['perplexity'] - 1):+.2f}%)",
+                f"{r['layer_bytes_per_process'] / 2**20:.1f}",
+            ]
+        )
+    save_results({"settings": SETTINGS + STAGE + extra, "results": results}, tmp / "stage.json")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["whiten", "distill"])
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value settings for every run")
+    parser.add_argument("--stage", action="store_true", help="the end-to-end stage instead of the layer loop's methods")
     args = parser.parse_args()
+    if args.stage:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = stage(args.processes, Path(tmp), args.set)
+            shutil.copy(Path(tmp) / "stage.json", args.out / "distributed_stage.json")
+        header = ["processes", "s / step", "speed-up", "held-out KL (start → best)", "perplexity", "layer weights / process (MiB)"]
+        print(markdown_table(header, rows))
+        return
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:

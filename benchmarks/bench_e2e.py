@@ -9,6 +9,7 @@ Llama-2-7B shapes (20% removed), so a lighter optimizer's memory and its KL are 
     python benchmarks/bench_e2e.py                                  # AdamW against Adafactor, 24 steps (docs/e2e.md)
     python benchmarks/bench_e2e.py --steps 96 --variant adamw --variant adafactor e2e.optimizer=adafactor
     python benchmarks/bench_e2e.py --base distill/loss-aware --variant lr3e-3 e2e.lr=3e-3
+    python benchmarks/bench_e2e.py --estimates                      # the 7B estimates per process, 1/2/4 processes
 
 ``--variant NAME KEY=VALUE ...`` (repeatable) names a variant and its overrides; without any, the default pair.
 Held-out evaluations come every ``--eval-every`` steps and never stop a variant early, so the curves are whole.
@@ -40,6 +41,7 @@ DEFAULT_VARIANTS = [["adamw"], ["adafactor", "e2e.optimizer=adafactor"]]
 LLAMA_7B = {"hidden": 4096, "layers": 32, "heads": 32, "vocab": 32000}
 LLAMA_7B_FACTORS = int(0.8 * 32 * (4 * 4096**2 + 3 * 4096 * 11008))  # of the decoder linears' weights, 80% kept
 LLAMA_7B_OTHER = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings, head, norms
+LLAMA_7B_OUTSIDE = 2 * 32000 * 4096 + 4096  # embeddings, head, final norm: whole in each process of a sharded stage
 
 
 def stage_settings(overrides: list[str]) -> E2EConfig:
@@ -47,9 +49,23 @@ def stage_settings(overrides: list[str]) -> E2EConfig:
     return load_config(None, [o for o in overrides if o.startswith("e2e.")]).e2e
 
 
-def estimate_7b(overrides: list[str]) -> e2e.Estimate:
-    """The stage's estimate at Llama-2-7B shapes under the variant's ``e2e.*`` settings."""
-    return e2e.estimate(LLAMA_7B_FACTORS, LLAMA_7B_OTHER, 2, LLAMA_7B, replace(stage_settings(overrides), micro_batch_size=1), 512)
+def estimate_7b(overrides: list[str], processes: int = 1) -> e2e.Estimate:
+    """The stage's estimate per process at Llama-2-7B shapes under the variant's ``e2e.*`` settings."""
+    settings = replace(stage_settings(overrides), micro_batch_size=1)
+    return e2e.estimate(LLAMA_7B_FACTORS, LLAMA_7B_OTHER, 2, LLAMA_7B, settings, 512, (processes, LLAMA_7B_OUTSIDE))
+
+
+def estimates_table() -> str:
+    """The 7B-class estimate per process for each optimizer, with and without checkpointing, on 1, 2 and 4 processes
+    (the stage sharded by FSDP)."""
+    rows = []
+    for optimizer in ("adamw", "adafactor"):
+        for checkpointing in ("false", "true"):
+            overrides = [f"e2e.optimizer={optimizer}", f"e2e.gradient_checkpointing={checkpointing}"]
+            sharded = optimizer == "adamw"  # Adafactor is refused with several processes
+            cells = [human_bytes(estimate_7b(overrides, n).total) if n == 1 or sharded else "refused" for n in (1, 2, 4)]
+            rows.append([optimizer, checkpointing, *cells])
+    return markdown_table(["optimizer", "gradient checkpointing", "1 process", "2 processes", "4 processes"], rows, align="llrrr")
 
 
 def run_variant(name: str, overrides: list[str], base: dict, steps: int, eval_every: int, workdir: Path) -> dict:
@@ -122,7 +138,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for the base and every variant")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where e2e.md, e2e.json and e2e.png go")
     parser.add_argument("--workdir", type=Path, help="keep the compressed folders here (default: a temporary folder)")
+    parser.add_argument("--estimates", action="store_true", help="print the 7B-class estimates per process and stop (no run)")
     args = parser.parse_args()
+    if args.estimates:
+        print(estimates_table())
+        return
     logging.basicConfig(level=logging.WARNING)
     variants = args.variant or DEFAULT_VARIANTS
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import std as tqdm_std
 
 from distill_lr.errors import UserInputError, first_line
@@ -116,14 +117,28 @@ class Group:
         try:
             call()
         except RuntimeError as err:  # gloo/NCCL: a peer that died or a timeout (DistBackendError is a RuntimeError)
-            raise UserInputError(
-                f"process {self.rank} of {self.world}: a collective failed ({first_line(err)}); another process stopped "
-                f"(see its message) or did not answer within {self.timeout_s:.0f} s (dist_timeout_s): fix that and run "
-                "the same command again, it resumes after the finished layers"
-            ) from None
+            raise self._failed(err) from None
         spent = self.traffic.setdefault(f"{self.phase}.{tag}" if tag else self.phase, [0.0, 0.0])
         spent[0] += nbytes
         spent[1] += time.perf_counter() - start
+
+    @contextmanager
+    def failures(self) -> Iterator[None]:
+        """Around code whose collectives are torch's own (FSDP's): one that fails ends in the same one line as ours."""
+        try:
+            yield
+        except RuntimeError as err:
+            backend = isinstance(err, dist.DistBackendError) or any(k in str(err).lower() for k in ("gloo", "nccl"))
+            if self.world == 1 or not backend:
+                raise
+            raise self._failed(err) from None
+
+    def _failed(self, err: RuntimeError) -> UserInputError:
+        return UserInputError(
+            f"process {self.rank} of {self.world}: a collective failed ({first_line(err)}); another process stopped "
+            f"(see its message) or did not answer within {self.timeout_s:.0f} s (dist_timeout_s): fix that and run "
+            "the same command again, it resumes after the finished layers"
+        )
 
     def take_traffic(self) -> dict[str, dict[str, float]]:
         """The bytes and seconds of the collectives per phase since the last call (a layer's), and start counting anew."""
@@ -187,6 +202,16 @@ def launched(device: str, timeout_s: float) -> Iterator[Group]:
         log.setLevel(level)
         if ours:
             dist.destroy_process_group()
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on every process (a collective for a sharded one: every process calls it, in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (the tensor itself when it is not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def owners(costs: dict[str, float], world: int) -> dict[str, int]:

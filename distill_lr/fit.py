@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill_lr.distributed import local
 from distill_lr.schema import E2EConfig, TrainConfig
 
 Settings = TrainConfig | E2EConfig  # the optimisation fields they share (schema.check_optimisation)
@@ -63,7 +64,8 @@ def param_groups(params: list[nn.Parameter], lr: float, relative: bool, scales: 
 
 
 class FactorSlots:
-    """The trainable factors of a layer, read and written by (owner, name) so that a parametrization in between is seen."""
+    """The trainable factors of a layer, read and written by (owner, name) so that a parametrization in between is seen;
+    a factor sharded over processes (FSDP) is read and written as this process's part of it."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.slots = [(owner, name) for m in modules.values() for owner in m.modules() for name, _ in owner.named_parameters(recurse=False)]
@@ -76,16 +78,16 @@ class FactorSlots:
         next optimizer step, and a best-so-far buffer is reused at every improvement instead of allocated.
         """
         if into is None:
-            into = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda) for p in self.params]
+            into = [torch.empty(local(p).shape, dtype=p.dtype, pin_memory=p.is_cuda) for p in self.params]
         for buffer, (owner, name) in zip(into, self.slots, strict=True):
-            buffer.copy_(getattr(owner, name).detach(), non_blocking=True)  # through the parametrization, when preconditioned
+            buffer.copy_(local(getattr(owner, name).detach()), non_blocking=True)  # through the parametrization, when preconditioned
         return into
 
     @torch.no_grad()
     def restore(self, state: list[torch.Tensor]) -> None:
         """Install a snapshot; outside the parametrizations, where the parameters hold the factors' own values."""
         for p, saved in zip(self.params, state, strict=True):
-            p.copy_(saved, non_blocking=True)
+            local(p).copy_(saved, non_blocking=True)
 
 
 def split_holdout(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

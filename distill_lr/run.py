@@ -109,8 +109,12 @@ def check_processes(cfg: CompressConfig, method: Method) -> None:
     if g.world == 1:
         return
     fix = f"launch one process (without torchrun or accelerate launch) to run it; {g.world} processes run"
-    serial = [s.name for s in method.steps if not s.data_parallel] + [s.name for s in method.stages]
+    serial = [s.name for s in [*method.steps, *method.stages] if not s.data_parallel]
     check(not serial, f"method '{cfg.method}' has steps or stages that do not run in several processes yet ({', '.join(serial)}): {fix}")
+    check(
+        not (cfg.e2e.enabled and cfg.e2e.optimizer == "adafactor"),
+        f"e2e.optimizer=adafactor does not run sharded over several processes yet: set e2e.optimizer=adamw (FSDP splits it) or {fix}",
+    )
     check(not (cfg.evaluate and cfg.eval.tasks), f"eval.tasks are not scored in several processes yet: set eval.tasks=[] or {fix}")
     check(cfg.teacher_cache is None, f"teacher_cache is not kept by several processes yet: set teacher_cache=null or {fix}")
 

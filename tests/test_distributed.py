@@ -15,6 +15,7 @@ import torch
 from conftest import layer_bytes, overrides_for, run, run_files
 from safetensors.torch import load_file
 
+from distill_lr.checkpoint.layout import E2E_STATE
 from distill_lr.distributed import Group, interleaved, owners
 from distill_lr.testing import save_tiny
 
@@ -95,6 +96,43 @@ def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus
     assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
 
 
+# The stage's whole training set in every step (12 of 16 sequences; the blocks are 8 and 8), so the step's batch is the
+# same set of sequences whatever the order: each process runs its share and pads to the other's micro-batch count.
+STAGE = {"method": "svd", "ranks.target": 0.5, "e2e.enabled": "true", "e2e.epochs": 3, "e2e.batch_size": 12, "e2e.micro_batch_size": 2}
+STAGE |= {"e2e.holdout_fraction": 0.25, "e2e.lr": 3e-2, "e2e.evals_per_epoch": 1, "e2e.patience": 4}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_two_processes_train_the_end_to_end_stage_sharded_as_one_does(tmp_path: Path, corpus: Path, kind: str) -> None:
+    model = save_tiny(tmp_path / kind, kind, initializer_range=0.2)
+    single = run(model, corpus, tmp_path / "single", **STAGE)
+    done = torchrun(overrides_for(model, corpus, tmp_path / "two", **STAGE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = report(tmp_path / "two")["e2e"]
+    assert two["steps"] == single.e2e["steps"] == 3 and two["best_step"] == single.e2e["best_step"]
+    assert single.e2e["best_holdout"] < single.e2e["init_holdout"]
+    # the same sums in another order (FSDP averages the gradients, the processes' losses are summed): float rounding apart
+    for a, b in zip(single.e2e["curve"], two["curve"], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert max_relative_difference(tmp_path / "single", tmp_path / "two") <= 1e-4
+    assert report(tmp_path / "two")["perplexity"]["compressed"] == pytest.approx(single.perplexity.compressed, rel=1e-4)
+    assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
+    assert two["processes"] == 2 and two["layer_bytes_per_process"] <= 0.55 * single.e2e["layer_bytes_per_process"]
+
+
+def test_a_process_killed_in_the_sharded_stage_resumes_to_the_unbroken_result(tmp_path: Path, corpus: Path) -> None:
+    model = save_tiny(tmp_path / "llama", initializer_range=0.2)
+    args = lambda out: overrides_for(model, corpus, out, **{**STAGE, "e2e.batch_size": 4})  # noqa: E731
+    unbroken = torchrun(args(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    killed = torchrun(args(tmp_path / "resumed"), script=DYING, DYING_RANK="1", DYING_E2E_SAVE="2")
+    assert killed.returncode != 0 and (tmp_path / "resumed" / E2E_STATE).exists()
+    resumed = torchrun(args(tmp_path / "resumed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "end-to-end stage: resumed at step" in resumed.stderr
+    assert run_files(tmp_path / "resumed") == run_files(tmp_path / "unbroken")
+
+
 def test_accelerate_launch_runs_the_same_processes(tmp_path: Path, corpus: Path) -> None:
     model = save_tiny(tmp_path / "llama")
     single = run(model, corpus, tmp_path / "single")
@@ -118,14 +156,18 @@ def test_a_killed_process_stops_the_launch_and_the_run_resumes_to_the_unbroken_r
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "unbroken")
 
 
-def test_without_a_launcher_a_dead_peer_ends_the_other_process_in_one_line(tmp_path: Path, corpus: Path) -> None:
-    """Processes started by hand (no torchrun to stop the others): the survivor's collective fails, it does not hang."""
+@pytest.mark.parametrize("where", ["layer", "stage"])
+def test_without_a_launcher_a_dead_peer_ends_the_other_process_in_one_line(tmp_path: Path, corpus: Path, where: str) -> None:
+    """Processes started by hand (no torchrun to stop the others): the survivor's collective fails, it does not hang; in the
+    sharded end-to-end stage the collective that fails is FSDP's own."""
     model = save_tiny(tmp_path / "llama")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DYING_RANK": "1", "DYING_LAYER": "1"}
-    args = overrides_for(model, corpus, tmp_path / "out", method="distill", dist_timeout_s=60)
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DYING_RANK": "1"}
+    env |= {"DYING_LAYER": "1"} if where == "layer" else {"DYING_E2E_SAVE": "1"}
+    settings = {"method": "distill"} if where == "layer" else {**STAGE, "e2e.batch_size": 4}
+    args = overrides_for(model, corpus, tmp_path / "out", dist_timeout_s=60, **settings)
     procs = [
         subprocess.Popen(
             [sys.executable, str(DYING), *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True

@@ -48,6 +48,11 @@ class RunStage(ABC):
 
     name: ClassVar[str]
 
+    @property
+    def data_parallel(self) -> bool:
+        """Whether the stage runs with the sequences spread over processes (``distill_lr.distributed``)."""
+        return False
+
     def check(self, run: FinishedLayers) -> None:  # noqa: B027 (optional hook)
         """Before the layer loop (streams and files not there yet): refuse early what the stage could not do."""
 
