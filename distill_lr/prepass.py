@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 
 from distill_lr import distributed, moe
 from distill_lr.checkpoint.reader import CheckpointReader, LayerLoader
-from distill_lr.factorize import whitened_spectrum
+from distill_lr.factorize import factorization_cost, whitened_spectrum
 from distill_lr.layerwise import LayerKwargs, call_layer, capture_inputs, embed, head_loss_gradient, hooks_removed
-from distill_lr.modeling.lowrank import ExpertLinears
 from distill_lr.stats import collect_stats, reduce_stats_
 
 log = logging.getLogger("distill_lr")
@@ -115,21 +114,36 @@ def _layer_spectra(
     moe.unfuse_experts_(layer, per_module)
     stats, routing = collect_stats(layer, list(per_module), x, kwargs, batch_size, out=y, overflow=overflow)
     reduce_stats_(stats, routing)
-    modules = dict(layer.named_modules())
-    out = {}
-    for name in mine:
-        owner = _owner(name)
-        if owner == name:
-            out[prefix + name] = whitened_spectrum(modules[name].weight, stats[name]).cpu()
-            continue
-        expert, projection = int(name.split(".")[-2]), name.split(".")[-1]
-        module: ExpertLinears = modules[f"{owner}.{projection}"]
-        moments = stats[f"{owner}.{projection}"][expert]
-        if moments is None or moments.count == 0:  # never routed in the pre-pass: no measured damage
-            out[prefix + name] = torch.zeros(min(module.in_features, module.out_features), dtype=torch.float64)
-        else:
-            out[prefix + name] = (whitened_spectrum(module.weight[expert], moments) * moments.count / tokens).cpu()
-    return out
+    modules, g = dict(layer.named_modules()), distributed.group()
+    # each spectrum is one process's eigen-decomposition (bin-packed by cost), broadcast from it
+    owner = distributed.owners({name: _spectrum_cost(modules, name) for name in mine}, g.world)
+    return {
+        prefix + name: g.broadcast_object(_spectrum(modules, stats, name, tokens) if owner[name] == g.rank else None, owner[name])
+        for name in sorted(mine)  # the same order in every process
+    }
+
+
+def _matrix_module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    """The module holding a free matrix: itself, or for an expert's projection the experts' module of that projection."""
+    owner = _owner(name)
+    return modules[name] if owner == name else modules[f"{owner}.{name.split('.')[-1]}"]
+
+
+def _spectrum_cost(modules: dict[str, nn.Module], name: str) -> float:
+    module = _matrix_module(modules, name)
+    return factorization_cost(module) / getattr(module, "num_experts", 1)  # one matrix, an expert's too
+
+
+def _spectrum(modules: dict[str, nn.Module], stats: dict[str, Any], name: str, tokens: int) -> torch.Tensor:
+    """σ² of one free matrix; an expert's scaled by the share of the tokens routed to it (none routed: no measured damage)."""
+    module = _matrix_module(modules, name)
+    if _owner(name) == name:
+        return whitened_spectrum(module.weight, stats[name]).cpu()
+    expert, projection = int(name.split(".")[-2]), name.split(".")[-1]
+    moments = stats[f"{_owner(name)}.{projection}"][expert]
+    if moments is None or moments.count == 0:
+        return torch.zeros(min(module.in_features, module.out_features), dtype=torch.float64)
+    return (whitened_spectrum(module.weight[expert], moments) * moments.count / tokens).cpu()
 
 
 def _layer_gradients(

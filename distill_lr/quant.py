@@ -15,7 +15,7 @@ llm-compressor's static activation ordering does; the groups stay contiguous in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -62,6 +62,9 @@ class Quantized:
         n = self.codes.shape[1]
         g = self.spec.group_size
         return (self.codes.float() - group_columns(self.zero, g, n)) * group_columns(self.scale, g, n)
+
+    def to(self, device: torch.device) -> Quantized:
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device), zero=self.zero.to(device))
 
     @classmethod
     def stacked(cls, parts: list[Quantized]) -> Quantized:

@@ -91,7 +91,7 @@ def expert_input_moments(
     return routing
 
 
-def reduce_stats_(stats: dict[str, Any], routing: moe.Routing) -> None:
+def reduce_stats_(stats: dict[str, Any], routing: moe.Routing | None = None) -> None:
     """Sum over the processes what each measured on its own sequences (``collect_stats``): the whole calibration set's
     moments and token counts, the same in every process. Linears that share one ``Moments`` are summed once; the order
     is the names' (a dict's order may differ between processes that built it from a set)."""
@@ -99,7 +99,8 @@ def reduce_stats_(stats: dict[str, Any], routing: moe.Routing) -> None:
     if g.world == 1:
         return
     layout = [(name, [m is None for m in stats[name]] if isinstance(stats[name], list) else None) for name in sorted(stats)]
-    layout.append(("routing", sorted(routing.tokens)))
+    tokens = {} if routing is None else routing.tokens
+    layout.append(("routing", sorted(tokens)))
     check(
         g.broadcast_object(layout) == layout,
         f"process {g.rank} saw other modules run than process 0 (a linear that runs only for some tokens, as a per-expert "
@@ -107,6 +108,6 @@ def reduce_stats_(stats: dict[str, Any], routing: moe.Routing) -> None:
     )
     entries = [m for name in sorted(stats) for m in (stats[name] if isinstance(stats[name], list) else [stats[name]]) if m is not None]
     moments = list({id(m): m for m in entries}.values())
-    g.sum_([t for m in moments for t in (m.sum_xxT, m.sum_x)] + [routing.tokens[name] for name in sorted(routing.tokens)])
+    g.sum_([t for m in moments for t in (m.sum_xxT, m.sum_x)] + [tokens[name] for name in sorted(tokens)])
     for m, count in zip(moments, g.sum_floats([float(m.count) for m in moments]), strict=True):
         m.count = int(count)

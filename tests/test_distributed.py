@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,21 +78,38 @@ def test_interleaved_order_is_a_permutation_with_an_even_share_of_each_block_per
         assert [i for i in out.tolist() if bounds[r] <= i < bounds[r + 1]] == mine
 
 
-@pytest.mark.parametrize(("kind", "method"), [("llama", "whiten"), ("llama", "distill"), ("mixtral", "distill")])
-def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus: Path, kind: str, method: str) -> None:
+# GPTQ of whiten's factors and dense linears, and of every expert of a dense-quantized Mixtral (int4, group 16)
+GPTQ = {"quant.bits": 4, "quant.group_size": 16}
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [
+        ("llama", {"method": "whiten"}),
+        ("llama", {"method": "distill"}),
+        ("mixtral", {"method": "distill"}),
+        ("llama", {"method": "whiten", **GPTQ}),
+        ("mixtral", {"method": "dense", **GPTQ}),
+    ],
+)
+def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus: Path, kind: str, settings: dict) -> None:
     model = save_tiny(tmp_path / kind, kind)
-    single = run(model, corpus, tmp_path / "single", method=method)
-    done = torchrun(overrides_for(model, corpus, tmp_path / "two", method=method))
+    method = settings["method"]
+    single = run(model, corpus, tmp_path / "single", **settings)
+    done = torchrun(overrides_for(model, corpus, tmp_path / "two", **settings))
     assert done.returncode == 0, done.stderr[-3000:]
     two = report(tmp_path / "two")
-    # The moments are float64 sums over each process's sequences, summed again: the same values in another order. A
-    # training batch takes an even share of each process's block (``interleaved``), so the batches are made of other
-    # sequences than a single process's: the trained factors differ a little, the held-out loss hardly at all.
-    tolerance = 1e-6 if method == "whiten" else 1e-2
+    # The moments (and GPTQ's Hessians) are float64 sums over each process's sequences, summed again: the same values in
+    # another order. A training batch takes an even share of each process's block (``interleaved``), so the batches are
+    # made of other sequences than a single process's: the trained factors differ a little, the held-out loss hardly at all.
+    tolerance = 1e-2 if method == "distill" else 1e-6
+    if "quant.bits" in settings:  # each weight's GPTQ ran in one process, from the summed Hessian: the same integers
+        assert run_files(tmp_path / "two") == run_files(tmp_path / "single")
     assert max_relative_difference(tmp_path / "single", tmp_path / "two") <= tolerance
     assert two["perplexity"]["compressed"] == pytest.approx(single.perplexity.compressed, rel=tolerance)
     assert two["perplexity"]["dense"] == pytest.approx(single.perplexity.dense, rel=1e-6)
-    assert all(layer["comm"]["init"]["bytes"] > 0 for layer in two["layers"])
+    phases = ([] if method == "dense" else ["init"]) + (["quant"] if "quant.bits" in settings else [])  # steps that talked
+    assert all(layer["comm"][phase]["bytes"] > 0 for layer in two["layers"] for phase in phases)
     assert (method == "distill") == all(layer["comm"].get("train.step", {}).get("bytes", 0) > 0 for layer in two["layers"])
     assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
 
@@ -127,10 +145,17 @@ def test_a_process_killed_in_the_sharded_stage_resumes_to_the_unbroken_result(tm
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     killed = torchrun(args(tmp_path / "resumed"), script=DYING, DYING_RANK="1", DYING_E2E_SAVE="2")
     assert killed.returncode != 0 and (tmp_path / "resumed" / E2E_STATE).exists()
+    shutil.copytree(tmp_path / "resumed", tmp_path / "alone")
     resumed = torchrun(args(tmp_path / "resumed"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "end-to-end stage: resumed at step" in resumed.stderr
+    assert "end-to-end stage: resumed at step 6" in resumed.stderr
     assert run_files(tmp_path / "resumed") == run_files(tmp_path / "unbroken")
+    # the state holds whole tensors: one process takes the stage on from the same step (its batches are drawn alike, but
+    # made of other sequences than the two processes' interleaved ones: the last steps differ a little)
+    alone = subprocess.run([sys.executable, str(COMPRESS), *args(tmp_path / "alone")], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert alone.returncode == 0 and "end-to-end stage: resumed at step 6" in alone.stderr, alone.stderr[-3000:]
+    assert report(tmp_path / "alone")["e2e"]["curve"][:2] == report(tmp_path / "unbroken")["e2e"]["curve"][:2]
+    assert max_relative_difference(tmp_path / "alone", tmp_path / "unbroken") <= 1e-2
 
 
 def test_accelerate_launch_runs_the_same_processes(tmp_path: Path, corpus: Path) -> None:

@@ -16,13 +16,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distill_lr import moe, quant
+from distill_lr import distributed, moe, quant
 from distill_lr.methods.base import LayerStep, LayerWork, Method
 from distill_lr.modeling.lowrank import EXPERT_PROJECTIONS, CorrectedExperts, ExpertLinears, LowRankLinear, QuantLinear, is_fused_experts
 from distill_lr.moments import Moments
 from distill_lr.ranks import matches
 from distill_lr.schema import CompressConfig, QuantConfig
-from distill_lr.stats import expert_input_moments, input_moments
+from distill_lr.stats import expert_input_moments, input_moments, reduce_stats_
 
 log = logging.getLogger("distill_lr")
 
@@ -63,13 +63,41 @@ def quantize_weight(
     return q, None if H is None else quant.output_error(W, q.dequantized(), H)
 
 
+def quantize_spread(
+    jobs: dict[str, tuple[torch.Tensor, Moments | None]], cfg: QuantConfig, scale_dtype: torch.dtype
+) -> dict[str, tuple[quant.Quantized, float | None]]:
+    """``quantize_weight`` of each (weight, moments): with several processes each weight by one of them (bin-packed by
+    GPTQ's cost, rows·columns²) and broadcast from it, as llm-compressor spreads GPTQ; the same results everywhere."""
+    g = distributed.group()
+    if g.world == 1:
+        return {key: quantize_weight(W, cfg, m, scale_dtype) for key, (W, m) in jobs.items()}
+    owner = distributed.owners({key: W.shape[0] * W.shape[1] ** 2 for key, (W, _) in jobs.items()}, g.world)
+    done = {}
+    for key in sorted(jobs):  # the same order in every process
+        W, m = jobs[key]
+        mine = owner[key] == g.rank
+        q, error = g.broadcast_object(host(quantize_weight(W, cfg, m, scale_dtype)) if mine else None, owner[key])
+        done[key] = (q.to(W.device), error)
+    return done
+
+
+def host(result: tuple[quant.Quantized, float | None]) -> tuple[quant.Quantized, float | None]:
+    """A result on the host, for the broadcast (a process unpickles a GPU tensor on the sender's GPU)."""
+    return result[0].to(torch.device("cpu")), result[1]
+
+
 def quantize_linear(
-    linear: nn.Linear, cfg: QuantConfig, moments: Moments | None, scale_dtype: torch.dtype
+    linear: nn.Linear,
+    cfg: QuantConfig,
+    moments: Moments | None,
+    scale_dtype: torch.dtype,
+    done: tuple[quant.Quantized, float | None] | None = None,
 ) -> tuple[QuantLinear, float | None]:
-    """The linear as a ``QuantLinear`` (same device and dtype), and its relative output error when the moments are known."""
+    """The linear as a ``QuantLinear`` (same device and dtype), and its relative output error when the moments are known
+    (``done``: its weight already quantized, by ``quantize_spread``)."""
     if cfg.method == "gptq" and moments is None:
         raise ValueError("quant.method=gptq needs the second moment of the linear's inputs")
-    q, error = quantize_weight(linear.weight, cfg, moments, scale_dtype)
+    q, error = done or quantize_weight(linear.weight, cfg, moments, scale_dtype)
     bias = None if linear.bias is None else linear.bias.detach()
     return q.module(bias, linear.weight.dtype), error
 
@@ -125,11 +153,19 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correcti
     for group in input_groups(names):
         for chunk in expert_chunks(dense[group[0]]):
             routing = expert_input_moments(layer, group, work.x_student, work.kwargs, cfg.batch_size, chunk) if moments else None
+            if routing is not None:
+                reduce_stats_(routing.stats, routing)  # the tokens every process routed to these experts
+            per_expert = {name: routed_moments(routing, name, cfg.ranks.min_expert_tokens) for name in group}
+            jobs = {
+                f"{name}:{e}": (dense[name].weight[e], None if per_expert[name] is None else per_expert[name][e])
+                for name in group
+                for e in chunk
+            }
+            quantized = quantize_spread(jobs, cfg.quant, work.save_dtype)
             for name in group:
-                per_expert = routed_moments(routing, name, cfg.ranks.min_expert_tokens)
                 for e in chunk:
-                    m = None if per_expert is None else per_expert[e]
-                    q, error = quantize_weight(dense[name].weight[e], cfg.quant, m, work.save_dtype)
+                    m = jobs[f"{name}:{e}"][1]
+                    q, error = quantized[f"{name}:{e}"]
                     residual = dense[name].weight[e].detach().float() - q.dequantized()
                     parts[name].append((q, None if correction is None else correction(name, residual, m)))
                     done.errors += [] if error is None else [error]
@@ -165,10 +201,12 @@ def routed_moments(routing: moe.Routing | None, name: str, min_tokens: int) -> l
 
 
 def quantize_named_(work: LayerWork, names: list[str], moments: dict[str, Moments]) -> list[float]:
-    """Swap the named linears of ``work.layer`` for quantized ones; their output errors."""
+    """Swap the named linears of ``work.layer`` for quantized ones (``quantize_spread``); their output errors."""
+    linears = {name: work.layer.get_submodule(name) for name in names}
+    quantized = quantize_spread({name: (linears[name].weight, moments.get(name)) for name in names}, work.cfg.quant, work.save_dtype)
     errors = []
     for name in names:
-        module, error = quantize_linear(work.layer.get_submodule(name), work.cfg.quant, moments.get(name), work.save_dtype)
+        module, error = quantize_linear(linears[name], work.cfg.quant, moments.get(name), work.save_dtype, quantized[name])
         work.layer.set_submodule(name, module)
         if error is not None:
             errors.append(error)
@@ -208,6 +246,7 @@ class Quantize(LayerStep):
     factors: bool
     dense: bool
     name: ClassVar[str] = "quant"
+    data_parallel: ClassVar[bool] = True
 
     def check(self, cfg: CompressConfig, layers: nn.ModuleList) -> None:
         check_group_size(cfg.quant, layers)
@@ -219,6 +258,7 @@ class Quantize(LayerStep):
         )
         needs = cfg.quant.method == "gptq"
         moments = input_moments(work.layer, names, work.x_student, work.kwargs, cfg.batch_size) if needs else {}
+        reduce_stats_(moments)  # GPTQ's Hessians over every process's sequences
         errors = quantize_named_(work, names, moments)
         experts = dense_experts(work.layer) if self.dense else []
         done = quantize_experts_(work, experts, moments=needs) if experts else ExpertsDone()

@@ -15,13 +15,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def sharded_copy(
-    skeleton: nn.Module, load: Callable[[nn.Module], None], trained: Callable[[nn.Module], list[nn.Module]], compute: tuple[DeviceMesh, torch.dtype]
+    skeleton: nn.Module,
+    load: Callable[[nn.Module], None],
+    trained: Callable[[nn.Module], list[nn.Module]],
+    compute: tuple[DeviceMesh, torch.dtype],
 ) -> nn.Module:
     """A copy of a layer's skeleton, materialised by ``load``, with the modules ``trained`` names in float32 and the whole
     sharded over the processes of ``compute``'s mesh. Computation runs in its dtype (the parameters are gathered in it),
