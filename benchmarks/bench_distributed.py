@@ -91,7 +91,7 @@ def stage(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
     rows, results = [], {}
     for n in processes:
         shutil.copytree(base, tmp / f"stage-{n}")
-        report = launch("whiten", n, tmp / f"stage-{n}", [*extra, *STAGE])
+        report = launch("whiten", n, tmp / f"stage-{n}", [*STAGE, *extra])  # --set may override STAGE
         results[n] = {**report["e2e"], "perplexity": report["perplexity"]["compressed"]}
         r, first = results[n], results[min(results)]
         print(n, {k: v for k, v in r.items() if k != "curve"}, flush=True)
