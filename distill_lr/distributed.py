@@ -214,6 +214,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def in_block(idx: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The positions, in a process's caches, of the global sequence indices ``idx`` that fall in its block [start, end)."""
+    start, end = block
+    return idx[(idx >= start) & (idx < end)] - start
+
+
 def owners(costs: dict[str, float], world: int) -> dict[str, int]:
     """Each job's process, the largest first onto the least loaded process (LPT bin-packing): the same answer everywhere."""
     load = [0.0] * world

@@ -165,8 +165,7 @@ class ShardedObjective:
 
     def local(self, idx: torch.Tensor) -> torch.Tensor:
         """The positions, in this process's caches, of the indices it owns."""
-        start, end = self.block
-        return idx[(idx >= start) & (idx < end)] - start
+        return distributed.in_block(idx, self.block)
 
     def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
         loss = self.inner.batch(self.local(idx), backward, total=len(idx))[0].float()

@@ -445,9 +445,8 @@ class ShardedLoss:
     def loss(self, idx: torch.Tensor, backward: bool) -> torch.Tensor:
         g, micro = self.group, self.inner.cfg.micro_batch_size
         blocks = list(zip(self.bounds, self.bounds[1:], strict=False))
-        calls = max(-(-int(((idx >= a) & (idx < b)).sum()) // micro) for a, b in blocks)
-        start, end = blocks[g.rank]
-        mine = idx[(idx >= start) & (idx < end)] - start
+        calls = max(-(-len(distributed.in_block(idx, block)) // micro) for block in blocks)
+        mine = distributed.in_block(idx, blocks[g.rank])
         total = torch.zeros((), device=self.inner.input_ids.device)
         for k in range(calls):
             part = mine[k * micro : (k + 1) * micro]

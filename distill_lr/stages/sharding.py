@@ -19,6 +19,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from distill_lr.distributed import whole
+
 
 def sharded_copy(
     skeleton: nn.Module,
@@ -63,7 +65,7 @@ class Shards:
 
     def full_optimizer(self, state: dict[str, Any]) -> dict[str, Any]:
         """An optimizer's ``state_dict`` with every sharded state tensor whole, on the host."""
-        states = {i: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in s.items()} for i, s in state["state"].items()}
+        states = {i: {k: whole(v).cpu() if isinstance(v, DTensor) else v for k, v in s.items()} for i, s in state["state"].items()}
         return {**state, "state": states}
 
     def part_optimizer(self, state: dict[str, Any]) -> dict[str, Any]:
