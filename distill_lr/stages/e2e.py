@@ -252,7 +252,7 @@ def load_layers(run: FinishedLayers) -> None:
     FSDP copies (``sharding``) take the layers' places, each process holding its part of every layer."""
 
     def load(i: int) -> Callable[[nn.Module], None]:
-        return lambda layer: install_state_(layer, load_file(run.out / layer_file(i)), f"{run.prefix}{i}.", run.device, run.dtype)
+        return lambda layer: load_layer_(run, i, layer)
 
     def trained(layer: nn.Module) -> list[nn.Module]:
         return list(stage_modules(layer, run.cfg.e2e).values())
@@ -264,6 +264,11 @@ def load_layers(run: FinishedLayers) -> None:
             load(i)(layer)
         else:
             run.layers[i] = sharded_copy(layer, load(i), trained, (mesh, run.dtype))
+
+
+def load_layer_(run: FinishedLayers, i: int, layer: nn.Module) -> None:
+    """Materialise layer ``i`` (on meta) from its file, as the layer loop wrote it (or the stage rewrote it)."""
+    install_state_(layer, load_file(run.out / layer_file(i)), f"{run.prefix}{i}.", run.device, run.dtype)
 
 
 def train_end_to_end(run: FinishedLayers, trainable: Trainable) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
@@ -285,7 +290,7 @@ def write_trained(run: FinishedLayers, trainable: Trainable, added: dict[str, An
     states = [embed(run.model, run.layers, s.ids, run.cfg.batch_size, out=s.student) for s in run.streams[1:]]
     for i, layer in enumerate(run.layers):
         if next(layer.parameters()).is_meta:
-            install_state_(layer, load_file(run.out / layer_file(i)), f"{run.prefix}{i}.", run.device, run.dtype)
+            load_layer_(run, i, layer)
             _install_final(run, i, layer, final)
         modules = stage_modules(layer, run.cfg.e2e).values()
         scales_trainable_(modules, False)
