@@ -9,6 +9,12 @@ GPUs rests on), and the held-out perplexity of each run::
     python benchmarks/bench_distributed.py                   # whiten and distill, 1 and 2 processes (docs/distributed.md)
     python benchmarks/bench_distributed.py --processes 1 2 4 --methods whiten
     python benchmarks/bench_distributed.py --stage           # the end-to-end stage sharded by FSDP, 1 and 2 processes
+    python benchmarks/bench_distributed.py --moe             # expert parallel statistics on a random MoE, 1 and 2 processes
+
+``--moe``: expert parallelism on a random Mixtral-shaped model built here (``MOE``: 32 small experts, 4 routed per token,
+where the experts' moments outweigh the layer's weights, as in DeepSeek-class models) and random text: ``whiten`` and
+GPTQ int4 of every expert, 1 and N processes; the table adds the experts' moment bytes each process holds and the bytes
+it exchanges per layer (rows sent to the experts' owners, moments and results broadcast).
 
 ``--stage``: one ``whiten`` run is compressed once; each process count resumes a copy of it with the end-to-end stage
 on for ``STAGE``'s steps, so every count trains from the same factors; the table gives the stage's seconds per step
@@ -109,6 +115,42 @@ def stage(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
     return rows
 
 
+# a random MoE whose experts' moments outweigh its weights: 32 experts of width 256 on a 512-wide model, 4 routed per token
+MOE = {"hidden_size": 512, "intermediate_size": 256, "num_local_experts": 32, "num_experts_per_tok": 4, "num_hidden_layers": 4}
+MOE_RUNS = {"whiten": ["method=whiten"], "gptq-int4": ["method=dense", "quant.bits=4", "quant.group_size=64"]}
+
+
+def moe(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
+    """Each ``MOE_RUNS`` entry on the random MoE, per process count: the table's rows."""
+    from distill_lr.testing import save_tiny, write_corpus
+
+    model = save_tiny(tmp / "moe", "mixtral", shard_size=None, num_attention_heads=8, num_key_value_heads=4, **MOE)
+    data = [f"model={model}", f"data.source={write_corpus(tmp / 'corpus.jsonl', n_docs=400)}"]
+    rows, results = [], {}
+    for name, settings in MOE_RUNS.items():
+        for n in processes:
+            report = launch(settings[0].split("=")[1], n, tmp / f"{name}-{n}", [*data, *settings[1:], *extra])
+            held = [e.get("moment_bytes_per_process") for layer in report["layers"] for e in (layer.get("experts") or {}).values()]
+            results.setdefault(name, {})[n] = r = {**summary(report), "moment_bytes_per_process": max(held) if held and all(held) else None}
+            first = results[name][min(results[name])]
+            print(name, n, r, flush=True)
+            moments = "" if r["moment_bytes_per_process"] is None else f"{r['moment_bytes_per_process'] / 2**20:.1f}"
+            rows.append(
+                [
+                    name,
+                    n,
+                    f"{r['layer_seconds']:.2f}",
+                    f"{first['layer_seconds'] / r['layer_seconds']:.2f}×",
+                    f"{100 * r['comm_share']:.1f}%",
+                    f"{r['bytes_per_layer'] / 2**20:.1f}",
+                    moments,
+                    f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / first['perplexity'] - 1):+.3f}%)",
+                ]
+            )
+    save_results({"settings": SETTINGS + extra, "model": MOE, "runs": MOE_RUNS, "results": results}, tmp / "moe.json")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["whiten", "distill"])
@@ -116,7 +158,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value settings for every run")
     parser.add_argument("--stage", action="store_true", help="the end-to-end stage instead of the layer loop's methods")
+    parser.add_argument("--moe", action="store_true", help="expert parallel statistics on a random MoE instead")
     args = parser.parse_args()
+    if args.moe:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = moe(args.processes, Path(tmp), args.set)
+            shutil.copy(Path(tmp) / "moe.json", args.out / "distributed_moe.json")
+        header = ["run", "processes", "s / layer", "speed-up", "in collectives", "MiB / layer", "expert moments / process (MiB)"]
+        print(markdown_table([*header, "perplexity"], rows))
+        return
     if args.stage:
         with tempfile.TemporaryDirectory() as tmp:
             rows = stage(args.processes, Path(tmp), args.set)

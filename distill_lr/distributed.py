@@ -52,7 +52,7 @@ class Group:
 
     def shard(self, n: int) -> slice:
         """This process's contiguous block of ``n`` sequences (the blocks differ by at most one)."""
-        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+        return blocks(n, self.world)[self.rank]
 
     def sum_(self, tensors: list[torch.Tensor], tag: str = "") -> None:
         """Sum each tensor over the processes, in place; tensors of one dtype and device travel in one message.
@@ -85,6 +85,19 @@ class Group:
         out = [torch.empty_like(mine) for _ in range(self.world)]
         self._collective(lambda: dist.all_gather(out, mine), 8)
         return [int(t) for t in out]
+
+    def all_to_all(self, parts: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+        """Send ``parts[r]`` (1-D, one dtype and device) to process r and receive ``sizes[s]`` entries from each process s,
+        in one message each way (uneven sizes: the receiver knows them, e.g. from an exchange of counts before)."""
+        if self.world == 1:
+            return list(parts)
+        wire = self._wire_device()
+        device = wire if wire.type == "cuda" else parts[0].device
+        out = torch.empty(sum(sizes), dtype=parts[0].dtype, device=device)
+        data = torch.cat(parts).to(device)
+        sent = [p.numel() for p in parts]
+        self._collective(lambda: dist.all_to_all_single(out, data, sizes, sent), data.numel() * data.element_size())
+        return list(out.split(sizes))
 
     def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
         """Overwrite ``tensors`` with process ``src``'s (same shapes everywhere)."""
@@ -220,11 +233,27 @@ def in_block(idx: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return idx[(idx >= start) & (idx < end)] - start
 
 
-def owners(costs: dict[str, float], world: int) -> dict[str, int]:
-    """Each job's process, the largest first onto the least loaded process (LPT bin-packing): the same answer everywhere."""
+def blocks(n: int, world: int) -> list[slice]:
+    """``n`` items split in ``world`` contiguous blocks that differ by at most one: each process's sequences (``Group.shard``),
+    each process's experts under expert parallelism (``block_owners``)."""
+    return [slice(n * r // world, n * (r + 1) // world) for r in range(world)]
+
+
+def block_owners(n: int, world: int) -> list[int]:
+    """The process owning each of ``n`` items split in ``blocks``."""
+    return [r for r, block in enumerate(blocks(n, world)) for _ in range(block.start, block.stop)]
+
+
+def owners(costs: dict[str, float], world: int, fixed: dict[str, int] | None = None) -> dict[str, int]:
+    """Each job's process, the largest first onto the least loaded process (LPT bin-packing): the same answer everywhere.
+    ``fixed`` jobs already have their process (one that alone holds their data); they load it before the others are placed."""
+    fixed = fixed or {}
     load = [0.0] * world
     owner: dict[str, int] = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+    for name, r in fixed.items():
+        owner[name] = r
+        load[r] += costs[name]
+    for name in sorted(set(costs) - set(fixed), key=lambda n: (-costs[n], n)):
         owner[name] = min(range(world), key=lambda r: (load[r], r))
         load[owner[name]] += costs[name]
     return owner

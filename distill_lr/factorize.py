@@ -288,14 +288,21 @@ def from_linear(linear: nn.Linear, rank: int, init: str = "svd", stats: Moments 
 
 
 @torch.no_grad()
-def experts_from_weights(weight: Tensor, rank: int, init: str = "svd", stats: Sequence[Moments | None] | None = None) -> ExpertLinears:
+def experts_from_weights(
+    weight: Tensor,
+    rank: int,
+    init: str = "svd",
+    stats: Sequence[Moments | None] | None = None,
+    mine: Callable[[int], bool] = lambda _: True,
+) -> ExpertLinears:
     """Each expert's ``weight[e] (out, in)`` factored at ``rank``; ``stats[e]`` are the moments of the tokens routed to it.
 
-    An expert whose entry is None (it saw too few tokens) gets ``FALLBACK_INIT`` when the init needs moments.
+    An expert whose entry is None (it saw too few tokens) gets ``FALLBACK_INIT`` when the init needs moments. An expert
+    ``mine`` rejects keeps uninitialised factors: another process computes them.
     """
     num_experts, out_features, in_features = weight.shape
     module = ExpertLinears(num_experts, in_features, out_features, rank, device=weight.device, dtype=weight.dtype)
-    for e in range(num_experts):
+    for e in filter(mine, range(num_experts)):
         expert_stats = stats[e] if stats is not None else None
         fallback = expert_stats is None and INITS[init].needs_moments
         A, B, _ = factorize(weight[e].detach(), rank, FALLBACK_INIT if fallback else init, stats=expert_stats)
@@ -309,7 +316,8 @@ def factorize_layer_(
 ) -> None:
     """Swap the layer's chosen linears and expert projections (unfused by ``moe.unfuse_experts_``) for factors initialised by ``init``.
 
-    A module ``mine`` rejects gets factors of the right shape left uninitialised: another process computes them.
+    A linear ``mine`` rejects (or an expert's projection, named ``<projection>:<expert>``) gets factors of the right shape
+    left uninitialised: another process computes them.
     """
 
     def factored(name: str, linear: nn.Linear) -> LowRankLinear:
@@ -321,15 +329,11 @@ def factorize_layer_(
     replace_linears_(layer, factored, lambda name, _: name in ranks)
     for name, module in list(layer.named_modules()):
         if isinstance(module, ExpertLinears) and name in ranks:
-            if mine(name):
-                factors = experts_from_weights(module.weight, ranks[name], init, stats.get(name))
-            else:
-                shape, w = (module.num_experts, module.in_features, module.out_features), module.weight
-                factors = ExpertLinears(*shape, ranks[name], device=w.device, dtype=w.dtype)
+            factors = experts_from_weights(module.weight, ranks[name], init, stats.get(name), lambda e, n=name: mine(f"{n}:{e}"))
             layer.set_submodule(name, factors)
 
 
 def factorization_cost(module: nn.Module) -> float:
-    """The flops of factoring a linear or every expert of a projection, up to a constant: what owners are balanced by."""
+    """The flops of factoring a linear or one expert of a projection, up to a constant: what owners are balanced by."""
     out_features, in_features = module.out_features, module.in_features
-    return getattr(module, "num_experts", 1) * out_features * in_features * min(out_features, in_features)
+    return out_features * in_features * min(out_features, in_features)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill_lr.distributed import block_owners, group
 from distill_lr.errors import UserInputError
 from distill_lr.layerwise import hooks_removed
 from distill_lr.modeling.lowrank import (
@@ -101,15 +102,67 @@ def unfuse_experts_(layer: nn.Module, names: Iterable[str]) -> dict[str, nn.Modu
 
 @dataclass
 class Routing:
-    """What ``record_routing`` saw: tokens per expert of each ``LowRankExperts``, and per-expert moments."""
+    """What ``record_routing`` saw: tokens per expert of each ``LowRankExperts``, and per-expert moments.
+
+    With several processes (``spread``) an expert's moments are whole in its owner (``distributed.block_owners``), over every
+    process's tokens, and None in the others; the token counts are each process's own until ``stats.reduce_stats_``."""
 
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> (E,) token counts
-    stats: dict[str, list[Moments | None]] = field(default_factory=dict)  # projection -> per expert; None: starved
+    stats: dict[str, list[Moments | None]] = field(default_factory=dict)  # projection -> per expert; None: starved or not ours
+    spread: bool = False
+
+    def moment_bytes(self, path: str) -> int:
+        """The bytes of the experts module's moments this process holds."""
+        held = {id(m): m for name, ms in self.stats.items() if name.rpartition(".")[0] == path for m in ms if m is not None}
+        return sum(m.sum_xxT.nbytes + m.sum_x.nbytes for m in held.values())
+
+
+class ToOwners:
+    """Expert parallelism for the statistics: each batch's rows routed to an expert go to the process that owns it, in one
+    exchange per experts module and batch, and update the expert's moments there in process order. Only the owner holds
+    them: a process keeps the moments of its own experts, not of all."""
+
+    def __init__(self, routing: Routing, widths: dict[str, int], kept: dict[str, set[int]], paths: list[str], batches: int) -> None:
+        self.g, self.routing, self.widths, self.kept = group(), routing, widths, kept
+        self.paths = paths  # the experts modules in the layer's order (that of its forward)
+        self.outbox: dict[tuple[str, int], torch.Tensor] = {}
+        self.rounds: dict[str, int] = {}
+        self.most = max(self.g.gather_ints(batches)) if widths else 0  # the exchanges every process takes part in
+
+    def post(self, name: str, expert: int, rows: torch.Tensor) -> None:
+        if expert in self.kept[name]:
+            self.outbox[name, expert] = rows
+
+    def flush(self, path: str, dtype: torch.dtype, device: torch.device) -> None:
+        """Exchange one batch's rows of the experts module ``path`` (every process calls it, in the same order)."""
+        names = sorted(name for name in self.widths if name.rpartition(".")[0] == path)  # one order in every process
+        owner = block_owners(len(self.routing.stats[names[0]]), self.g.world)
+        to = [[(n, e) for n in names for e in sorted(self.kept[n]) if owner[e] == r] for r in range(self.g.world)]
+        rows = {key: self.outbox.pop(key, None) for keys in to for key in keys}
+        counts = [torch.tensor([0 if rows[key] is None else len(rows[key]) for key in keys], dtype=torch.int64) for keys in to]
+        mine = to[self.g.rank]
+        got = [c.tolist() for c in self.g.all_to_all(counts, [len(mine)] * self.g.world)]
+        none = torch.empty(0, dtype=dtype, device=device)
+        data = [torch.cat([none] + [rows[key].reshape(-1).to(dtype) for key in keys if rows[key] is not None]) for keys in to]
+        sizes = [[n * self.widths[name] for n, (name, _) in zip(c, mine, strict=True)] for c in got]
+        for part, split in zip(self.g.all_to_all(data, [sum(s) for s in sizes]), sizes, strict=True):
+            for (name, e), block in zip(mine, part.split(split), strict=True):
+                stats = self.routing.stats[name][e]
+                if block.numel() and stats is not None:
+                    stats.update(block.view(-1, self.widths[name]))
+        self.rounds[path] = self.rounds.get(path, 0) + 1
+
+    def pad(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Empty exchanges for the batches this process did not have: the blocks of sequences differ by one at most, the
+        number of batches may too, and every process takes part in every exchange."""
+        for _ in range(self.most - (self.rounds.get(self.paths[0], 0) if self.paths else 0)):
+            for path in self.paths:
+                self.flush(path, dtype, device)
 
 
 @contextmanager
 def record_routing(
-    layer: nn.Module, names: list[str], device: torch.device, inputs: bool = False, experts: list[int] | None = None
+    layer: nn.Module, names: list[str], device: torch.device, batches: int, inputs: bool = False, experts: list[int] | None = None
 ) -> Iterator[Routing]:
     """While active, count the tokens routed to each expert and collect the named projections' per-expert moments.
 
@@ -117,25 +170,33 @@ def record_routing(
     the experts module's own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
     outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``),
     unless ``inputs`` asks for input moments everywhere (GPTQ's Hessians). With ``experts``, only those experts' moments
-    are kept (the others' are None): the memory of a few experts' moments, not of all.
+    are kept (the others' are None): the memory of a few experts' moments, not of all. With several processes each
+    expert's moments are recorded by its owner alone (``ToOwners``), over the ``batches`` forwards of the layer each
+    process runs while active.
     """
-    modules = dict(layer.named_modules())
-    routing = Routing()
-    hooked: dict[str, bool] = {}  # projection -> records its outputs
-    for name in names:
+    modules, g = dict(layer.named_modules()), group()
+    routing = Routing(spread=g.world > 1)
+    widths: dict[str, int] = {}  # hooked projection -> the width of what it records
+    kept: dict[str, set[int]] = {}
+    of_outputs: set[str] = set()
+    for name in sorted(names):  # one order in every process (``names`` may come from a set)
         parent, _, projection = name.rpartition(".")
         twin = f"{parent}.{'up_proj' if projection == 'gate_proj' else 'gate_proj'}"
         module = modules[name]
         outputs = not inputs and records_outputs(module.out_features, module.in_features)
         if projection != "down_proj" and not outputs and twin in routing.stats:
             routing.stats[name] = routing.stats[twin]  # gate and up see the same tokens: one set of input moments
-        else:
-            features = module.out_features if outputs else module.in_features
-            kept = range(module.num_experts) if experts is None else experts
-            routing.stats[name] = [
-                Moments.empty(features, device, of_outputs=outputs) if e in kept else None for e in range(module.num_experts)
-            ]
-            hooked[name] = outputs
+            continue
+        widths[name] = module.out_features if outputs else module.in_features
+        of_outputs |= {name} if outputs else set()
+        kept[name] = set(range(module.num_experts) if experts is None else experts)
+        owner = block_owners(module.num_experts, g.world)
+        routing.stats[name] = [
+            Moments.empty(widths[name], device, of_outputs=outputs) if e in kept[name] and owner[e] == g.rank else None
+            for e in range(module.num_experts)
+        ]
+    paths = [path for path in modules if any(name.rpartition(".")[0] == path for name in widths)]
+    mail, dtype = ToOwners(routing, widths, kept, paths, batches) if routing.spread else None, next(layer.parameters()).dtype
     current: dict[str, list[int]] = {}
 
     def count(path: str, module: LowRankExperts, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -145,7 +206,9 @@ def record_routing(
 
     def collect(name: str, grouped: torch.Tensor, offsets: torch.Tensor | None) -> None:
         for e, rows in enumerate(expert_blocks(grouped, offsets, current[name.rpartition(".")[0]])):
-            if len(rows) and routing.stats[name][e] is not None:
+            if mail is not None and len(rows):
+                mail.post(name, e, rows)
+            elif len(rows) and routing.stats[name][e] is not None:
                 routing.stats[name][e].update(rows)
 
     hooks = [
@@ -154,11 +217,15 @@ def record_routing(
         if isinstance(m, LowRankExperts)
     ]
     hooks += [
-        modules[n].register_forward_hook(lambda _m, args, out, n=n, on_out=on_out: collect(n, out if on_out else args[0], grouping(args)))
-        for n, on_out in hooked.items()
+        modules[n].register_forward_hook(lambda _m, args, out, n=n: collect(n, out if n in of_outputs else args[0], grouping(args)))
+        for n in widths
     ]
+    if mail is not None:
+        hooks += [modules[path].register_forward_hook(lambda *_, path=path: mail.flush(path, dtype, device)) for path in paths]
     with hooks_removed(hooks):
         yield routing
+        if mail is not None:
+            mail.pad(dtype, device)
 
 
 def drop_starved_(routing: Routing, min_tokens: int, where: str) -> dict[str, dict[str, Any]]:

@@ -115,23 +115,22 @@ def _layer_spectra(
     stats, routing = collect_stats(layer, list(per_module), x, kwargs, batch_size, out=y, overflow=overflow)
     reduce_stats_(stats, routing)
     modules, g = dict(layer.named_modules()), distributed.group()
-    # each spectrum is one process's eigen-decomposition (bin-packed by cost), broadcast from it
-    owner = distributed.owners({name: _spectrum_cost(modules, name) for name in mine}, g.world)
-    return {
-        prefix + name: g.broadcast_object(_spectrum(modules, stats, name, tokens) if owner[name] == g.rank else None, owner[name])
-        for name in sorted(mine)  # the same order in every process
-    }
+    # each spectrum is one process's eigen-decomposition, broadcast from it: an expert's by the owner of its moments, the
+    # others bin-packed by cost
+    fixed = {}
+    for name in mine:
+        if _owner(name) != name:
+            module, expert = _matrix_module(modules, name), int(name.split(".")[-2])
+            fixed[name] = distributed.block_owners(module.num_experts, g.world)[expert]
+    owner = distributed.owners({name: factorization_cost(_matrix_module(modules, name)) for name in mine}, g.world, fixed)
+    ours = {name: _spectrum(modules, stats, name, tokens) for name in mine if owner[name] == g.rank}  # all, then broadcast
+    return {prefix + name: g.broadcast_object(ours.get(name), owner[name]) for name in sorted(mine)}  # one order everywhere
 
 
 def _matrix_module(modules: dict[str, nn.Module], name: str) -> nn.Module:
     """The module holding a free matrix: itself, or for an expert's projection the experts' module of that projection."""
     owner = _owner(name)
     return modules[name] if owner == name else modules[f"{owner}.{name.split('.')[-1]}"]
-
-
-def _spectrum_cost(modules: dict[str, nn.Module], name: str) -> float:
-    module = _matrix_module(modules, name)
-    return factorization_cost(module) / getattr(module, "num_experts", 1)  # one matrix, an expert's too
 
 
 def _spectrum(modules: dict[str, nn.Module], stats: dict[str, Any], name: str, tokens: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ class LayerReport:
 
     layer: int
     linears: int  # low-rank modules in the layer
-    experts: dict[str, dict[str, Any]] | None = None  # MoE: per experts module, tokens per expert and the starved ones
+    experts: dict[str, dict[str, Any]] | None = None  # MoE: per experts module, tokens per expert, the starved ones, moment bytes
     train: dict[str, Any] | None = None  # ``train.TrainResult.summary()`` when the method trains
     bases: dict[str, dict[str, int]] | None = None  # Basis Selection: per matrix the original bases kept, new bases, used
     err_teacher_input: float | None = None  # ‖student(X_t) − Y‖ / ‖Y‖ on a few calibration sequences

@@ -53,7 +53,7 @@ def collect_stats(
 
     hooks = [modules[n].register_forward_hook(lambda _m, args, out, n=n: record(n, args[0], out)) for n in linears]
     experts = [n for n in names if n not in linears]
-    with hooks_removed([*hooks, shared.hook]), moe.record_routing(layer, experts, device) as routing:
+    with hooks_removed([*hooks, shared.hook]), moe.record_routing(layer, experts, device, batches(inputs, batch_size)) as routing:
         if names or out is not None or any(isinstance(m, LowRankExperts) for m in modules.values()):
             run_layer(layer, inputs, kwargs, batch_size, out=out, overflow=overflow)
     return stats | routing.stats, routing
@@ -86,19 +86,27 @@ def expert_input_moments(
 ) -> moe.Routing:
     """Per expert (of ``experts``, default all), ``E[x xᵀ]`` of the tokens routed to each named expert projection (of a
     ``LowRankExperts``), and the token counts: GPTQ's Hessians of the experts."""
-    with moe.record_routing(layer, names, layer_device(layer), inputs=True, experts=experts) as routing:
+    with moe.record_routing(layer, names, layer_device(layer), batches(inputs, batch_size), inputs=True, experts=experts) as routing:
         run_layer(layer, inputs, kwargs, batch_size)
     return routing
 
 
+def batches(inputs: torch.Tensor, batch_size: int) -> int:
+    """The forwards ``run_layer`` takes for the inputs."""
+    return -(-len(inputs) // batch_size)
+
+
 def reduce_stats_(stats: dict[str, Any], routing: moe.Routing | None = None) -> None:
     """Sum over the processes what each measured on its own sequences (``collect_stats``): the whole calibration set's
-    moments and token counts, the same in every process. Linears that share one ``Moments`` are summed once; the order
-    is the names' (a dict's order may differ between processes that built it from a set)."""
+    moments and token counts, the same in every process; the experts' moments are whole in their owners already
+    (``moe.ToOwners``). Linears that share one ``Moments`` are summed once; the order is the names' (a dict's order may
+    differ between processes that built it from a set)."""
     g = group()
     if g.world == 1:
         return
-    layout = [(name, [m is None for m in stats[name]] if isinstance(stats[name], list) else None) for name in sorted(stats)]
+    spread = set(routing.stats) if routing is not None and routing.spread else set()  # whole in their owners already
+    names = sorted(set(stats) - spread)
+    layout = [(name, [m is None for m in stats[name]] if isinstance(stats[name], list) else None) for name in names]
     tokens = {} if routing is None else routing.tokens
     layout.append(("routing", sorted(tokens)))
     check(
@@ -106,7 +114,7 @@ def reduce_stats_(stats: dict[str, Any], routing: moe.Routing | None = None) -> 
         f"process {g.rank} saw other modules run than process 0 (a linear that runs only for some tokens, as a per-expert "
         "nn.Linear does): this model's layers do not run spread over processes yet; launch one process",
     )
-    entries = [m for name in sorted(stats) for m in (stats[name] if isinstance(stats[name], list) else [stats[name]]) if m is not None]
+    entries = [m for name in names for m in (stats[name] if isinstance(stats[name], list) else [stats[name]]) if m is not None]
     moments = list({id(m): m for m in entries}.values())
     g.sum_([t for m in moments for t in (m.sum_xxT, m.sum_x)] + [tokens[name] for name in sorted(tokens)])
     for m, count in zip(moments, g.sum_floats([float(m.count) for m in moments]), strict=True):

@@ -114,6 +114,25 @@ def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus
     assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
 
 
+def test_expert_parallel_statistics_hold_a_share_of_the_moments_and_give_the_single_process_factors(tmp_path: Path, corpus: Path) -> None:
+    """Each process records the moments of its own experts (2 of 4) over every process's tokens, sent to it per batch; 17
+    sequences in batches of 4 make blocks of 8 and 9, so 2 and 3 batches: the process with fewer joins the last exchange
+    with nothing to send."""
+    model = save_tiny(tmp_path / "mixtral", "mixtral")
+    settings = {"method": "whiten", "data.num_sequences": 17}
+    single = run(model, corpus, tmp_path / "single", **settings)
+    done = torchrun(overrides_for(model, corpus, tmp_path / "two", **settings))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = report(tmp_path / "two")
+    # the same rows per expert, summed in another order (float64): the factors agree to float32 rounding
+    assert max_relative_difference(tmp_path / "single", tmp_path / "two") <= 1e-5
+    assert two["perplexity"]["compressed"] == pytest.approx(single.perplexity.compressed, rel=1e-5)
+    for one, both in zip(single.layers, two["layers"], strict=True):
+        for path, entry in both["experts"].items():
+            assert entry["tokens"] == one.experts[path]["tokens"] and entry["starved"] == one.experts[path]["starved"]
+            assert entry["moment_bytes_per_process"] == one.experts[path]["moment_bytes_per_process"] // 2 > 0
+
+
 # The stage's whole training set in every step (12 of 16 sequences; the blocks are 8 and 8), so the step's batch is the
 # same set of sequences whatever the order: each process runs its share and pads to the other's micro-batch count.
 STAGE = {"method": "svd", "ranks.target": 0.5, "e2e.enabled": "true", "e2e.epochs": 3, "e2e.batch_size": 12, "e2e.micro_batch_size": 2}

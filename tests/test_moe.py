@@ -262,7 +262,7 @@ def test_routed_moments_and_gram_matrices_do_not_depend_on_the_layout(monkeypatc
         if not grouped:
             monkeypatch.setattr(lowrank, "_GROUPED_MM", None)
         block, hidden = routed_block("mixtral", {"gate_proj": 8, "up_proj": 8, "down_proj": 16})
-        with moe.record_routing(block, names, torch.device("cpu"), inputs=True) as routing:
+        with moe.record_routing(block, names, torch.device("cpu"), batches=1, inputs=True) as routing:
             block(hidden)
         modules = {n: m for n, m in block.named_modules() if n in names}
         grams = factor_grams(block, modules, [hidden], {}, torch.autocast("cpu", enabled=False), 1 << 20)

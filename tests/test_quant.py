@@ -382,10 +382,12 @@ def test_expert_moments_are_recorded_a_few_experts_at_a_time_with_the_same_resul
     (all of Mixtral-8x7B's down projections at once would be 13 GB of float64); chunks change nothing in the files."""
     down, gate = (ExpertLinears(8, inp, out, None, device="meta") for inp, out in ((14336, 4096), (4096, 14336)))
     assert quantize.expert_chunks(down) == [[e] for e in range(8)] and quantize.expert_chunks(gate) == [list(range(8))]
+    # expert parallel: each of 2 processes records one of its own experts' moments per pass (0-3 and 4-7): 4 passes
+    assert quantize.expert_chunks(down, world=2) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     model = save_tiny(tmp_path / "mixtral", "mixtral")
     settings = {**Q4, "method": "qlr", "quant.correction_rank": 4}
     together = run(model, corpus, tmp_path / "together", **settings)
-    monkeypatch.setattr(quantize, "expert_chunks", lambda dense: [[e] for e in range(dense.num_experts)])
+    monkeypatch.setattr(quantize, "expert_chunks", lambda dense, world: [[e] for e in range(dense.num_experts)])
     one_by_one = run(model, corpus, tmp_path / "one-by-one", **settings)
     assert layer_bytes(Path(together.output)) == layer_bytes(Path(one_by_one.output))
 

@@ -21,6 +21,7 @@ from distill_lr import distributed, moe
 from distill_lr.factorize import INITS, factorization_cost, factorize_layer_
 from distill_lr.layerwise import LayerKwargs
 from distill_lr.modeling.hf_modeling import apply_compressed_
+from distill_lr.modeling.lowrank import ExpertLinears
 from distill_lr.report import LayerReport
 from distill_lr.schema import CompressConfig
 from distill_lr.stages.base import RunStage
@@ -72,22 +73,40 @@ class Factorize(LayerStep):
         stats, routing = collect_stats(layer, names, work.x_student, work.kwargs, cfg.batch_size)
         reduce_stats_(stats, routing)
         if routing.tokens:
+            held = {path: max(distributed.group().gather_ints(routing.moment_bytes(path))) for path in sorted(routing.tokens)}
             work.report.experts = moe.drop_starved_(routing, cfg.ranks.min_expert_tokens, where=f"layer {work.index}")
+            for path, entry in work.report.experts.items():
+                entry["moment_bytes_per_process"] = held[path]  # the most any process held: a share under expert parallelism
         factorize_spread_(layer, ranks, self.init, stats)
 
 
 def factorize_spread_(layer: nn.Module, ranks: dict[str, int], init: str, stats: dict[str, Any]) -> None:
-    """``factorize_layer_`` with each matrix's factorisation done by one process (bin-packed by its cost) and broadcast."""
+    """``factorize_layer_`` with each matrix's factorisation done by one process and broadcast: an expert's by the owner of
+    its moments (``distributed.block_owners``), a linear's bin-packed by its cost onto the least loaded process."""
     g = distributed.group()
     if g.world == 1:
         factorize_layer_(layer, ranks, init, stats)
         return
     modules = dict(layer.named_modules())
-    owner = distributed.owners({name: factorization_cost(modules[name]) for name in ranks}, g.world)
-    factorize_layer_(layer, ranks, init, stats, mine=lambda name: owner[name] == g.rank)
+    costs, fixed = {}, {}
+    for name in ranks:
+        module = modules[name]
+        experts = range(module.num_experts) if isinstance(module, ExpertLinears) else []
+        for e, r in zip(experts, distributed.block_owners(len(experts), g.world), strict=True):
+            costs[f"{name}:{e}"], fixed[f"{name}:{e}"] = factorization_cost(module), r
+        if not experts:
+            costs[name] = factorization_cost(module)
+    owner = distributed.owners(costs, g.world, fixed)
+    factorize_layer_(layer, ranks, init, stats, mine=lambda job: owner[job] == g.rank)
     modules = dict(layer.named_modules())
     for name in sorted(ranks):
-        g.broadcast_(list(modules[name].state_dict().values()), owner[name])
+        module = modules[name]
+        if not isinstance(module, ExpertLinears):
+            g.broadcast_(list(module.state_dict().values()), owner[name])
+            continue
+        for r, block in enumerate(distributed.blocks(module.num_experts, g.world)):  # each owner's experts, in one message
+            if block.stop > block.start:
+                g.broadcast_([module.A.detach()[block], module.B.detach()[block]], r)
 
 
 @dataclass(frozen=True)

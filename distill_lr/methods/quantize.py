@@ -64,20 +64,21 @@ def quantize_weight(
 
 
 def quantize_spread(
-    jobs: dict[str, tuple[torch.Tensor, Moments | None]], cfg: QuantConfig, scale_dtype: torch.dtype
+    jobs: dict[str, tuple[torch.Tensor, Moments | None]], cfg: QuantConfig, scale_dtype: torch.dtype, fixed: dict[str, int] | None = None
 ) -> dict[str, tuple[quant.Quantized, float | None]]:
     """``quantize_weight`` of each (weight, moments): with several processes each weight by one of them (bin-packed by
-    GPTQ's cost, rows·columns²) and broadcast from it, as llm-compressor spreads GPTQ; the same results everywhere."""
+    GPTQ's cost, rows·columns², but for the ``fixed`` ones: an expert's by the owner of its moments) and broadcast from it,
+    as llm-compressor spreads GPTQ; the same results everywhere."""
     g = distributed.group()
     if g.world == 1:
         return {key: quantize_weight(W, cfg, m, scale_dtype) for key, (W, m) in jobs.items()}
-    owner = distributed.owners({key: W.shape[0] * W.shape[1] ** 2 for key, (W, _) in jobs.items()}, g.world)
+    owner = distributed.owners({key: W.shape[0] * W.shape[1] ** 2 for key, (W, _) in jobs.items()}, g.world, fixed)
+    # every process runs all of its jobs before the first broadcast: the processes work at once, not in turns
+    mine = {key: host(quantize_weight(W, cfg, m, scale_dtype)) for key, (W, m) in jobs.items() if owner[key] == g.rank}
     done = {}
     for key in sorted(jobs):  # the same order in every process
-        W, m = jobs[key]
-        mine = owner[key] == g.rank
-        q, error = g.broadcast_object(host(quantize_weight(W, cfg, m, scale_dtype)) if mine else None, owner[key])
-        done[key] = (q.to(W.device), error)
+        q, error = g.broadcast_object(mine.pop(key, None), owner[key])
+        done[key] = (q.to(jobs[key][0].device), error)
     return done
 
 
@@ -132,12 +133,15 @@ def input_groups(names: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def expert_chunks(dense: ExpertLinears) -> list[list[int]]:
-    """Experts whose routed input moments are recorded in one pass: as many as keep those float64 moments within the
-    projection's own weight bytes (Mixtral's down projections: one at a time; all eight would hold 13 GB)."""
+def expert_chunks(dense: ExpertLinears, world: int = 1) -> list[list[int]]:
+    """Experts whose routed input moments are recorded in one pass: as many per process as keep those float64 moments
+    within the projection's own weight bytes (Mixtral's down projections: one at a time; all eight would hold 13 GB).
+    Each process records its own experts' (``distributed.block_owners``): with N processes a pass covers N times as many."""
     per_expert = dense.in_features**2 * 8
     size = max(1, dense.weight.numel() * dense.weight.element_size() // per_expert)
-    return [list(range(e, min(e + size, dense.num_experts))) for e in range(0, dense.num_experts, size)]
+    own = [list(range(dense.num_experts))[block] for block in distributed.blocks(dense.num_experts, world)]
+    passes = max(-(-len(experts) // size) for experts in own)
+    return [sorted(e for experts in own for e in experts[k * size : (k + 1) * size]) for k in range(passes)]
 
 
 def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correction: Correction | None = None) -> ExpertsDone:
@@ -148,38 +152,22 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correcti
     layer, cfg, done = work.layer, work.cfg, ExpertsDone()
     moe.unfuse_experts_(layer, names)
     dense: dict[str, ExpertLinears] = {name: layer.get_submodule(name) for name in names}
-    parts: dict[str, list[tuple[quant.Quantized, tuple[torch.Tensor, torch.Tensor] | None]]] = {name: [] for name in names}
-    rounded: dict[str, set[int]] = {}  # per experts module: gate, up and down name the same starved experts
+    results: dict[tuple[str, int], ExpertResult] = {}
     for group in input_groups(names):
-        for chunk in expert_chunks(dense[group[0]]):
-            routing = expert_input_moments(layer, group, work.x_student, work.kwargs, cfg.batch_size, chunk) if moments else None
-            if routing is not None:
-                reduce_stats_(routing.stats, routing)  # the tokens every process routed to these experts
-            per_expert = {name: routed_moments(routing, name, cfg.ranks.min_expert_tokens) for name in group}
-            jobs = {
-                f"{name}:{e}": (dense[name].weight[e], None if per_expert[name] is None else per_expert[name][e])
-                for name in group
-                for e in chunk
-            }
-            quantized = quantize_spread(jobs, cfg.quant, work.save_dtype)
-            for name in group:
-                for e in chunk:
-                    m = jobs[f"{name}:{e}"][1]
-                    q, error = quantized[f"{name}:{e}"]
-                    residual = dense[name].weight[e].detach().float() - q.dequantized()
-                    parts[name].append((q, None if correction is None else correction(name, residual, m)))
-                    done.errors += [] if error is None else [error]
-                    if cfg.quant.method == "gptq" and moments and m is None:
-                        rounded.setdefault(name.rpartition(".")[0], set()).add(e)
-            del routing  # the chunk's moments: never more than one chunk's at once
-    for name in names:
-        module = quant.Quantized.stacked([q for q, _ in parts[name]]).expert_module(dense[name].num_experts, dense[name].weight.dtype)
-        pairs = [pair for _, pair in parts[name] if pair is not None]
+        for chunk in expert_chunks(dense[group[0]], distributed.group().world):
+            results |= _quantize_chunk(work, {name: dense[name] for name in group}, chunk, moments, correction)
+    rounded: dict[str, set[int]] = {}  # per experts module: gate, up and down name the same starved experts
+    for name in names:  # in the experts' order, whatever order the passes took them in
+        per_expert = [results[name, e] for e in range(dense[name].num_experts)]
+        module = quant.Quantized.stacked([r.q for r in per_expert]).expert_module(dense[name].num_experts, dense[name].weight.dtype)
+        pairs = [r.pair for r in per_expert if r.pair is not None]
         if pairs:
             module = CorrectedExperts.around(module, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
             done.corrections[name] = module.rank
         layer.set_submodule(name, module)
-    done.rounded = {path: sorted(experts) for path, experts in rounded.items()}
+        done.errors += [r.error for r in per_expert if r.error is not None]
+        rounded.setdefault(name.rpartition(".")[0], set()).update(e for e, r in enumerate(per_expert) if r.rounded)
+    done.rounded = {path: sorted(experts) for path, experts in rounded.items() if experts}
     for path, experts in done.rounded.items():
         log.warning(
             "layer %d %s: experts %s received fewer than %d calibration tokens: rounded to nearest instead of GPTQ",
@@ -191,13 +179,51 @@ def quantize_experts_(work: LayerWork, names: list[str], moments: bool, correcti
     return done
 
 
+@dataclass
+class ExpertResult:
+    """One expert's projection quantized: its integers, its correction pair, its output error, whether it was rounded for
+    want of tokens."""
+
+    q: quant.Quantized
+    pair: tuple[torch.Tensor, torch.Tensor] | None
+    error: float | None
+    rounded: bool
+
+
+def _quantize_chunk(
+    work: LayerWork, dense: dict[str, ExpertLinears], chunk: list[int], moments: bool, correction: Correction | None
+) -> dict[tuple[str, int], ExpertResult]:
+    """One pass over the layer for the ``chunk`` of experts of the projections that read one input (``dense``), then each
+    expert's GPTQ by the owner of its moments (``quantize_spread``)."""
+    cfg, names = work.cfg, list(dense)
+    routing = expert_input_moments(work.layer, names, work.x_student, work.kwargs, cfg.batch_size, chunk) if moments else None
+    if routing is not None:
+        reduce_stats_(routing.stats, routing)  # the tokens every process routed to these experts
+    per_expert = {name: routed_moments(routing, name, cfg.ranks.min_expert_tokens) for name in names}
+    jobs = {f"{n}:{e}": (dense[n].weight[e], None if per_expert[n] is None else per_expert[n][e]) for n in names for e in chunk}
+    owner = distributed.block_owners(dense[names[0]].num_experts, distributed.group().world)
+    quantized = quantize_spread(jobs, cfg.quant, work.save_dtype, fixed={f"{n}:{e}": owner[e] for n in names for e in chunk})
+    out = {}
+    for name in names:
+        for e in chunk:
+            m, (q, error) = jobs[f"{name}:{e}"][1], quantized[f"{name}:{e}"]
+            pair = None if correction is None else correction(name, dense[name].weight[e].detach().float() - q.dequantized(), m)
+            rounded = cfg.quant.method == "gptq" and routing is not None and starved(routing, name, e, cfg.ranks.min_expert_tokens)
+            out[name, e] = ExpertResult(q, pair, error, rounded)
+    return out
+
+
+def starved(routing: moe.Routing, name: str, expert: int, min_tokens: int) -> bool:
+    """Whether the expert received fewer than ``min_tokens`` tokens (over every process's sequences)."""
+    return int(routing.tokens[name.rpartition(".")[0]][expert]) < min_tokens
+
+
 def routed_moments(routing: moe.Routing | None, name: str, min_tokens: int) -> list[Moments | None] | None:
     """Each expert's input moments of the projection, None for an expert that received fewer than ``min_tokens`` tokens
     (or whose moments were not recorded)."""
     if routing is None:
         return None
-    tokens = routing.tokens[name.rpartition(".")[0]]
-    return [m if int(n) >= min_tokens else None for m, n in zip(routing.stats[name], tokens, strict=True)]
+    return [None if starved(routing, name, e, min_tokens) else m for e, m in enumerate(routing.stats[name])]
 
 
 def quantize_named_(work: LayerWork, names: list[str], moments: dict[str, Moments]) -> list[float]:
