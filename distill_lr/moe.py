@@ -160,26 +160,18 @@ class ToOwners:
                 self.flush(path, dtype, device)
 
 
-@contextmanager
-def record_routing(
-    layer: nn.Module, names: list[str], device: torch.device, batches: int, inputs: bool = False, experts: list[int] | None = None
-) -> Iterator[Routing]:
-    """While active, count the tokens routed to each expert and collect the named projections' per-expert moments.
-
-    A projection sees the tokens grouped per expert (sorted, or zero-padded to a common length: ``expert_blocks``);
-    the experts module's own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
-    outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``),
-    unless ``inputs`` asks for input moments everywhere (GPTQ's Hessians). With ``experts``, only those experts' moments
-    are kept (the others' are None): the memory of a few experts' moments, not of all. With several processes each
-    expert's moments are recorded by its owner alone (``ToOwners``), over the ``batches`` forwards of the layer each
-    process runs while active.
-    """
-    modules, g = dict(layer.named_modules()), group()
-    routing = Routing(spread=g.world > 1)
-    widths: dict[str, int] = {}  # hooked projection -> the width of what it records
+def _moment_slots(
+    modules: dict[str, nn.Module], names: list[str], routing: Routing, device: torch.device, inputs: bool, experts: list[int] | None
+) -> tuple[dict[str, int], dict[str, set[int]], set[str]]:
+    """Give ``routing`` the empty moments of each named projection's kept experts (``experts``, default all) that this
+    process owns; gate and up share one set where they record the same input. Returns, per projection to hook, the width
+    of what it records and its kept experts, and which projections record their outputs. ``names`` in one order
+    everywhere."""
+    g = group()
+    widths: dict[str, int] = {}
     kept: dict[str, set[int]] = {}
     of_outputs: set[str] = set()
-    for name in sorted(names):  # one order in every process (``names`` may come from a set)
+    for name in names:
         parent, _, projection = name.rpartition(".")
         twin = f"{parent}.{'up_proj' if projection == 'gate_proj' else 'gate_proj'}"
         module = modules[name]
@@ -195,6 +187,26 @@ def record_routing(
             Moments.empty(widths[name], device, of_outputs=outputs) if e in kept[name] and owner[e] == g.rank else None
             for e in range(module.num_experts)
         ]
+    return widths, kept, of_outputs
+
+
+@contextmanager
+def record_routing(
+    layer: nn.Module, names: list[str], device: torch.device, batches: int, inputs: bool = False, experts: list[int] | None = None
+) -> Iterator[Routing]:
+    """While active, count the tokens routed to each expert and collect the named projections' per-expert moments.
+
+    A projection sees the tokens grouped per expert (sorted, or zero-padded to a common length: ``expert_blocks``);
+    the experts module's own routing (``top_k_index``) says how many rows of each expert are real. A projection with fewer
+    outputs than inputs (Mixtral's down) records the moments of its outputs (``moments.records_outputs``),
+    unless ``inputs`` asks for input moments everywhere (GPTQ's Hessians). With ``experts``, only those experts' moments
+    are kept (the others' are None): the memory of a few experts' moments, not of all. With several processes each
+    expert's moments are recorded by its owner alone (``ToOwners``), over the ``batches`` forwards of the layer each
+    process runs while active.
+    """
+    modules = dict(layer.named_modules())
+    routing = Routing(spread=group().world > 1)
+    widths, kept, of_outputs = _moment_slots(modules, sorted(names), routing, device, inputs, experts)
     paths = [path for path in modules if any(name.rpartition(".")[0] == path for name in widths)]
     mail, dtype = ToOwners(routing, widths, kept, paths, batches) if routing.spread else None, next(layer.parameters()).dtype
     current: dict[str, list[int]] = {}

@@ -17,7 +17,7 @@ from conftest import layer_bytes, overrides_for, run, run_files
 from safetensors.torch import load_file
 
 from distill_lr.checkpoint.layout import E2E_STATE
-from distill_lr.distributed import Group, interleaved, owners
+from distill_lr.distributed import Group, block_owners, interleaved, owners
 from distill_lr.testing import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,14 @@ def test_owners_balance_the_cost_and_agree_everywhere() -> None:
     owner = owners(costs, 2)
     load = [sum(c for n, c in costs.items() if owner[n] == r) for r in range(2)]
     assert sorted(load) == [10.0, 11.0] and owners(dict(reversed(costs.items())), 2) == owner
+
+
+def test_experts_are_owned_in_the_blocks_sequences_are_sharded_in_and_fixed_jobs_load_their_owner() -> None:
+    assert block_owners(10, 3) == [r for r in range(3) for _ in range(10)[Group(rank=r, world=3).shard(10)]]
+    assert block_owners(3, 4) == [1, 2, 3]  # fewer experts than processes: process 0 owns none
+    costs = {"expert:0": 4.0, "expert:1": 4.0, "a": 5.0, "b": 3.0}
+    owner = owners(costs, 2, fixed={"expert:0": 0, "expert:1": 0})
+    assert owner == {"expert:0": 0, "expert:1": 0, "a": 1, "b": 1}  # process 0 already carries 8
 
 
 def test_interleaved_order_is_a_permutation_with_an_even_share_of_each_block_per_batch() -> None:
@@ -114,11 +122,14 @@ def test_two_processes_give_the_single_process_checkpoint(tmp_path: Path, corpus
     assert set(run_files(tmp_path / "two")) == set(run_files(tmp_path / "single"))
 
 
-def test_expert_parallel_statistics_hold_a_share_of_the_moments_and_give_the_single_process_factors(tmp_path: Path, corpus: Path) -> None:
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])  # qwen2_moe: a shared expert, and a layer with a plain MLP
+def test_expert_parallel_statistics_hold_a_share_of_the_moments_and_give_the_single_process_factors(
+    tmp_path: Path, corpus: Path, kind: str
+) -> None:
     """Each process records the moments of its own experts (2 of 4) over every process's tokens, sent to it per batch; 17
     sequences in batches of 4 make blocks of 8 and 9, so 2 and 3 batches: the process with fewer joins the last exchange
     with nothing to send."""
-    model = save_tiny(tmp_path / "mixtral", "mixtral")
+    model = save_tiny(tmp_path / kind, kind)
     settings = {"method": "whiten", "data.num_sequences": 17}
     single = run(model, corpus, tmp_path / "single", **settings)
     done = torchrun(overrides_for(model, corpus, tmp_path / "two", **settings))
@@ -127,10 +138,12 @@ def test_expert_parallel_statistics_hold_a_share_of_the_moments_and_give_the_sin
     # the same rows per expert, summed in another order (float64): the factors agree to float32 rounding
     assert max_relative_difference(tmp_path / "single", tmp_path / "two") <= 1e-5
     assert two["perplexity"]["compressed"] == pytest.approx(single.perplexity.compressed, rel=1e-5)
-    for one, both in zip(single.layers, two["layers"], strict=True):
-        for path, entry in both["experts"].items():
-            assert entry["tokens"] == one.experts[path]["tokens"] and entry["starved"] == one.experts[path]["starved"]
-            assert entry["moment_bytes_per_process"] == one.experts[path]["moment_bytes_per_process"] // 2 > 0
+    routed = [(one.experts, both.get("experts")) for one, both in zip(single.layers, two["layers"], strict=True) if one.experts]
+    assert routed and all(both is not None and both.keys() == one.keys() for one, both in routed)
+    for one, both in routed:
+        for path, entry in both.items():
+            assert entry["tokens"] == one[path]["tokens"] and entry["starved"] == one[path]["starved"]
+            assert entry["moment_bytes_per_process"] == one[path]["moment_bytes_per_process"] // 2 > 0
 
 
 # The stage's whole training set in every step (12 of 16 sequences; the blocks are 8 and 8), so the step's batch is the
