@@ -126,7 +126,7 @@ class ToOwners:
         self.g, self.routing, self.widths, self.kept = group(), routing, widths, kept
         self.paths = paths  # the experts modules in the layer's order (that of its forward)
         self.outbox: dict[tuple[str, int], torch.Tensor] = {}
-        self.rounds: dict[str, int] = {}
+        self.flushes = 0
         self.most = max(self.g.gather_ints(batches)) if widths else 0  # the exchanges every process takes part in
 
     def post(self, name: str, expert: int, rows: torch.Tensor) -> None:
@@ -150,12 +150,12 @@ class ToOwners:
                 stats = self.routing.stats[name][e]
                 if block.numel() and stats is not None:
                     stats.update(block.view(-1, self.widths[name]))
-        self.rounds[path] = self.rounds.get(path, 0) + 1
+        self.flushes += 1
 
     def pad(self, dtype: torch.dtype, device: torch.device) -> None:
         """Empty exchanges for the batches this process did not have: the blocks of sequences differ by one at most, the
         number of batches may too, and every process takes part in every exchange."""
-        for _ in range(self.most - (self.rounds.get(self.paths[0], 0) if self.paths else 0)):
+        for _ in range(self.most - self.flushes // max(1, len(self.paths))):  # each batch flushes every experts module
             for path in self.paths:
                 self.flush(path, dtype, device)
 
