@@ -90,6 +90,22 @@ def summary(report: dict) -> dict:
     }
 
 
+def layer_row(name: str, n: int, r: dict, base: dict, column: str, digits: int) -> list:
+    """One row of a per-layer table: ``r`` against the first process count's ``base``; ``column`` before the perplexity,
+    printed with ``digits`` decimals."""
+    drift = 100 * (r["perplexity"] / base["perplexity"] - 1)
+    return [
+        name,
+        n,
+        f"{r['layer_seconds']:.2f}",
+        f"{base['layer_seconds'] / r['layer_seconds']:.2f}×",
+        f"{100 * r['comm_share']:.1f}%",
+        f"{r['bytes_per_layer'] / 2**20:.1f}",
+        column,
+        f"{r['perplexity']:.{digits}f} ({drift:+.{digits}f}%)",
+    ]
+
+
 def stage(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
     """The end-to-end stage from one layer-wise base, per process count: the table's rows."""
     base = tmp / "base"
@@ -117,7 +133,7 @@ def stage(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
 
 # a random MoE whose experts' moments outweigh its weights: 32 experts of width 256 on a 512-wide model, 4 routed per token
 MOE = {"hidden_size": 512, "intermediate_size": 256, "num_local_experts": 32, "num_experts_per_tok": 4, "num_hidden_layers": 4}
-MOE_RUNS = {"whiten": ["method=whiten"], "gptq-int4": ["method=dense", "quant.bits=4", "quant.group_size=64"]}
+MOE_RUNS = {"whiten": ("whiten", []), "gptq-int4": ("dense", ["quant.bits=4", "quant.group_size=64"])}  # name: method, settings
 
 
 def moe(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
@@ -127,26 +143,15 @@ def moe(processes: list[int], tmp: Path, extra: list[str]) -> list[list]:
     model = save_tiny(tmp / "moe", "mixtral", shard_size=None, num_attention_heads=8, num_key_value_heads=4, **MOE)
     data = [f"model={model}", f"data.source={write_corpus(tmp / 'corpus.jsonl', n_docs=400)}"]
     rows, results = [], {}
-    for name, settings in MOE_RUNS.items():
+    for name, (method, settings) in MOE_RUNS.items():
         for n in processes:
-            report = launch(settings[0].split("=")[1], n, tmp / f"{name}-{n}", [*data, *settings[1:], *extra])
+            report = launch(method, n, tmp / f"{name}-{n}", [*data, *settings, *extra])
             held = [e.get("moment_bytes_per_process") for layer in report["layers"] for e in (layer.get("experts") or {}).values()]
             results.setdefault(name, {})[n] = r = {**summary(report), "moment_bytes_per_process": max(held) if held and all(held) else None}
             first = results[name][min(results[name])]
             print(name, n, r, flush=True)
             moments = "" if r["moment_bytes_per_process"] is None else f"{r['moment_bytes_per_process'] / 2**20:.1f}"
-            rows.append(
-                [
-                    name,
-                    n,
-                    f"{r['layer_seconds']:.2f}",
-                    f"{first['layer_seconds'] / r['layer_seconds']:.2f}×",
-                    f"{100 * r['comm_share']:.1f}%",
-                    f"{r['bytes_per_layer'] / 2**20:.1f}",
-                    moments,
-                    f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / first['perplexity'] - 1):+.3f}%)",
-                ]
-            )
+            rows.append(layer_row(name, n, r, first, moments, digits=3))
     save_results({"settings": SETTINGS + extra, "model": MOE, "runs": MOE_RUNS, "results": results}, tmp / "moe.json")
     return rows
 
@@ -185,18 +190,7 @@ def main() -> None:
         base = by_n[min(by_n)]
         for n, r in by_n.items():
             step = "" if r["bytes_per_step"] is None else f"{r['bytes_per_step'] / 2**20:.2f}"
-            rows.append(
-                [
-                    method,
-                    n,
-                    f"{r['layer_seconds']:.2f}",
-                    f"{base['layer_seconds'] / r['layer_seconds']:.2f}×",
-                    f"{100 * r['comm_share']:.1f}%",
-                    f"{r['bytes_per_layer'] / 2**20:.1f}",
-                    step,
-                    f"{r['perplexity']:.2f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%)",
-                ]
-            )
+            rows.append(layer_row(method, n, r, base, step, digits=2))
     header = ["method", "processes", "s / layer", "speed-up", "in collectives", "MiB / layer", "MiB / train step", "perplexity"]
     table = markdown_table(header, rows)
     print(table)
